@@ -1,0 +1,12 @@
+"""hybrid_jax: low-latency batch-1 LLaMA inference on JAX/XLA."""
+from .config import LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, LlamaConfig
+
+__version__ = "0.1.0"
+__all__ = ["LlamaConfig", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "load", "generate"]
+
+
+def __getattr__(name):  # lazy: keep `import hybrid_jax` light
+    if name in ("load", "generate", "Engine", "GenerationResult"):
+        from . import generate as _g
+        return getattr(_g, name)
+    raise AttributeError(name)

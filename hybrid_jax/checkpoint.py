@@ -1,0 +1,95 @@
+"""Orbax save/restore of a converted model: DIR/config.json, DIR/weights (Orbax), DIR/tokenizer files.
+
+`save` writes into a temporary sibling folder and renames it into place at the end, so a failure leaves
+no partial checkpoint; it refuses to replace an existing folder unless `force=True`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+
+from . import weights as W
+from .config import LlamaConfig
+
+FORMAT = "hybrid_jax"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_DIR = "weights"
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path) / CONFIG_FILE
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def save(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict, write_tokenizer: Callable[[Path], None] | None = None,
+         force: bool = False, extra: dict | None = None) -> Path:
+    """Write a checkpoint atomically. `params` is the nested dict of `weights.shapes` (numpy or jax arrays)."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not force:
+        raise FileExistsError(f"output folder {out} already exists (pass --force / force=True to replace it)")
+    W.check(cfg, params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(extra or {})}
+        ckptr = _checkpointer()
+        ckptr.save(tmp / WEIGHTS_DIR, params)
+        ckptr.wait_until_finished()
+        if write_tokenizer is not None:
+            write_tokenizer(tmp)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / "x")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_config(path: str | os.PathLike) -> LlamaConfig:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model folder {p} does not exist")
+    if not is_checkpoint(p):
+        raise ValueError(f"{p} is not a hybrid_jax checkpoint (no config.json with format {FORMAT!r}); "
+                         f"convert it first with `python -m convert --src {p} --out DIR`")
+    meta = json.loads((p / CONFIG_FILE).read_text())
+    return LlamaConfig.from_dict(meta["model"])
+
+
+def restore(path: str | os.PathLike, cfg: LlamaConfig | None = None, sharding_fn=None, dtype: str | None = None) -> tuple[LlamaConfig, W.Weights]:
+    """Restore weights straight onto devices (into their shards when `sharding_fn` gives shardings)."""
+    p = Path(path).absolute()
+    cfg = cfg or load_config(p)
+    if dtype is not None and dtype != cfg.dtype:
+        stored = W.abstract(cfg)
+        params = _checkpointer().restore(p / WEIGHTS_DIR, W.to_dict(stored))
+        cfg = cfg.replace(dtype=dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        return cfg, W.from_dict(params)
+    target = W.to_dict(W.abstract(cfg, sharding_fn))
+    params = _checkpointer().restore(p / WEIGHTS_DIR, target)
+    return cfg, W.from_dict(params)

@@ -1,0 +1,126 @@
+"""The LLaMA forward as pure functions of arrays (no jit here: runtime.py compiles).
+
+Dimension legend (einsum letters):
+  T new tokens, S cache length, D model, K kv heads, G query heads per kv head, H = K*G heads,
+  h head dim (Dh), F ffn, V vocab, L layers. Batch is 1 and implicit.
+
+`forward(params, cache, tokens, positions)` computes the logits of `tokens` (at `positions`, contiguous)
+given the cache, and returns the cache with their keys and values written in. It computes what HF
+transformers' `LlamaForCausalLM` computes.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kv_cache
+from .config import LlamaConfig
+from .kv_cache import KVCache
+from .weights import Weights
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """[Dh/2] inverse frequencies (float32), with llama3 scaling if configured (as HF computes it)."""
+    dh = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.int64).astype(np.float32) / dh))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    inv_l = np.where(wavelen > low_wl, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * inv_l / rs.factor + smooth * inv_l
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, inv_l).astype(np.float32)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin: [T, Dh] float32 for the rotate-half layout."""
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [T, ..., Dh]; rotate-half rotary embedding, computed in float32, returned in x's dtype."""
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (cos.shape[1],)
+    return (xf * cos.reshape(shape) + rot * sin.reshape(shape)).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array) -> jax.Array:
+    """q: [T, K, G, h]; k, v: [S, K, h] (cache rows 0..S-1); causal by position. Returns [T, K, G, h]."""
+    scale = 1.0 / math.sqrt(cfg.hd)
+    s = jnp.einsum("tkgh,skh->kgts", q, k, preferred_element_type=jnp.float32) * scale
+    k_pos = jnp.arange(k.shape[0], dtype=jnp.int32)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [T, S]
+    s = jnp.where(mask[None, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("kgts,skh->tkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
+                    positions: jax.Array, cos, sin, kv_len: int | None) -> tuple[jax.Array, KVCache]:
+    lw = params.layers
+    G = cfg.q_per_kv
+    h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
+    qkv = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l])  # [T, K, G+2, h]
+    q = apply_rope(qkv[:, :, :G], cos, sin)
+    k = apply_rope(qkv[:, :, G], cos, sin)
+    v = qkv[:, :, G + 1]
+    cache = kv_cache.update(cache, l, positions[0], k, v)
+    n = kv_len or cache.max_seq_len
+    o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
+    return jnp.einsum("tkgh,kghd->td", o, lw.wo[l]), cache
+
+
+def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array) -> jax.Array:
+    lw = params.layers
+    h = rms_norm(x, lw.mlp_norm[l], cfg.norm_eps)
+    gu = jnp.einsum("td,dcf->tcf", h, lw.w13[l])  # [T, 2, F]
+    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]
+    return jnp.einsum("tf,fd->td", a, lw.w2[l])
+
+
+def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+           kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Final-normed hidden states [T, D] and the updated cache.
+
+    tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
+    positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
+    every position attended to.
+    """
+    x = params.embed[tokens]
+    cos, sin = rope_cos_sin(cfg, positions)
+    for l in range(cfg.n_layers):  # unrolled: static weight slices, no copies
+        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len)
+        x = x + a
+        x = x + mlp_block(cfg, params, l, x)
+    return rms_norm(x, params.final_norm, cfg.norm_eps), cache
+
+
+def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array) -> jax.Array:
+    """[..., D] -> [..., V] float32 logits (fp32 accumulation)."""
+    if params.lm_head is None:
+        return jnp.einsum("...d,vd->...v", h, params.embed, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", h, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+            kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+    """Logits [T, V] (float32) and the updated cache."""
+    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len)
+    return logits_from_hidden(cfg, params, h), cache

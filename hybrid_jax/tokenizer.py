@@ -1,0 +1,64 @@
+"""Thin wrapper over transformers' AutoTokenizer: encode (with the chat template), incremental decode."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+
+class Tokenizer:
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = str(path)
+        self.hf = AutoTokenizer.from_pretrained(self.path)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    def encode(self, text: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """Token ids of `text`; as a single user turn through the chat template when there is one."""
+        if chat and self.has_chat_template:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+            return self.encode_chat(msgs)
+        return list(self.hf(text, add_special_tokens=True)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        out = self.hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        if hasattr(out, "keys") and "input_ids" in out:  # transformers 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+class IncrementalDecoder:
+    """Turns a growing token list into text pieces without emitting broken UTF-8 (held back until whole)."""
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
+        self.tok = tok
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids, self.skip)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return ""
+        if not text.startswith(self.emitted):  # the tokenizer re-spaced earlier text: emit only the tail
+            common = os.path.commonprefix([text, self.emitted])
+            piece = text[len(common):]
+        else:
+            piece = text[len(self.emitted):]
+        self.emitted = text
+        return piece
+
+    @property
+    def text(self) -> str:
+        return self.tok.decode(self.ids, self.skip)
