@@ -1,0 +1,338 @@
+"""The only place that compiles.
+
+- Decode: one step `(params, state) -> (state, token)` lowered and compiled ahead of time on abstract
+  shapes when the runtime is made, its state (KV cache, position, last token, PRNG key, sampling
+  parameters) donated and returned, so the step has fixed buffers and XLA's command buffers replay the
+  same CUDA graph each token. A greedy variant is compiled at once; the sampling variant in the background.
+- Prefill: `jax.jit` of `(params, state, tokens[T], n) -> (state, token)` per shape bucket (T tokens,
+  attention over the first kv cache rows), compiled on first use or by `warmup()`. A prompt whose bucket
+  is not compiled is served at once in chunks through compiled buckets while its own compiles in a
+  background thread.
+- Every executable goes through the on-disk `ExecCache` first.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import inspect
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from . import kv_cache, model, sampling
+from . import weights as W
+from .config import LlamaConfig
+from .exec_cache import ExecCache, environment_key
+from .kv_cache import KVCache
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    pos: jax.Array  # [] int32: position where `token` goes next (= tokens in the cache)
+    token: jax.Array  # [] int32: the last token produced, fed to the next step
+    key: jax.Array  # [2] uint32: PRNG key
+    sp: SamplingParams
+
+
+def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
+    out, b = [], smallest
+    while b < max_seq_len:
+        out.append(b)
+        b *= 2
+    out.append(max_seq_len)
+    return tuple(out)
+
+
+def _source_digest() -> str:
+    """Changes to the traced code invalidate cached executables."""
+    h = hashlib.sha256()
+    for mod in (model, kv_cache, sampling, W):
+        h.update(inspect.getsource(mod).encode())
+    h.update(inspect.getsource(_decode_step).encode())
+    h.update(inspect.getsource(_prefill_step).encode())
+    return h.hexdigest()[:16]
+
+
+# ---- the traced functions ---------------------------------------------------------------------------
+
+def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, state: DecodeState):
+    logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len)
+    key, sub = jax.random.split(state.key)
+    nxt = sampling.sample(logits[0], sub, state.sp) if do_sample else sampling.greedy(logits[0])
+    return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key), nxt
+
+
+def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, tokens: jax.Array, n: jax.Array):
+    """Write `tokens[:n]` at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the next token."""
+    positions = state.pos + jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    h, cache = model.hidden(cfg, params, state.cache, tokens, positions, kv_len)
+    last = jax.lax.dynamic_index_in_dim(h, n - 1, axis=0, keepdims=False)
+    logits = model.logits_from_hidden(cfg, params, last)
+    key, sub = jax.random.split(state.key)
+    nxt = sampling.sample(logits, sub, state.sp)
+    return state.replace(cache=cache, pos=state.pos + n, token=nxt, key=key), nxt
+
+
+def _logits_fn(cfg: LlamaConfig, params: W.Weights, tokens: jax.Array):
+    cache = kv_cache.zeros(cfg, tokens.shape[0])
+    logits, _ = model.forward(cfg, params, cache, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32))
+    return logits
+
+
+@dataclasses.dataclass
+class Stats:
+    compiles: int = 0  # executables compiled by this runtime (not loaded from disk)
+    compile_seconds: float = 0.0
+    background_compiles_started: int = 0
+
+
+class Runtime:
+    def __init__(self, cfg: LlamaConfig, params: W.Weights, max_seq_len: int,
+                 prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
+                 use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
+                 compile_sampling: bool = True, param_shardings=None, state_sharding=None):
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.cfg = cfg
+        self.params = params
+        self.max_seq_len = int(max_seq_len)
+        buckets = tuple(sorted(set(int(b) for b in (prefill_buckets or default_buckets(self.max_seq_len)))))
+        if not buckets or buckets[0] < 1:
+            raise ValueError(f"prefill_buckets must be positive integers, got {prefill_buckets}")
+        self.min_bucket = buckets[0]
+        # Cache rows: room for a smallest-bucket chunk starting at any position < max_seq_len.
+        self.cache_len = -(-self.max_seq_len // self.min_bucket) * self.min_bucket + self.min_bucket
+        self.buckets = tuple(b for b in buckets if b <= self.cache_len)
+        kv = sorted(set(int(b) for b in (decode_kv_buckets or ())) | {self.cache_len})
+        self.decode_kv_buckets = tuple(b for b in kv if b <= self.cache_len)
+        self.exec_cache = ExecCache(cache_dir) if use_disk_cache else None
+        self.stats_ = Stats()
+        self._lock = threading.Lock()
+        self._execs: dict[tuple, object] = {}
+        self._pending: dict[tuple, cf.Future] = {}
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid_jax-compile")
+        self._env = {**environment_key(), "source": _source_digest()}
+        self._state_sharding = state_sharding
+        self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
+        self._abs_state = self._abstract_state()
+        self.state = self._fresh_state()
+        # The static path: compiled now. The smallest prefill bucket over the whole cache serves any chunk.
+        for kvb in self.decode_kv_buckets:
+            self._get(("decode", kvb, False))
+        self._get(self._universal())
+        if compile_sampling:
+            for kvb in self.decode_kv_buckets:
+                self._get_async(("decode", kvb, True))
+
+    # ---- state -------------------------------------------------------------------------------
+    def _abstract_state(self) -> DecodeState:
+        i32 = jax.ShapeDtypeStruct((), jnp.int32)
+        f32 = jax.ShapeDtypeStruct((), jnp.float32)
+        return DecodeState(cache=kv_cache.abstract(self.cfg, self.cache_len, self._state_sharding), pos=i32, token=i32,
+                           key=jax.ShapeDtypeStruct((2,), jnp.uint32), sp=SamplingParams(f32, i32, f32))
+
+    def _fresh_state(self) -> DecodeState:
+        cache = kv_cache.zeros(self.cfg, self.cache_len)
+        if self._state_sharding is not None:
+            cache = jax.device_put(cache, self._state_sharding)
+        return self.reset_state(cache, seed=0)
+
+    @staticmethod
+    def reset_state(cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
+        """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
+        put = jax.device_put
+        return DecodeState(
+            cache=cache, pos=put(np.int32(0)), token=put(np.int32(0)),
+            key=put(_key_data(seed)),
+            sp=SamplingParams(put(np.float32(temperature)), put(np.int32(top_k or 0)),
+                              put(np.float32(1.0 if top_p is None else top_p))))
+
+    # ---- compile / load --------------------------------------------------------------------------
+    def _universal(self) -> tuple:
+        return ("prefill", self.min_bucket, self.cache_len)
+
+    def _key(self, spec: tuple) -> dict:
+        return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
+                "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)][:1],
+                **self._env}
+
+    def _lower(self, spec: tuple):
+        cfg = self.cfg
+        if spec[0] == "decode":
+            _, kvb, do_sample = spec
+            fn = jax.jit(lambda p, s: _decode_step(cfg, kvb, do_sample, p, s), donate_argnums=(1,))
+            return fn.lower(self._abs_params, self._abs_state)
+        _, T, kvb = spec
+        fn = jax.jit(lambda p, s, t, n: _prefill_step(cfg, kvb, p, s, t, n), donate_argnums=(1,))
+        return fn.lower(self._abs_params, self._abs_state, jax.ShapeDtypeStruct((T,), jnp.int32),
+                        jax.ShapeDtypeStruct((), jnp.int32))
+
+    def _build(self, spec: tuple):
+        key = self._key(spec)
+        if self.exec_cache is not None:
+            ex = self.exec_cache.load(key)
+            if ex is not None:
+                return ex
+        t0 = time.perf_counter()
+        ex = self._lower(spec).compile()
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.stats_.compiles += 1
+            self.stats_.compile_seconds += dt
+        log.info("compiled %s in %.2fs", spec, dt)
+        if self.exec_cache is not None:
+            self.exec_cache.store(key, ex)
+        return ex
+
+    def _get(self, spec: tuple):
+        """The executable for `spec`, compiling (or loading) it now if needed."""
+        with self._lock:
+            ex = self._execs.get(spec)
+            fut = self._pending.get(spec)
+        if ex is not None:
+            return ex
+        if fut is not None:
+            return fut.result()
+        ex = self._build(spec)
+        with self._lock:
+            self._execs[spec] = ex
+        return ex
+
+    def _get_async(self, spec: tuple) -> cf.Future | None:
+        with self._lock:
+            if spec in self._execs or spec in self._pending:
+                return self._pending.get(spec)
+            fut = self._pool.submit(self._bg_build, spec)
+            self._pending[spec] = fut
+            self.stats_.background_compiles_started += 1
+        return fut
+
+    def _bg_build(self, spec):
+        try:
+            ex = self._build(spec)
+            with self._lock:
+                self._execs[spec] = ex
+            return ex
+        except Exception:
+            log.exception("background compile of %s failed", spec)
+            raise
+        finally:
+            with self._lock:
+                self._pending.pop(spec, None)
+
+    def compiled(self, spec: tuple) -> bool:
+        with self._lock:
+            return spec in self._execs
+
+    def bucket_for(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def warmup(self, background: bool = False) -> list[cf.Future]:
+        """Compile every prefill bucket (prompt from position 0) and the sampling decode steps."""
+        specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
+        if background:
+            return [f for f in (self._get_async(s) for s in specs) if f is not None]
+        for s in specs:
+            self._get(s)
+        return []
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        with self._lock:
+            futs = list(self._pending.values())
+        cf.wait(futs, timeout=timeout)
+
+    # ---- planning -----------------------------------------------------------------------------
+    def plan_prefill(self, n: int) -> list[tuple[tuple, int]]:
+        """Chunks [(spec, n_valid)] for a prompt of n tokens at position 0, using compiled executables only.
+
+        The prompt's own bucket is used when compiled; otherwise it is queued for a background compile
+        and the prompt goes through compiled ones (at worst the smallest bucket over the whole cache).
+        """
+        if n > self.max_seq_len:
+            raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
+        b = self.bucket_for(n)
+        own = ("prefill", b, b) if b is not None else None
+        if own is not None and self.compiled(own):
+            return [(own, n)]
+        if own is not None:
+            self._get_async(own)
+        with self._lock:
+            avail = [s for s in self._execs if s[0] == "prefill"]
+        plan, s = [], 0
+        while s < n:
+            r = n - s
+            fits = [sp for sp in avail if s + sp[1] <= sp[2]]  # the chunk's rows lie inside attended rows
+            done = [sp for sp in fits if sp[1] >= r]
+            sp = min(done, key=lambda x: (x[1], x[2])) if done else max(fits, key=lambda x: (x[1], -x[2]))
+            k = min(sp[1], r)
+            plan.append((sp, k))
+            s += k
+        return plan
+
+    def decode_spec(self, pos: int, do_sample: bool) -> tuple:
+        kvb = next(k for k in self.decode_kv_buckets if k > pos)
+        return ("decode", kvb, do_sample)
+
+    # ---- execution ----------------------------------------------------------------------------
+    def prefill(self, state: DecodeState, tokens: Sequence[int]) -> tuple[DecodeState, jax.Array]:
+        n = len(tokens)
+        toks = np.asarray(tokens, np.int32)
+        nxt = None
+        s = 0
+        for spec, k in self.plan_prefill(n):
+            buf = np.zeros((spec[1],), np.int32)
+            buf[:k] = toks[s:s + k]
+            state, nxt = self._get(spec)(self.params, state, buf, np.int32(k))
+            s += k
+        return state, nxt
+
+    def decode(self, state: DecodeState, spec: tuple) -> tuple[DecodeState, jax.Array]:
+        return self._get(spec)(self.params, state)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        n = len(tokens)
+        if n < 1:
+            raise ValueError("token_ids is empty")
+        T = self.bucket_for(n) or n
+        buf = np.zeros((T,), np.int32)
+        buf[:n] = np.asarray(tokens, np.int32)
+        if "logits" not in self._execs:
+            self._execs["logits"] = jax.jit(lambda p, t: _logits_fn(self.cfg, p, t))
+        return np.asarray(self._execs["logits"](self.params, buf))[:n]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "compiles": self.stats_.compiles,
+                "compile_seconds": round(self.stats_.compile_seconds, 3),
+                "cache_hits": self.exec_cache.hits if self.exec_cache else 0,
+                "cache_misses": self.exec_cache.misses if self.exec_cache else 0,
+                "cache_rejected": self.exec_cache.rejected if self.exec_cache else 0,
+                "buckets_compiled": sorted(s[1] for s in self._execs if isinstance(s, tuple) and s[0] == "prefill" and s[1] == s[2]),
+                "decode_steps_compiled": sorted([list(s[1:]) for s in self._execs if isinstance(s, tuple) and s[0] == "decode"]),
+                "background_compiles_running": len(self._pending),
+                "background_compiles_started": self.stats_.background_compiles_started,
+                "prefill_buckets": list(self.buckets),
+                "cache_len": self.cache_len,
+            }
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _key_data(seed: int) -> np.ndarray:
+    """The raw uint32[2] threefry key for `seed`, made on the host (no device computation, no compile)."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)
