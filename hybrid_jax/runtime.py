@@ -172,11 +172,13 @@ class Runtime:
         cfg = self.cfg
         if spec[0] == "decode":
             _, kvb, do_sample = spec
-            fn = jax.jit(lambda p, s: _decode_step(cfg, kvb, do_sample, p, s), donate_argnums=(1,))
-            return fn.lower(self._abs_params, self._abs_state)
+            def decode_step(p, s):
+                return _decode_step(cfg, kvb, do_sample, p, s)
+            return jax.jit(decode_step, donate_argnums=(1,)).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
-        fn = jax.jit(lambda p, s, t, n: _prefill_step(cfg, kvb, p, s, t, n), donate_argnums=(1,))
-        return fn.lower(self._abs_params, self._abs_state, jax.ShapeDtypeStruct((T,), jnp.int32),
+        def prefill_step(p, s, t, n):
+            return _prefill_step(cfg, kvb, p, s, t, n)
+        return jax.jit(prefill_step, donate_argnums=(1,)).lower(self._abs_params, self._abs_state, jax.ShapeDtypeStruct((T,), jnp.int32),
                         jax.ShapeDtypeStruct((), jnp.int32))
 
     def _build(self, spec: tuple):
