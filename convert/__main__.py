@@ -1,0 +1,51 @@
+"""`python -m convert --src PATH --out DIR [--dtype bfloat16|float16|float32] [--force]`.
+
+On failure: one line `error: <problem>` on stderr, exit status 1, and no output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors too are one line and status 1
+        raise ValueError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m convert",
+                description="Convert a LLaMA checkpoint (Hugging Face safetensors folder, Meta params.json + "
+                            "consolidated.NN.pth folder, or GGUF file) into a hybrid_jax checkpoint folder.")
+    p.add_argument("--src", required=True, help="checkpoint folder or .gguf file")
+    p.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stderr is no terminal)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
+    try:
+        args = _parser().parse_args(argv)
+        from .api import convert
+
+        progress = not args.no_progress and sys.stderr.isatty()
+        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=progress)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as e:  # every failure is one line, no traceback
+        msg = " ".join(str(e).split())
+        if not isinstance(e, (ValueError, OSError)) or not msg:
+            msg = f"{type(e).__name__}: {msg}"
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(1)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

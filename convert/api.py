@@ -1,0 +1,59 @@
+"""convert(): any supported checkpoint (HF safetensors, Meta consolidated .pth, GGUF) -> a hybrid_jax checkpoint."""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from hybrid_jax import checkpoint, weights
+from hybrid_jax.config import DTYPES
+
+from .detect import detect
+
+
+def _open(kind: str, path: Path, dtype: str | None):
+    if kind == "hf":
+        from .hf import open_source
+    elif kind == "meta":
+        from .meta import open_source
+    else:
+        from .gguf_src import open_source
+    return open_source(path, dtype)
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = "bfloat16", force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert `src` into the folder `out` (written atomically); return `out`.
+
+    dtype: bfloat16 | float16 | float32, or None for the source's own float type (bfloat16 for GGUF).
+    Raises ValueError / FileNotFoundError / FileExistsError naming the problem; leaves no output on failure.
+    """
+    from tqdm import tqdm
+
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    src, out = Path(src).absolute(), Path(out).absolute()
+    if not src.exists():
+        raise FileNotFoundError(f"source path {src} does not exist")
+    if out.exists() and not force:
+        raise FileExistsError(f"output folder {out} already exists (pass --force / force=True to replace it)")
+    if out == src or out in src.parents:
+        raise ValueError(f"output folder {out} would replace the source {src}")
+    kind, path = detect(src)
+    source = _open(kind, path, dtype)
+    try:
+        cfg = source.cfg
+        with tqdm(total=cfg.n_layers, desc=f"converting {path.name}", unit="layer", disable=not progress,
+                  file=sys.stderr) as bar:
+            params = weights.from_hf_layers(cfg, source.get, progress=bar.update)
+        extra = source.unused()
+        if extra:
+            more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+            raise ValueError(f"unexpected tensors in {path.name}: {extra[:5]}{more} (not part of a LLaMA model)")
+        if source.tokenizer_missing:
+            warnings.warn(f"{source.tokenizer_missing}: the converted model will have no tokenizer", stacklevel=2)
+        return checkpoint.save(out, cfg, params, write_tokenizer=source.write_tokenizer, force=force,
+                               extra={"converted_from": {"format": kind, "path": str(path)}})
+    finally:
+        source.close()

@@ -1,0 +1,126 @@
+"""GGUF files (llama.cpp) of architecture `llama`: every tensor dequantised to float32.
+
+GGUF lists shapes fastest-axis first, so a tensor's logical [out, in] shape is its `shape` reversed; that is
+the shape `gguf.quants.dequantize` returns. llama.cpp stores attn_q / attn_k rows in Meta's interleaved
+rotary order, so they go through `meta_to_hf_qk`, as transformers' GGUF loader does.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from hybrid_jax.config import LlamaConfig
+
+from .gguf_rope import rope_scaling
+from .rope_permute import meta_to_hf_qk
+from .source import Source, check_shape, hf_shapes
+
+ARCH = "llama"
+LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+         "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+         "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+         "post_attention_layernorm.weight": "ffn_norm.weight"}
+TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+       "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_name: str) -> str:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    return f"blk.{m.group(1)}.{LAYER[m.group(2)]}" if m else TOP[hf_name]
+
+
+def _reader(path: Path):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise ValueError(f"corrupt or truncated GGUF file {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize as deq
+
+    shape = tuple(int(d) for d in reversed(t.shape))
+    try:
+        a = deq(t.data, t.tensor_type)
+    except Exception as e:
+        raise ValueError(f"cannot dequantise GGUF tensor {t.name!r} of type {t.tensor_type.name}: {e}") from None
+    return np.asarray(a, np.float32).reshape(shape)
+
+
+def _config(meta, tensors: dict, dtype: str | None, name: str) -> LlamaConfig:
+    def need(key):
+        v = meta(f"{ARCH}.{key}")
+        if v is None:
+            raise ValueError(f"GGUF metadata of {name} lacks '{ARCH}.{key}'")
+        return v
+
+    D, H = int(need("embedding_length")), int(need("attention.head_count"))
+    hd = int(meta(f"{ARCH}.attention.key_length") or D // H)
+    rot = meta(f"{ARCH}.rope.dimension_count")
+    if rot is not None and int(rot) != hd:
+        raise ValueError(f"{name}: partial rotary embeddings (rope.dimension_count {rot}, head dim {hd}) are not supported")
+    vocab = meta(f"{ARCH}.vocab_size") or meta("tokenizer.ggml.tokens", count=True)
+    if not vocab and "token_embd.weight" in tensors:
+        vocab = int(tensors["token_embd.weight"].shape[-1])
+    eos = [meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    cfg = LlamaConfig(
+        vocab_size=int(vocab or 0), dim=D, n_layers=int(need("block_count")), n_heads=H,
+        n_kv_heads=int(meta(f"{ARCH}.attention.head_count_kv") or H), ffn_dim=int(need("feed_forward_length")),
+        head_dim=hd if hd != D // H else 0, rope_theta=float(meta(f"{ARCH}.rope.freq_base") or 10000.0),
+        norm_eps=float(meta(f"{ARCH}.attention.layer_norm_rms_epsilon") or 1e-5),
+        tie_embeddings="output.weight" not in tensors,
+        max_position_embeddings=int(meta(f"{ARCH}.context_length") or 4096), dtype=dtype or "bfloat16",
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)))
+    return cfg.replace(rope_scaling=rope_scaling(meta, tensors, cfg, dequantize))
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"cannot build a tokenizer from {path.name}: {e}") from None
+
+
+def open_source(path: Path, dtype: str | None) -> Source:
+    reader = _reader(path)
+
+    def meta(key, count=False):
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        return len(f.data) if count else f.contents()
+
+    arch = meta("general.architecture")
+    if arch != ARCH:
+        raise ValueError(f"GGUF architecture {arch!r} of {path.name} is not supported (only {ARCH!r})")
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _config(meta, tensors, dtype, path.name)
+    tok = _tokenizer(path) if meta("tokenizer.ggml.model") else None
+    expected = hf_shapes(cfg)
+    used = {"rope_freqs.weight"}
+
+    def get(hf_name: str) -> np.ndarray:
+        name = gguf_name(hf_name)
+        if name not in tensors:
+            raise KeyError(hf_name)
+        t = tensors[name]
+        check_shape(name, reversed(t.shape), expected[hf_name], f" in {path.name}")
+        a = dequantize(t)
+        used.add(name)
+        if name.endswith("attn_q.weight"):
+            return meta_to_hf_qk(a, cfg.n_heads, cfg.hd)
+        if name.endswith("attn_k.weight"):
+            return meta_to_hf_qk(a, cfg.n_kv_heads, cfg.hd)
+        return a
+
+    return Source(cfg, get, lambda: sorted(set(tensors) - used),
+                  (lambda out: tok.save_pretrained(str(out))) if tok is not None else None,
+                  tokenizer_missing=None if tok is not None else f"{path.name} holds no tokenizer")

@@ -1,0 +1,53 @@
+"""What every format reader hands to the converter: a config, tensors by Hugging Face name, a tokenizer writer.
+
+Readers expose their tensors under Hugging Face LLaMA names (`model.layers.{i}.self_attn.q_proj.weight`, ...)
+in HF layout ([out, in], q/k rows in rotate-half order), so one function, `weights.from_hf_layers`, stacks
+them all. Each reader asserts the name and shape of its own source tensors before reshaping them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from hybrid_jax.config import LlamaConfig
+
+
+@dataclasses.dataclass
+class Source:
+    cfg: LlamaConfig
+    get: Callable[[str], np.ndarray]  # HF name -> float array in HF layout; KeyError when absent
+    unused: Callable[[], list[str]]  # source tensors no HF name asked for (called after conversion)
+    write_tokenizer: Callable[[Path], None] | None  # writes tokenizer files into a folder
+    close: Callable[[], None] = lambda: None
+    tokenizer_missing: str | None = None  # why there is no tokenizer, when there is none
+
+
+def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape, for every tensor `weights.from_hf_layers` reads."""
+    D, H, K, Dh, F, V = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.ffn_dim, cfg.vocab_size
+    out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        out.update({
+            p + "self_attn.q_proj.weight": (H * Dh, D),
+            p + "self_attn.k_proj.weight": (K * Dh, D),
+            p + "self_attn.v_proj.weight": (K * Dh, D),
+            p + "self_attn.o_proj.weight": (D, H * Dh),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+        })
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (V, D)
+    return out
+
+
+def check_shape(name: str, shape, expected, where: str = "") -> None:
+    """Raise ValueError naming the tensor when its shape is not the expected one."""
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"tensor {name!r}{where} has shape {tuple(shape)}, expected {tuple(expected)}")
