@@ -189,6 +189,15 @@ def summarize_dump(d, results):
     subprocess.run(["rm", "-rf", d])
 
 
+def summary(r):
+    pts = r["points"]
+    ttft = ", ".join(f"{n}:{pct(v['ttft'], 50):.2f}" for n, v in pts.items())
+    itl = sum((v["itl"] for v in pts.values()), [])
+    pipe = r.get("pipelined_step_s")
+    return (f"build {r.get('build_s', 0):.1f}s stats {r.get('stats', {})} TTFT p50 ms {ttft}; TPOT p50 {pct(itl, 50):.3f} "
+            f"p99 {pct(itl, 99):.3f} ms; pipelined {np.median(pipe) * 1e3 if pipe else float('nan'):.3f} ms")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama2-7b")
@@ -240,7 +249,9 @@ def main():
         r["label"] = system
         r["process_wall_s"] = wall
         runs.append(r)
-        print(f"{system}: done in {wall:.0f}s", flush=True)
+        with open(os.path.join(args.out, f"runtime_check_{args.shape}_{system}.json"), "w") as f:
+            json.dump(r, f)
+        print(f"{system}: done in {wall:.0f}s; " + summary(r), flush=True)
     results["runs"] = runs
     results["floors"] = floors()
     if os.path.isdir(os.path.join(args.out, "dump")):
