@@ -49,6 +49,9 @@ def save(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict, write_token
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed folder should get the usual mode
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(extra or {})}
         ckptr = _checkpointer()
         ckptr.save(tmp / WEIGHTS_DIR, params)
@@ -84,8 +87,11 @@ def restore(path: str | os.PathLike, cfg: LlamaConfig | None = None, sharding_fn
     """Restore weights straight onto devices (into their shards when `sharding_fn` gives shardings)."""
     p = Path(path).absolute()
     cfg = cfg or load_config(p)
+    if sharding_fn is None:  # onto the default device (Orbax gives host arrays without a sharding)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding_fn = lambda name, shape: one  # noqa: E731
     if dtype is not None and dtype != cfg.dtype:
-        stored = W.abstract(cfg)
+        stored = W.abstract(cfg, sharding_fn)
         params = _checkpointer().restore(p / WEIGHTS_DIR, W.to_dict(stored))
         cfg = cfg.replace(dtype=dtype)
         params = jax.tree.map(lambda a: a.astype(dtype), params)

@@ -63,3 +63,27 @@ def smollm2_gguf():
         return find()
     except FileNotFoundError as e:
         pytest.fail(str(e))  # the test extra installs it: its absence is a broken setup, not a skip
+
+
+from convert_fixtures import smollm2_dir, spm_dir, tiny_tokenizer_dir  # noqa: E402,F401  (shared fixtures)
+
+
+class CompileCounter:
+    """Counts XLA backend compiles through JAX's own monitoring events (not our runtime's counter)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax
+
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, name, dur, **kw):
+        if name == self.EVENT:
+            self.n += 1
+
+
+@pytest.fixture(scope="session")
+def compile_counter():
+    return CompileCounter()

@@ -1,0 +1,152 @@
+"""The hybrid runtime against the reference: greedy ids equal HF transformers' at and around every bucket
+edge and through the chunked path; no recompilation once compiled; the on-disk executable cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_params, make_hf_model
+from hybrid_jax.config import LlamaConfig
+from hybrid_jax.generate import Engine, generate
+
+MAX = 72  # max_seq_len; buckets 16, 32, 64, 72
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    m = make_hf_model("gqa", seed=3)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    return m, cfg, hf_params(m, cfg)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, tmp_path_factory):
+    _, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path_factory.mktemp("xc"))
+    e.warmup()
+    yield e
+    e.close()
+
+
+def hf_greedy(m, ids, n):
+    out = m.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+def prompt(n, seed=0):
+    return [int(t) for t in np.random.RandomState(seed + n).randint(3, 160, size=n)]
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 32, 33, 47, 63, 64])
+def test_greedy_equals_hf_at_bucket_edges(tiny, engine, n):
+    m = tiny[0]
+    ids = prompt(n)
+    new = min(NEW, MAX - n)
+    r = generate(engine, ids, max_new_tokens=new, ignore_eos=True)
+    assert r.timings.prefill_chunks == 1  # warmed up: the prompt's own bucket
+    assert r.token_ids == hf_greedy(m, ids, new)
+    assert r.finish_reason == "length"
+
+
+def test_chunked_prefill_while_bucket_compiles(tiny, tmp_path):
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False)
+    try:
+        assert e.stats()["buckets_compiled"] == []  # only decode + the smallest bucket over the cache exist
+        ids = prompt(40, seed=7)
+        r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+        assert r.timings.prefill_chunks == 3  # 16 + 16 + 8 through the smallest bucket, not waiting
+        assert r.token_ids == hf_greedy(m, ids, NEW)
+        e.runtime.wait_background()
+        assert 64 in e.stats()["buckets_compiled"]  # compiled in the background meanwhile
+        r2 = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+        assert r2.timings.prefill_chunks == 1 and r2.token_ids == r.token_ids
+    finally:
+        e.close()
+
+
+def test_no_recompilation(engine, compile_counter):
+    generate(engine, prompt(5), max_new_tokens=4, ignore_eos=True)  # any lazy jax-side setup
+    engine.runtime.wait_background()
+    before, stats_before = compile_counter.n, engine.stats()["compiles"]
+    r = generate(engine, [5], max_new_tokens=MAX - 1, ignore_eos=True)  # 70 decode steps
+    assert len(r.token_ids) == MAX - 1
+    steps = len(r.token_ids)
+    for i in range(20):
+        n = [3, 9, 16, 20, 40, 60][i % 6]
+        r = generate(engine, prompt(n, seed=i), max_new_tokens=min(7, MAX - n), ignore_eos=True)
+        steps += len(r.token_ids)
+    for _ in range(2):
+        steps += len(generate(engine, [7], max_new_tokens=MAX - 1, ignore_eos=True).token_ids)
+    assert steps >= 200
+    assert compile_counter.n == before, "a compile happened inside a request"
+    assert engine.stats()["compiles"] == stats_before
+
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = {paths!r}
+    from test_runtime import child_main
+    child_main({cache!r})
+""")
+
+
+def child_main(cache_dir):
+    """Fresh process: build the same engine, serve one prompt, report JAX compile events and stats."""
+    from conftest import CompileCounter, hf_params, make_hf_model
+
+    counter = CompileCounter()
+    m = make_hf_model("gqa", seed=3)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    p = hf_params(m, cfg)
+    base = counter.n  # weight conversion's own small jax ops
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=cache_dir)
+    e.warmup()
+    r = generate(e, prompt(20), max_new_tokens=NEW, ignore_eos=True)
+    print("CHILD " + json.dumps({"compiles": counter.n - base, "stats": e.stats(), "tokens": r.token_ids,
+                                 "ref": hf_greedy(m, prompt(20), NEW)}))
+
+
+def run_child(cache_dir):
+    here = Path(__file__).parent
+    code = CHILD.format(paths=[str(here), str(here.parent)], cache=str(cache_dir))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("CHILD ")]
+    assert line, out.stderr[-3000:]
+    return json.loads(line[0][6:])
+
+
+def test_warm_cache_in_fresh_process_compiles_nothing_and_corrupt_entry_is_rebuilt(tmp_path):
+    cold = run_child(tmp_path)
+    assert cold["stats"]["compiles"] > 0 and cold["tokens"] == cold["ref"]
+    entries = sorted(tmp_path.glob("*.xla"))
+    assert len(entries) == cold["stats"]["compiles"]
+    warm = run_child(tmp_path)
+    assert warm["stats"]["compiles"] == 0
+    assert warm["stats"]["cache_hits"] == len(entries)
+    # jax's own events: only the zero-filled cache allocation (a tiny broadcast) may compile
+    assert warm["compiles"] <= 2, warm
+    assert warm["tokens"] == warm["ref"]
+    # corrupt one entry (flip payload bytes), truncate another, replace a third with garbage
+    b = bytearray(entries[0].read_bytes())
+    b[-100] ^= 0xFF
+    entries[0].write_bytes(bytes(b))
+    entries[1].write_bytes(entries[1].read_bytes()[:1000])
+    entries[2].write_bytes(b"not an executable")
+    fixed = run_child(tmp_path)
+    assert fixed["stats"]["cache_rejected"] == 3
+    assert fixed["stats"]["compiles"] == 3
+    assert fixed["tokens"] == fixed["ref"]
+    again = run_child(tmp_path)  # rebuilt entries are trusted again
+    assert again["stats"]["compiles"] == 0 and again["stats"]["cache_rejected"] == 0
