@@ -31,6 +31,7 @@ from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "plainjit", "hf_eager", "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
+QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
 NOCB = "--xla_gpu_enable_command_buffer="
 UNSUPPORTED = ("Unknown flag in XLA_FLAGS", "Flag parsing failed", "Unknown command line flag")
 
@@ -45,9 +46,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this exact shape, made on the device")
     p.add_argument("--prompt-lengths", type=_ints, default=None, help="default 10,20,50,100,200,300,400,500")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per point (default 100, quick 20)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed generations per point (default 3, quick 2)")
-    p.add_argument("--quick", action="store_true", help="prompt lengths 10,100,500 and 20 reps")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per point (default 100, quick 15)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed generations per point (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true", help="prompt lengths 10,100,500, 15 reps (3 for hf_eager), 1 "
+                   "warm-up, no background compile of the sampling step: about 10 minutes for 4 systems on a 7B")
+    p.add_argument("--eager-reps", type=int, default=None, help="reps of hf_eager (default --reps; quick 3)")
     p.add_argument("--out", default="bench/results", help="results root; the run's folder is made inside")
     p.add_argument("--name", default=None, help="suffix of the results folder")
     p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on the CPU")
@@ -56,7 +59,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--buckets", type=_ints, default=None, help="hybrid prefill buckets (default: the runtime's)")
     p.add_argument("--cache-root", default=None, help="where the fresh executable caches go (default: a temp dir)")
     p.add_argument("--pipelined-steps", type=int, default=100)
-    p.add_argument("--pipelined-reps", type=int, default=5)
+    p.add_argument("--pipelined-reps", type=int, default=None, help="default 5 (quick 3)")
     p.add_argument("--floor-bytes", type=int, default=None, help="copy size (default 2 GiB on GPU, 64 MiB on CPU)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 8192 on GPU, 512 on CPU)")
     p.add_argument("--floor-reps", type=int, default=None)
@@ -68,7 +71,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
     add_common_args(p)
-    p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
+    p.add_argument("--systems", default=None, help=f"comma list of {', '.join(ALL_SYSTEMS)} (default all; with "
+                   f"--quick {','.join(QUICK_SYSTEMS)})")
     p.add_argument("--no-coldstart", action="store_true", help="skip the warm-cache start-up process")
     w = p.add_argument_group("worker (internal)")
     w.add_argument("--worker", help=argparse.SUPPRESS)
@@ -88,8 +92,12 @@ def finalize_args(args) -> argparse.Namespace:
         args.shape = "llama2-7b"
     if args.prompt_lengths is None:
         args.prompt_lengths = list(QUICK_LENGTHS if args.quick else FULL_LENGTHS)
-    args.reps = args.reps if args.reps is not None else (20 if args.quick else 100)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    args.reps = args.reps if args.reps is not None else (15 if args.quick else 100)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.eager_reps = args.eager_reps if args.eager_reps is not None else (min(3, args.reps) if args.quick else args.reps)
+    args.lean = args.lean or args.quick
+    if args.pipelined_reps is None:
+        args.pipelined_reps = 3 if args.quick else 5
     need = max(args.prompt_lengths) + args.new_tokens
     if args.max_seq_len is None:
         p2 = 1 << (need - 1).bit_length()
@@ -116,7 +124,7 @@ def worker_argv(args, spec: Spec, system: str, out_jsonl: Path, run: str, cache_
     a = [sys.executable, "-m", "bench.latency", "--worker", system, "--out-jsonl", str(out_jsonl),
          "--label", spec.label, "--system-name", spec.system, "--variant", spec.variant, "--run", run,
          "--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--new-tokens", str(args.new_tokens),
-         "--reps", str(args.reps), "--warmup", str(args.warmup), "--max-seq-len", str(args.max_seq_len),
+         "--reps", str(args.eager_reps if system == "hf_eager" else args.reps), "--warmup", str(args.warmup), "--max-seq-len", str(args.max_seq_len),
          "--pipelined-steps", str(args.pipelined_steps), "--pipelined-reps", str(args.pipelined_reps),
          "--seed", str(args.seed), "--t-spawn", repr(time.time())]
     a += ["--model", args.model] if args.model else ["--shape", args.shape]
@@ -213,7 +221,7 @@ def run_suite(args, specs: list[Spec], kind: str, argv: list[str]) -> Path:
     (stage / "logs").mkdir()
     parts: list[Path] = []
     current = Spec("floors", "floors")
-    total = len(specs) * len(args.prompt_lengths) * args.reps
+    total = sum(args.eager_reps if s.system == "hf_eager" else args.reps for s in specs) * len(args.prompt_lengths)
     bar = tqdm(total=total, unit="gen", desc="floors", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     try:
         fl = stage / "part-floors.jsonl"
@@ -233,7 +241,8 @@ def run_suite(args, specs: list[Spec], kind: str, argv: list[str]) -> Path:
                 "platform": floors["platform"], "versions": versions(),
                 "model": args.model, "shape": args.shape, "weights": "checkpoint" if args.model else "random",
                 "dtype": floors["dtype"] if args.dtype is None else args.dtype, "prompt_lengths": args.prompt_lengths,
-                "new_tokens": args.new_tokens, "reps": args.reps, "warmup": args.warmup,
+                "new_tokens": args.new_tokens, "reps": args.reps, "eager_reps": args.eager_reps, "warmup": args.warmup,
+                "lean": args.lean,
                 "max_seq_len": args.max_seq_len, "labels": [s.label for s in specs],
                 "xla_flags_inherited": os.environ.get("XLA_FLAGS", "")}
         write_jsonl(out / "part-run.jsonl", [head])
@@ -329,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         from .worker import main_worker
 
         return main_worker(args)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = [s.strip() for s in (args.systems or ",".join(QUICK_SYSTEMS if args.quick else ALL_SYSTEMS)).split(",")
+               if s.strip()]
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
         raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(ALL_SYSTEMS)}")

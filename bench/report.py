@@ -30,6 +30,11 @@ def _bytes(b) -> str:
     return "" if b is None else f"{b / 2**30:.2f} GiB"
 
 
+def _mem(sy: dict) -> str:
+    peak, now = sy.get("peak_mem_bytes"), sy.get("mem_in_use_bytes")
+    return _bytes(peak) + (f" ({_bytes(now)})" if now is not None else "")
+
+
 def _si(x: float) -> str:
     for unit, f in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= f:
@@ -55,15 +60,20 @@ def markdown(records: list[dict]) -> str:
               "- versions: " + ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())]
         model = f"checkpoint `{r['model']}`" if r.get("model") else f"shape `{r.get('shape')}`, {WEIGHTS_NOTE}"
         L.append(f"- model: {model}; dtype {r.get('dtype')}; cache length (max_seq_len) {r.get('max_seq_len')}")
+        eager = f" ({r['eager_reps']} for hf_eager)" if r.get("eager_reps") not in (None, r.get("reps")) else ""
         L.append(f"- workload: prompt lengths {r.get('prompt_lengths')}, {r.get('new_tokens')} new tokens, "
-                 f"{r.get('reps')} timed reps after {r.get('warmup')} warm-up per point")
+                 f"{r.get('reps')} timed reps{eager} after {r.get('warmup')} warm-up per point"
+                 + ("; hybrid without the background compile of its sampling step" if r.get("lean") else ""))
         if r.get("xla_flags_inherited"):
             L.append(f"- XLA_FLAGS inherited by every process: `{r['xla_flags_inherited']}`")
         fl = S["floors"].get(run)
         if fl:
             f = floors_for(fl, r.get("prompt_lengths") or [])
-            L.append(f"- floors: copy bandwidth {fl['bw_Bps'] / 1e9:.1f} GB/s (bytes read + written by a jitted "
-                     f"`x + 1` over {_bytes(fl['copy_bytes'])} {fl['copy_dtype']}, median of {len(fl['copy_s'])}); "
+            var = fl.get("copy_variants_Bps") or {}
+            kinds = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in var.items())
+            L.append(f"- floors: copy bandwidth {fl['bw_Bps'] / 1e9:.1f} GB/s (bytes read + written by jitted elementwise "
+                     f"kernels over {_bytes(fl['copy_bytes'])} {fl['copy_dtype']}, median of {len(fl['copy_s'])}, "
+                     f"the fastest of: {kinds or 'x + 1'} GB/s); "
                      f"matmul {fl['matmul_flops'] / 1e12:.2f} TFLOP/s ({fl['matmul_n']}^3 {fl['matmul_dtype']}, "
                      f"random data, median of {len(fl['matmul_s'])}); weights {_si(fl['weight_bytes'])}B, "
                      f"{_si(fl['n_params'])} parameters")
@@ -87,8 +97,9 @@ def markdown(records: list[dict]) -> str:
         if t["n"]:
             L.append(f"| {lab} | {n} | {t['n']} | " + " | ".join(_cell(t[k], x.get(k)) for k in ("p50", "p90", "p99", "max"))
                      + f" | {_ms(p['decode_floor_s'])} |")
-    L += ["", "## Per system", "",
-          "| system | status | TPOT all lengths p50 / p99 (ms) | pipelined step p50 (ms) | peak device memory | "
+    L += ["", "## Per system", "", "Peak device memory is the whole process' peak, making the (random) weights included; "
+          "start-up times are from process start (`process to ready`) and for building the engine alone.", "",
+          "| system | status | TPOT all lengths p50 / p99 (ms) | pipelined step p50 (ms) | device memory: peak (in use at end) | "
           "start-up, empty cache: process to ready / engine build | warm cache: process to ready / engine build | "
           "compiles (s) | XLA_FLAGS | notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for lab in S["labels"]:
@@ -120,7 +131,7 @@ def _system_row(lab: str, S: dict) -> str:
         if l2 == lab and p["tokens"] != [max(p["tokens"])]:
             notes.append(f"{n} tok: token counts {p['tokens']}")
     flags = sy.get("xla_flags", "")
-    return (f"| {lab} | {sy.get('status', 'no result')} | {pooled} | {pipe} | {_bytes(sy.get('peak_mem_bytes'))} | "
+    return (f"| {lab} | {sy.get('status', 'no result')} | {pooled} | {pipe} | {_mem(sy)} | "
             f"{cold} | {warm} | {comp} | {'`' + flags + '`' if flags else ''} | "
             f"{'; '.join(x for x in notes if x).replace('|', '/')} |")
 

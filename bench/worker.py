@@ -100,14 +100,15 @@ def _jax_dtype(args):
     return on_acc, args.dtype or ("bfloat16" if on_acc else "float32")
 
 
-def _jax_peak() -> int | None:
+def _jax_mem() -> dict:
+    """Peak and current device memory (the peak includes making the weights)."""
     import jax
 
     try:
-        st = jax.devices()[0].memory_stats()
+        st = jax.devices()[0].memory_stats() or {}
     except Exception:  # noqa: BLE001 - not every backend has it
-        return None
-    return int(st["peak_bytes_in_use"]) if st and "peak_bytes_in_use" in st else None
+        st = {}
+    return {"peak_mem_bytes": st.get("peak_bytes_in_use"), "mem_in_use_bytes": st.get("bytes_in_use")}
 
 
 def _card_jax() -> dict:
@@ -179,7 +180,7 @@ def run_hybrid(args, emit, cold_only: bool = False):
     eng.runtime.wait_background()
     measure(gen, cfg, args, emit, prepare)
     pipe = [eng.pipelined_step_seconds(args.pipelined_steps) for _ in range(args.pipelined_reps)]
-    emit("system", status="ok", cache="empty", dtype=cfg.dtype, pipelined_step_s=pipe, peak_mem_bytes=_jax_peak(),
+    emit("system", status="ok", cache="empty", dtype=cfg.dtype, pipelined_step_s=pipe, **_jax_mem(),
          **t, stats_at_ready=built, stats=eng.stats(), xla_flags=os.environ.get("XLA_FLAGS", ""), **_card_jax())
     eng.close()
 
@@ -203,7 +204,7 @@ def run_plainjit(args, emit):
     measure(pj.generate, cfg, args, emit)
     total = time.perf_counter() - t0
     pipe = [pj.pipelined_step_seconds(args.pipelined_steps) for _ in range(args.pipelined_reps)]
-    emit("system", status="ok", dtype=cfg.dtype, pipelined_step_s=pipe, peak_mem_bytes=_jax_peak(),
+    emit("system", status="ok", dtype=cfg.dtype, pipelined_step_s=pipe, **_jax_mem(),
          measure_s=total, xla_flags=os.environ.get("XLA_FLAGS", ""), **_card_jax())
 
 
@@ -234,7 +235,9 @@ def run_hf(args, emit, system: str):
     peer.generate(prompt_ids(cfg.vocab_size, max(args.lengths), -1, args.seed), args.new_tokens)
     first_s = time.perf_counter() - t0  # includes torch.compile for hf_compile
     measure(peer.generate, cfg, args, emit)
+    mem = torch.cuda.memory_allocated() if dev == "cuda" else None
     emit("system", status="ok", dtype=args.dtype_resolved, pipelined_step_s=[], peak_mem_bytes=peer.peak_memory(),
+         mem_in_use_bytes=mem,
          engine_build_s=build_s, first_generate_s=first_s, weights="checkpoint" if args.model else "random", **card)
 
 
