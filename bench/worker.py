@@ -88,7 +88,7 @@ def measure(gen, cfg, args, emit, prepare=None) -> None:
             out = gen(prompt_ids(cfg.vocab_size, n, rep, args.seed), args.new_tokens)
             ttft, itl, toks = out[:3]
             emit("sample", prompt_len=n, rep=rep, ttft_s=ttft, itl_s=[float(x) for x in itl], n_tokens=len(toks),
-                 **(out[3] if len(out) > 3 else {}))
+                 tokens_head=[int(t) for t in toks[:8]], **(out[3] if len(out) > 3 else {}))
 
 
 # ---- JAX systems -------------------------------------------------------------------------------------

@@ -273,3 +273,34 @@ def test_sweep_smoke_records_unsupported_flag(tmp_path):
     md = (d / "results.md").read_text()
     assert "| bogus | unsupported flag |" in md and "| default | 5 | 2 |" in md
     assert "xla_this_flag" not in os.environ.get("XLA_FLAGS", "")  # the flags went to the worker only
+
+
+def test_latency_smoke_converted_checkpoint(tmp_path):
+    """--model DIR: hybrid, plainjit and hf_eager run the same weights (HF gets them mapped back) and agree."""
+    import jax
+
+    from bench.latency import main
+    from bench.worker import TINY
+    from hybrid_jax import checkpoint
+    from hybrid_jax import weights as W
+
+    cfg = TINY.replace(dtype="float32", n_layers=1)
+    params = W.init_random(cfg, jax.random.PRNGKey(3), scale=0.3)
+    ckpt = checkpoint.save(tmp_path / "tiny-ckpt", cfg, jax.tree.map(np.asarray, W.to_dict(params)))
+    out = tmp_path / "results"
+    assert main(["--model", str(ckpt), "--systems", "hybrid,plainjit,hf_eager", "--prompt-lengths", "7",
+                 "--new-tokens", "6", "--reps", "2", "--warmup", "1", "--pipelined-reps", "1", "--no-coldstart",
+                 "--out", str(out), "--cache-root", str(tmp_path / "cache")]) == 0
+    d = _one_results_dir(out)
+    assert d.name.endswith("_latency_tiny-ckpt")
+    recs = stats.read_jsonl(d / "results.jsonl")
+    assert {r["label"]: r["status"] for r in recs if r["kind"] == "system"} == \
+        {"hybrid": "ok", "plainjit": "ok", "hf_eager": "ok"}
+    heads = {}
+    for r in recs:
+        if r["kind"] == "sample":
+            heads.setdefault(r["rep"], {})[r["label"]] = r["tokens_head"]
+    assert len(heads) == 2
+    for rep, by in heads.items():
+        assert by["hybrid"] == by["plainjit"] == by["hf_eager"] and len(by["hybrid"]) == 6, (rep, by)
+    assert "checkpoint `" in (d / "results.md").read_text()
