@@ -65,6 +65,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
         self.runtime = Runtime(cfg, params, self.max_seq_len, **runtime_kw)
+        # Enqueue the first decode step before reading the first token (True) or after (False).
+        self.lookahead_first = True
         self._lock = threading.Lock()
 
     # -- helpers users call ---------------------------------------------------------------------
@@ -80,6 +82,10 @@ class Engine:
 
     def stats(self) -> dict:
         return self.runtime.stats()
+
+    def wait_background(self, timeout: float | None = None) -> None:
+        """Wait for background compiles (buckets queued by earlier prompts or warmup(background=True))."""
+        self.runtime.wait_background(timeout)
 
     def encode(self, prompt: str | Sequence[int], raw: bool = False, system: str | None = None) -> list[int]:
         if isinstance(prompt, str):
@@ -237,7 +243,8 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
         last = t0
         try:
             while pending:
-                if issued < max_new:  # enqueue step n+1 before reading token n
+                depth = 2 if (out or engine.lookahead_first) else 1
+                while issued < max_new and len(pending) < depth:  # enqueue step n+1 before reading token n
                     state, nxt = rt.decode(state, rt.decode_spec(pos, do_sample))
                     pending.append(nxt)
                     issued += 1

@@ -102,7 +102,7 @@ class Runtime:
     def __init__(self, cfg: LlamaConfig, params: W.Weights, max_seq_len: int,
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
-                 compile_sampling: bool = True, param_shardings=None, state_sharding=None):
+                 compile_sampling: bool = True, state_sharding=None, compile_workers: int = 4):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -122,16 +122,19 @@ class Runtime:
         self._lock = threading.Lock()
         self._execs: dict[tuple, object] = {}
         self._pending: dict[tuple, cf.Future] = {}
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrid_jax-compile")
+        # XLA compiles release the GIL: several executables compile at once.
+        self._pool = cf.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="hybrid_jax-compile")
         self._env = {**environment_key(), "source": _source_digest()}
         self._state_sharding = state_sharding
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
-        # The static path: compiled now. The smallest prefill bucket over the whole cache serves any chunk.
-        for kvb in self.decode_kv_buckets:
-            self._get(("decode", kvb, False))
-        self._get(self._universal())
+        # The static path: compiled now (concurrently). The smallest prefill bucket over the whole cache
+        # serves any chunk.
+        now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self._universal()]
+        for f in [self._get_async(s) for s in now]:
+            if f is not None:
+                f.result()
         if compile_sampling:
             for kvb in self.decode_kv_buckets:
                 self._get_async(("decode", kvb, True))
@@ -152,12 +155,10 @@ class Runtime:
     @staticmethod
     def reset_state(cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
-        put = jax.device_put
-        return DecodeState(
-            cache=cache, pos=put(np.int32(0)), token=put(np.int32(0)),
-            key=put(_key_data(seed)),
-            sp=SamplingParams(put(np.float32(temperature)), put(np.int32(top_k or 0)),
-                              put(np.float32(1.0 if top_p is None else top_p))))
+        small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed), np.float32(temperature),
+                                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p)))  # one transfer call
+        pos, token, key, t, k, p = small
+        return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p))
 
     # ---- compile / load --------------------------------------------------------------------------
     def _universal(self) -> tuple:
