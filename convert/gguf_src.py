@@ -14,7 +14,7 @@ import numpy as np
 from hybrid_jax.config import LlamaConfig
 
 from .gguf_rope import rope_scaling
-from .rope_permute import meta_to_hf_qk
+from .rope_permute import qk_rows_to_hf
 from .source import Source, check_shape, hf_shapes
 
 ARCH = "llama"
@@ -81,8 +81,13 @@ def _config(meta, tensors: dict, dtype: str | None, name: str) -> LlamaConfig:
 
 
 def _tokenizer(path: Path):
+    import importlib.util
+
     from transformers import AutoTokenizer
 
+    if importlib.util.find_spec("torch") is None:  # transformers' GGUF reader imports torch
+        raise ValueError(f"cannot build a tokenizer from {path.name}: transformers' GGUF reader needs PyTorch; "
+                         "install it with `pip install 'hybrid_jax[gguf]'` (CPU torch is enough)")
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
@@ -115,11 +120,7 @@ def open_source(path: Path, dtype: str | None) -> Source:
         check_shape(name, reversed(t.shape), expected[hf_name], f" in {path.name}")
         a = dequantize(t)
         used.add(name)
-        if name.endswith("attn_q.weight"):
-            return meta_to_hf_qk(a, cfg.n_heads, cfg.hd)
-        if name.endswith("attn_k.weight"):
-            return meta_to_hf_qk(a, cfg.n_kv_heads, cfg.hd)
-        return a
+        return qk_rows_to_hf(a, name.endswith("attn_q.weight"), name.endswith("attn_k.weight"), cfg.n_heads, cfg.n_kv_heads, cfg.hd)
 
     return Source(cfg, get, lambda: sorted(set(tensors) - used),
                   (lambda out: tok.save_pretrained(str(out))) if tok is not None else None,

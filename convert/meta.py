@@ -16,7 +16,7 @@ import numpy as np
 from hybrid_jax.config import LlamaConfig
 
 from .hf import read_json
-from .rope_permute import meta_to_hf_qk
+from .rope_permute import qk_rows_to_hf
 from .source import Source
 
 # Meta name (without "layers.{i}.") -> (HF name suffix, shard axis; None = replicated)
@@ -151,11 +151,7 @@ def open_source(folder: Path, dtype: str | None) -> Source:
         parts = [s[name].float().numpy() for s in (shards if axis is not None else shards[:1])]
         a = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=axis)
         used.add(name)
-        if name.endswith("attention.wq.weight"):
-            return meta_to_hf_qk(a, cfg.n_heads, cfg.hd)
-        if name.endswith("attention.wk.weight"):
-            return meta_to_hf_qk(a, cfg.n_kv_heads, cfg.hd)
-        return a
+        return qk_rows_to_hf(a, name.endswith("attention.wq.weight"), name.endswith("attention.wk.weight"), cfg.n_heads, cfg.n_kv_heads, cfg.hd)
 
     def write_tokenizer(out: Path) -> None:
         from transformers import LlamaTokenizerFast

@@ -25,3 +25,13 @@ def hf_to_meta_qk(w: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
     """The inverse of `meta_to_hf_qk`: HF's rotate-half order -> Meta's interleaved order."""
     _check(w, n_heads, head_dim)
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def qk_rows_to_hf(a: np.ndarray, is_q: bool, is_k: bool, n_heads: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
+    """Apply `meta_to_hf_qk` to a q or k projection read in Meta's (or llama.cpp's) row order; other
+    tensors pass through."""
+    if is_q:
+        return meta_to_hf_qk(a, n_heads, head_dim)
+    if is_k:
+        return meta_to_hf_qk(a, n_kv_heads, head_dim)
+    return a
