@@ -12,6 +12,8 @@ def _add_model_args(p: argparse.ArgumentParser):
                    help="converted model folder (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="compiled-executable cache folder")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel: split the model over the first N devices (must divide n_kv_heads)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -26,7 +28,7 @@ def _engine(args):
     from .generate import load
 
     path = args.model or ensure_default_model()
-    return load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir)
+    return load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp)
 
 
 def _sampling(args) -> dict:

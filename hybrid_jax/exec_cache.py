@@ -65,8 +65,12 @@ class ExecCache:
         return self.dir / f"{key_digest(key)}.xla"
 
     # ---- read ----------------------------------------------------------------------------------
-    def load(self, key: dict):
-        """The deserialized executable for `key`, or None (miss, or an entry not to be trusted)."""
+    def load(self, key: dict, devices=None):
+        """The deserialized executable for `key`, or None (miss, or an entry not to be trusted).
+
+        `devices`: the devices it runs on, in the order it was compiled for (default: all of the backend's;
+        give them whenever that is not every device, e.g. a mesh over some of them).
+        """
         p = self.path(key)
         try:
             blob = p.read_bytes()
@@ -82,7 +86,7 @@ class ExecCache:
             from jax.experimental import serialize_executable as se
 
             serialized, in_tree, out_tree = pickle.loads(payload)
-            compiled = se.deserialize_and_load(serialized, in_tree, out_tree)
+            compiled = se.deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
         except Exception as e:  # noqa: BLE001 - any defect means "do not trust"
             log.warning("exec cache: rejecting entry %s (%s); recompiling", p.name, e)
             return self._reject(p)

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import LlamaConfig
 from .runtime import Runtime
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -56,15 +56,23 @@ class Piece:
 
 
 class Engine:
-    """A loaded model: the runtime (compiled executables, device state) plus the tokenizer."""
+    """A loaded model: the runtime (compiled executables, device state) plus the tokenizer.
+
+    `tensor_parallel=N` (> 1) splits the model over the first N devices (see sharding.py); `params` are
+    placed into their shards (a no-op for arrays restored into them).
+    """
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
-                 path: str | None = None, **runtime_kw):
+                 path: str | None = None, tensor_parallel: int = 1, **runtime_kw):
         self.cfg = cfg
         self.path = path
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
-        self.runtime = Runtime(cfg, params, self.max_seq_len, **runtime_kw)
+        sharding.check(cfg, tensor_parallel)
+        self.mesh = sharding.mesh(tensor_parallel) if tensor_parallel > 1 else None
+        if self.mesh is not None:
+            params = sharding.shard_params(params, cfg, self.mesh)
+        self.runtime = Runtime(cfg, params, self.max_seq_len, mesh=self.mesh, **runtime_kw)
         # Enqueue the first decode step before reading the first token (True) or after (False).
         self.lookahead_first = True
         self._lock = threading.Lock()
@@ -129,13 +137,22 @@ def _check_ids(ids, cfg: LlamaConfig) -> list[int]:
 
 
 def load(path: str | Path, max_seq_len: int | None = None, prefill_buckets: Sequence[int] | None = None,
-         cache_dir: str | Path | None = None, dtype: str | None = None, **runtime_kw) -> Engine:
-    """Load a converted checkpoint folder (see `python -m convert`) into a ready engine."""
-    cfg, params = checkpoint.restore(path, dtype=dtype)
+         cache_dir: str | Path | None = None, dtype: str | None = None, tensor_parallel: int = 1,
+         **runtime_kw) -> Engine:
+    """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
+
+    With `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices.
+    """
+    fn = None
+    if tensor_parallel != 1:
+        cfg = checkpoint.load_config(path)
+        sharding.check(cfg, tensor_parallel)
+        fn = sharding.sharding_fn(sharding.mesh(tensor_parallel))
+    cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype)
     tok = Tokenizer(path) if any(Path(path, f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                                     "tokenizer_config.json")) else None
     return Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
-                  cache_dir=cache_dir, **runtime_kw)
+                  cache_dir=cache_dir, tensor_parallel=tensor_parallel, **runtime_kw)
 
 
 _ENGINES: dict[tuple, Engine] = {}

@@ -32,9 +32,10 @@ def abstract(cfg: LlamaConfig, max_seq_len: int, sharding=None) -> KVCache:
     return KVCache(k=s, v=s)
 
 
-def zeros(cfg: LlamaConfig, max_seq_len: int) -> KVCache:
-    z = jnp.zeros(cache_shape(cfg, max_seq_len), jnp.dtype(cfg.dtype))
-    return KVCache(k=z, v=jnp.zeros_like(z))
+def zeros(cfg: LlamaConfig, max_seq_len: int, sharding=None) -> KVCache:
+    """Zeros, made in place on `sharding`'s devices (each shard on its own device) when one is given."""
+    shape, dtype = cache_shape(cfg, max_seq_len), jnp.dtype(cfg.dtype)
+    return KVCache(k=jnp.zeros(shape, dtype, device=sharding), v=jnp.zeros(shape, dtype, device=sharding))
 
 
 def update(cache: KVCache, layer: int, start: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import kv_cache, model, sampling
+from . import kv_cache, model, sampling, sharding
 from . import weights as W
 from .config import LlamaConfig
 from .exec_cache import ExecCache, environment_key
@@ -102,7 +102,7 @@ class Runtime:
     def __init__(self, cfg: LlamaConfig, params: W.Weights, max_seq_len: int,
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
-                 compile_sampling: bool = True, state_sharding=None, compile_workers: int = 4):
+                 compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -125,7 +125,14 @@ class Runtime:
         # XLA compiles release the GIL: several executables compile at once.
         self._pool = cf.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="hybrid_jax-compile")
         self._env = {**environment_key(), "source": _source_digest()}
-        self._state_sharding = state_sharding
+        # Tensor parallel (see sharding.py): params arrive placed on `mesh`; the cache is split on kv heads,
+        # the small state is replicated. Without a mesh everything lives on the default device.
+        self.mesh = mesh
+        self._cache_sharding = sharding.cache_sharding(mesh) if mesh is not None else None
+        self._small_sharding = sharding.replicated(mesh) if mesh is not None else None
+        # The devices the executables run on, in mesh order (needed to load them from disk).
+        self._devices = (list(mesh.devices.flat) if mesh is not None
+                         else sorted(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id))
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -140,23 +147,23 @@ class Runtime:
                 self._get_async(("decode", kvb, True))
 
     # ---- state -------------------------------------------------------------------------------
+    def _small(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        kw = {"sharding": self._small_sharding} if self._small_sharding is not None else {}
+        return jax.ShapeDtypeStruct(shape, dtype, **kw)
+
     def _abstract_state(self) -> DecodeState:
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        f32 = jax.ShapeDtypeStruct((), jnp.float32)
-        return DecodeState(cache=kv_cache.abstract(self.cfg, self.cache_len, self._state_sharding), pos=i32, token=i32,
-                           key=jax.ShapeDtypeStruct((2,), jnp.uint32), sp=SamplingParams(f32, i32, f32))
+        i32, f32 = self._small((), jnp.int32), self._small((), jnp.float32)
+        return DecodeState(cache=kv_cache.abstract(self.cfg, self.cache_len, self._cache_sharding), pos=i32, token=i32,
+                           key=self._small((2,), jnp.uint32), sp=SamplingParams(f32, i32, f32))
 
     def _fresh_state(self) -> DecodeState:
-        cache = kv_cache.zeros(self.cfg, self.cache_len)
-        if self._state_sharding is not None:
-            cache = jax.device_put(cache, self._state_sharding)
-        return self.reset_state(cache, seed=0)
+        return self.reset_state(kv_cache.zeros(self.cfg, self.cache_len, self._cache_sharding), seed=0)
 
-    @staticmethod
-    def reset_state(cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
+    def reset_state(self, cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
         small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed), np.float32(temperature),
-                                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p)))  # one transfer call
+                                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p)),
+                               self._small_sharding)  # one transfer call; replicated over the mesh if any
         pos, token, key, t, k, p = small
         return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p))
 
@@ -166,26 +173,30 @@ class Runtime:
 
     def _key(self, spec: tuple) -> dict:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
-                "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)][:1],
+                "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
+                "mesh": sharding.describe(self.mesh),
                 **self._env}
 
     def _lower(self, spec: tuple):
         cfg = self.cfg
+        # With a mesh the returned state keeps the input state's shardings, so it feeds the next step as is.
+        kw = {} if self.mesh is None else {"out_shardings": (jax.tree.map(lambda a: a.sharding, self._abs_state),
+                                                             self._small_sharding)}
         if spec[0] == "decode":
             _, kvb, do_sample = spec
             def decode_step(p, s):
                 return _decode_step(cfg, kvb, do_sample, p, s)
-            return jax.jit(decode_step, donate_argnums=(1,)).lower(self._abs_params, self._abs_state)
+            return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         def prefill_step(p, s, t, n):
             return _prefill_step(cfg, kvb, p, s, t, n)
-        return jax.jit(prefill_step, donate_argnums=(1,)).lower(self._abs_params, self._abs_state, jax.ShapeDtypeStruct((T,), jnp.int32),
-                        jax.ShapeDtypeStruct((), jnp.int32))
+        return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
+                                                                      self._small((T,), jnp.int32), self._small((), jnp.int32))
 
     def _build(self, spec: tuple):
         key = self._key(spec)
         if self.exec_cache is not None:
-            ex = self.exec_cache.load(key)
+            ex = self.exec_cache.load(key, self._devices)
             if ex is not None:
                 return ex
         t0 = time.perf_counter()

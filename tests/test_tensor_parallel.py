@@ -1,0 +1,180 @@
+"""Tensor parallelism on 8 virtual CPU devices (conftest sets --xla_force_host_platform_device_count=8):
+TP = 1, 2, 4, 8 give TP=1's logits and HF's greedy ids; restore lands in shards; bad N is refused; no
+recompilation; a psum across two JAX processes (the multi-host path) on one machine."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import hybrid_jax
+from conftest import hf_params, make_hf_model, rel_err
+from hybrid_jax import checkpoint, sharding
+from hybrid_jax import weights as W
+from hybrid_jax.config import LlamaConfig
+from hybrid_jax.generate import Engine, generate
+
+if len(jax.devices()) < 8:
+    pytest.fail(f"needs 8 devices, got {len(jax.devices())}: XLA_FLAGS must hold "
+                "--xla_force_host_platform_device_count=8 before jax is imported (tests/conftest.py sets it)",
+                pytrace=False)
+
+MAX = 40  # buckets 16, 32, 40
+NEW = 8
+CONFIGS = {  # name: (make_hf_model args, TP degrees)
+    "mha8": (dict(variant="mha", num_attention_heads=8, num_key_value_heads=8), (1, 2, 4, 8)),
+    # GQA, tied embeddings (the logits come from the replicated embed), head dim 8
+    "gqa16_tied": (dict(variant="tied", hidden_size=128, num_attention_heads=16, num_key_value_heads=4), (1, 2, 4)),
+}
+PROMPTS = ([5, 17, 33, 90, 12, 7, 44, 3, 9, 100], [int(t) for t in np.random.RandomState(0).randint(3, 160, 23)])
+
+
+def hf_greedy(m, ids, n):
+    out = m.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def models():
+    out = {}
+    for name, (kw, _) in CONFIGS.items():
+        kw = dict(kw)
+        m = make_hf_model(kw.pop("variant"), seed=11, **kw)
+        cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+        out[name] = (m, cfg, hf_params(m, cfg), [hf_greedy(m, p, NEW) for p in PROMPTS])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp1_logits(models):
+    out = {}
+    for name, (_, cfg, p, _) in models.items():
+        e = Engine(cfg, p, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False)
+        out[name] = e.logits(PROMPTS[1])
+        e.close()
+    return out
+
+
+@pytest.mark.parametrize("name, tp", [(n, tp) for n, (_, tps) in CONFIGS.items() for tp in tps])
+def test_tp_matches_tp1_and_hf(models, tp1_logits, name, tp, tmp_path):
+    m, cfg, p, ref_ids = models[name]
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, tensor_parallel=tp, compile_sampling=False)
+    try:
+        if tp > 1:
+            assert e.runtime.params.layers.wqkv.sharding.spec == sharding.PARAM_SPECS["wqkv"]
+            assert e.runtime.state.cache.k.sharding.spec == sharding.CACHE_SPEC
+            assert len(e.runtime.params.layers.w2.addressable_shards) == tp
+        # float32, same math; only the all-reduce's summation order differs (measured ~3e-7)
+        assert rel_err(e.logits(PROMPTS[1]), tp1_logits[name]) < 1e-5
+        for ids, ref in zip(PROMPTS, ref_ids):  # 10 tokens: one chunk; 23: two chunks of the smallest bucket
+            assert generate(e, ids, max_new_tokens=NEW, ignore_eos=True).token_ids == ref
+    finally:
+        e.close()
+
+
+def test_sharded_restore_and_load(models, tmp_path):
+    m, cfg, p, ref_ids = models["mha8"]
+    path = checkpoint.save(tmp_path / "ckpt", cfg, jax.tree.map(np.asarray, W.to_dict(p)))
+    n = 4
+    mesh = sharding.mesh(n)
+    _, got = checkpoint.restore(path, sharding_fn=sharding.sharding_fn(mesh))
+    split = {"wqkv": 2, "wo": 1, "w13": 3, "w2": 1, "lm_head": 1}  # the axis each tensor is split on
+    flat = dict(W.to_dict(got), **W.to_dict(got)["layers"])
+    flat.pop("layers")
+    for name, arr in flat.items():
+        spec = sharding.PARAM_SPECS.get(name, jax.sharding.PartitionSpec())
+        assert arr.sharding.spec == spec and arr.sharding.mesh == mesh, name
+        assert {s.device for s in arr.addressable_shards} == set(jax.devices()[:n]), name
+        want = list(arr.shape)
+        if name in split:
+            want[split[name]] //= n
+        for s in arr.addressable_shards:
+            assert s.data.shape == tuple(want), (name, s.data.shape)
+    np.testing.assert_array_equal(np.asarray(got.layers.wqkv), np.asarray(p.layers.wqkv))
+
+    e = hybrid_jax.load(path, tensor_parallel=n, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False)
+    try:
+        assert e.runtime.params.lm_head.sharding.spec == sharding.PARAM_SPECS["lm_head"]
+        assert generate(e, PROMPTS[0], max_new_tokens=NEW, ignore_eos=True).token_ids == ref_ids[0]
+    finally:
+        e.close()
+
+
+def test_bad_tensor_parallel_is_refused(models):
+    _, cfg, p, _ = models["gqa16_tied"]  # 4 kv heads
+    with pytest.raises(ValueError, match=r"tensor_parallel=8 does not divide n_kv_heads=4"):
+        Engine(cfg, p, max_seq_len=MAX, tensor_parallel=8)
+    with pytest.raises(ValueError, match=r"ffn_dim=102"):
+        sharding.check(cfg.replace(ffn_dim=102), 4)
+    with pytest.raises(ValueError, match=r"needs 16 devices but only 8"):
+        sharding.mesh(16)
+    with pytest.raises(ValueError, match=r"integer >= 1"):
+        sharding.check(cfg, 0)
+
+
+def test_no_recompilation_tp2_and_warm_exec_cache(models, compile_counter, tmp_path):
+    m, cfg, p, ref_ids = models["mha8"]
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, tensor_parallel=2)
+    try:
+        e.warmup()
+        generate(e, PROMPTS[0], max_new_tokens=4, temperature=0.8, seed=1, ignore_eos=True)
+        e.runtime.wait_background()
+        before, compiles = compile_counter.n, e.stats()["compiles"]
+        steps = 0
+        for i in range(12):
+            n = [1, 3, 16, 17, 30, 33][i % 6]
+            ids = [int(t) for t in np.random.RandomState(i).randint(3, 160, n)]
+            r = generate(e, ids, max_new_tokens=min(7, MAX - n), temperature=0.7 * (i % 2), seed=i, ignore_eos=True)
+            steps += len(r.token_ids)
+        steps += len(generate(e, [7], max_new_tokens=MAX - 1, ignore_eos=True).token_ids)
+        assert steps >= 100
+        assert compile_counter.n == before, "a compile happened inside a request"
+        assert e.stats()["compiles"] == compiles
+    finally:
+        e.close()
+    # The same mesh in a new engine: every executable comes from the disk cache.
+    e2 = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, tensor_parallel=2, compile_sampling=False)
+    try:
+        assert generate(e2, PROMPTS[0], max_new_tokens=NEW, ignore_eos=True).token_ids == ref_ids[0]
+        assert e2.stats()["compiles"] == 0 and e2.stats()["cache_hits"] >= 2
+    finally:
+        e2.close()
+
+
+PSUM_CHILD = textwrap.dedent("""
+    import os, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()), ("tp",))
+    assert jax.process_count() == 2 and len(jax.devices()) == 2 and len(jax.local_devices()) == 1
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("tp")),
+                                               np.full((1,), jax.process_index() + 1.0, np.float32), (2,))
+    psum = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "tp"), mesh=mesh, in_specs=P("tp"), out_specs=P()))
+    print("PSUM", float(psum(x).addressable_data(0)[0]), flush=True)
+    jax.distributed.shutdown()
+""")
+
+
+def test_psum_across_two_processes():
+    """The multi-host wiring of sharding.py's docstring, on one machine: 2 processes, 1 CPU device each."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [subprocess.Popen([sys.executable, "-c", PSUM_CHILD, str(i), f"localhost:{port}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "PSUM 3.0" in out, err[-3000:]
