@@ -251,9 +251,8 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
     with engine._lock:
         t0 = time.perf_counter()
         state = rt.reset_state(rt.state.cache, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
-        plan_len = len(rt.plan_prefill(len(ids)))
         state, tok = rt.prefill(state, ids)
-        timings.prefill_chunks = plan_len
+        timings.prefill_chunks = rt.last_prefill_chunks
         pending = [tok]
         issued = 1  # tokens requested from the device so far
         pos = len(ids)  # position the next decode step writes

@@ -123,6 +123,7 @@ class Runtime:
         self._execs: dict[tuple, object] = {}
         self._pending: dict[tuple, cf.Future] = {}
         # XLA compiles release the GIL: several executables compile at once.
+        self.last_prefill_chunks = 0  # chunks the last prefill ran as (1 = its own bucket)
         self._pool = cf.ThreadPoolExecutor(max_workers=compile_workers, thread_name_prefix="hybrid_jax-compile")
         self._env = {**environment_key(), "source": _source_digest()}
         # Tensor parallel (see sharding.py): params arrive placed on `mesh`; the cache is split on kv heads,
@@ -305,7 +306,9 @@ class Runtime:
         toks = np.asarray(tokens, np.int32)
         nxt = None
         s = 0
-        for spec, k in self.plan_prefill(n):
+        plan = self.plan_prefill(n)
+        self.last_prefill_chunks = len(plan)
+        for spec, k in plan:
             buf = np.zeros((spec[1],), np.int32)
             buf[:k] = toks[s:s + k]
             state, nxt = self._get(spec)(self.params, state, buf, np.int32(k))

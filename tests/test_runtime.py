@@ -47,7 +47,7 @@ def prompt(n, seed=0):
     return [int(t) for t in np.random.RandomState(seed + n).randint(3, 160, size=n)]
 
 
-@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 32, 33, 47, 63, 64])
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 63, 64, 65, 71])
 def test_greedy_equals_hf_at_bucket_edges(tiny, engine, n):
     m = tiny[0]
     ids = prompt(n)
