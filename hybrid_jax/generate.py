@@ -302,7 +302,7 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
                 p.block_until_ready()
             rt.state = state
         timings.total_s = time.perf_counter() - t0
-    if dec is not None and finish == "length" and emitted < len(text):
+    if dec is not None and emitted < len(text):  # text held back as a possible stop-string prefix
         yield Piece(out[-1], text[emitted:])
         emitted = len(text)
     st.result = GenerationResult(text=text, token_ids=out, finish_reason=finish, prompt_token_ids=list(ids),

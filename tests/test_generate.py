@@ -67,3 +67,31 @@ def test_bad_input_raises_value_error(engine, kw, msg):
 def test_prompt_longer_than_max_seq_len(engine):
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(engine, list(range(3, 70)), max_new_tokens=1)
+
+
+def test_stream_flushes_text_held_back_for_a_stop_string_that_never_completes(engine):
+    """A stop string that begins like the text but never completes must not swallow the text's tail."""
+    from hybrid_jax.tokenizer import Tokenizer
+
+    class Chars:  # a stand-in tokenizer: token t decodes to chr(ord('a') + t % 26)
+        eos_token_id = None
+        has_chat_template = False
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + t % 26) for t in ids)
+
+    greedy = generate(engine, IDS, max_new_tokens=6, ignore_eos=True).token_ids
+    text = Chars().decode(greedy)
+    old = engine.tokenizer
+    engine.tokenizer = Chars()
+    try:
+        st = generate(engine, IDS, max_new_tokens=6, ignore_eos=True, stop=[text[-1] + "\x00"], stream=True)
+        pieces = list(st)
+        assert "".join(p.text for p in pieces) == text == st.result.text
+        st = generate(engine, IDS, max_new_tokens=6, stop_token_ids=[greedy[5]], ignore_eos=True,
+                      stop=[text[4] + "\x00"], stream=True)
+        first = greedy.index(greedy[5])
+        assert "".join(p.text for p in st) == text[:first] == st.result.text
+    finally:
+        engine.tokenizer = old
+    assert isinstance(old, (Tokenizer, type(None)))
