@@ -248,6 +248,7 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
     timings = Timings()
     finish = "length"
     text, emitted = "", 0
+    longest_stop = max(map(len, stops), default=0)
     with engine._lock:
         t0 = time.perf_counter()
         state = rt.reset_state(rt.state.cache, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -279,7 +280,9 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
                 piece = dec.push(t) if dec is not None else ""
                 if dec is not None:
                     text += piece
-                    hit = [text.find(s) for s in stops if s in text]
+                    # a stop string first seen now ends inside the new piece: search only the tail
+                    lo = max(0, len(text) - len(piece) - longest_stop + 1)
+                    hit = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
                     if hit:
                         text = text[:min(hit)]
                         finish = "stop"

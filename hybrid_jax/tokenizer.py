@@ -38,27 +38,24 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
-    """Turns a growing token list into text pieces without emitting broken UTF-8 (held back until whole)."""
+    """Turns a growing token list into text pieces without emitting broken UTF-8 (held back until whole).
+
+    Each push decodes only a short window (the tokens since the last emitted piece plus the piece before
+    them, for context such as leading spaces), not the whole list, so the cost per token stays flat.
+    """
 
     def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tok
         self.skip = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix_offset = 0  # start of the context window
+        self.read_offset = 0  # tokens before this are emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tok.decode(self.ids, self.skip)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+        prefix = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], self.skip)
+        new = self.tok.decode(self.ids[self.prefix_offset:], self.skip)
+        if new.endswith("\ufffd") or len(new) <= len(prefix):  # incomplete character, or nothing yet
             return ""
-        if not text.startswith(self.emitted):  # the tokenizer re-spaced earlier text: emit only the tail
-            common = os.path.commonprefix([text, self.emitted])
-            piece = text[len(common):]
-        else:
-            piece = text[len(self.emitted):]
-        self.emitted = text
-        return piece
-
-    @property
-    def text(self) -> str:
-        return self.tok.decode(self.ids, self.skip)
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new[len(prefix):]

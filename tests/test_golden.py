@@ -60,6 +60,7 @@ def test_streaming_pieces_join_to_text_and_utf8_is_whole(engine):
     st = generate(engine, "Say 'café' and 'naïve' and '日本'.", max_new_tokens=40, stream=True)
     pieces = list(st)
     assert "".join(p.text for p in pieces) == st.result.text
+    assert st.result.text == engine.tokenizer.decode(st.result.token_ids)  # the pieces lose nothing
     assert all("\ufffd" not in p.text for p in pieces)
     assert [p.token_id for p in pieces][: len(st.result.token_ids)] == st.result.token_ids[: len(pieces)]
 
