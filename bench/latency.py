@@ -28,7 +28,7 @@ from . import report
 from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
-ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "plainjit", "hf_eager", "hf_compile")
+ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "plainjit", "hf_eager", "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
 QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
@@ -118,6 +118,7 @@ class Spec:
     variant: str = ""  # flag-set name (sweeps)
     xla_flags: str = ""  # appended to the inherited XLA_FLAGS
     coldstart: bool = False  # also time a second start from the warm executable cache
+    env: tuple = ()  # (name, value) pairs set in the worker's environment
 
 
 def worker_argv(args, spec: Spec, system: str, out_jsonl: Path, run: str, cache_dir: str | None) -> list[str]:
@@ -196,6 +197,7 @@ def worker_env(spec: Spec) -> dict:
     env = dict(os.environ)
     if spec.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + spec.xla_flags).strip()
+    env.update(dict(spec.env))
     if spec.system in HF_SYSTEMS:  # jax (used to read a checkpoint) must not take GPU memory in a torch process
         env["JAX_PLATFORMS"] = "cpu"
     return env
@@ -344,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(ALL_SYSTEMS)}")
     specs = [Spec(s, s, xla_flags=NOCB if s == "hybrid_nocb" else "",
-                  coldstart=not args.no_coldstart and s in ("hybrid", "hybrid_nocb")) for s in systems]
+                  coldstart=not args.no_coldstart and s in ("hybrid", "hybrid_nocb"),
+                  env=(("HYBRID_JAX_GEMV", "xla"),) if s == "hybrid_xlagemv" else ()) for s in systems]
     run_suite(args, specs, "latency", ["python", "-m", "bench.latency", *argv])
     return 0
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import gemv as gemv_lib
 from . import kv_cache
 from .config import LlamaConfig
 from .kv_cache import KVCache
@@ -72,55 +73,91 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
     return jnp.einsum("kgts,skh->tkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+GEMV_MODES = (None, "pallas", "interpret")
+
+
+def _gemv_layer(mode: str | None, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple) -> jax.Array | None:
+    """x [1, ...] @ layer l of a stacked weight [L, (in dims), (out dims)] through the Pallas kernel, as
+    [1, *out_shape] in x's dtype; None where the mode is off, T > 1 or the shape does not suit the kernel
+    (the caller then uses XLA's einsum)."""
+    if mode is None or x.shape[0] != 1:
+        return None
+    n = math.prod(out_shape)
+    kd = math.prod(stacked.shape[1:]) // n
+    if not gemv_lib.supported(kd, n):
+        return None
+    w = stacked.reshape(stacked.shape[0], kd, n)  # a bitcast of the stacked parameter: no copy
+    y = gemv_lib.gemv(x.reshape(kd), w, l, interpret=mode == "interpret")
+    return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
+
+
 def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
-                    positions: jax.Array, cos, sin, kv_len: int | None) -> tuple[jax.Array, KVCache]:
+                    positions: jax.Array, cos, sin, kv_len: int | None,
+                    gemv: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
     G = cfg.q_per_kv
     h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
-    qkv = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l])  # [T, K, G+2, h]
+    qkv = _gemv_layer(gemv, h, lw.wqkv, l, lw.wqkv.shape[2:])
+    if qkv is None:
+        qkv = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l])  # [T, K, G+2, h]
     q = apply_rope(qkv[:, :, :G], cos, sin)
     k = apply_rope(qkv[:, :, G], cos, sin)
     v = qkv[:, :, G + 1]
     cache = kv_cache.update(cache, l, positions[0], k, v)
     n = kv_len or cache.max_seq_len
     o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
-    return jnp.einsum("tkgh,kghd->td", o, lw.wo[l]), cache
+    out = _gemv_layer(gemv, o, lw.wo, l, (cfg.dim,))
+    if out is None:
+        out = jnp.einsum("tkgh,kghd->td", o, lw.wo[l])
+    return out, cache
 
 
-def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array) -> jax.Array:
+def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None) -> jax.Array:
     lw = params.layers
     h = rms_norm(x, lw.mlp_norm[l], cfg.norm_eps)
-    gu = jnp.einsum("td,dcf->tcf", h, lw.w13[l])  # [T, 2, F]
+    gu = _gemv_layer(gemv, h, lw.w13, l, lw.w13.shape[2:])
+    if gu is None:
+        gu = jnp.einsum("td,dcf->tcf", h, lw.w13[l])  # [T, 2, F]
     a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]
-    return jnp.einsum("tf,fd->td", a, lw.w2[l])
+    out = _gemv_layer(gemv, a, lw.w2, l, (cfg.dim,))
+    return jnp.einsum("tf,fd->td", a, lw.w2[l]) if out is None else out
 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-           kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+           kv_len: int | None = None, gemv: str | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [T, D] and the updated cache.
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
-    every position attended to.
+    every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
+    a single token (T = 1) with the kernels of gemv.py instead of XLA's fusions.
     """
+    if gemv not in GEMV_MODES:
+        raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):  # unrolled: static weight slices, no copies
-        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len)
+        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv)
         x = x + a
-        x = x + mlp_block(cfg, params, l, x)
+        x = x + mlp_block(cfg, params, l, x, gemv)
     return rms_norm(x, params.final_norm, cfg.norm_eps), cache
 
 
-def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array) -> jax.Array:
+def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: str | None = None) -> jax.Array:
     """[..., D] -> [..., V] float32 logits (fp32 accumulation)."""
+    if gemv is not None and h.size == cfg.dim:
+        tied = params.lm_head is None
+        w = params.embed if tied else params.lm_head
+        if gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
+            y = gemv_lib.gemv(h.reshape(cfg.dim), w, transposed=tied, interpret=gemv == "interpret")
+            return y.reshape(h.shape[:-1] + (cfg.vocab_size,))
     if params.lm_head is None:
         return jnp.einsum("...d,vd->...v", h, params.embed, preferred_element_type=jnp.float32)
     return jnp.einsum("...d,dv->...v", h, params.lm_head, preferred_element_type=jnp.float32)
 
 
 def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-            kv_len: int | None = None) -> tuple[jax.Array, KVCache]:
+            kv_len: int | None = None, gemv: str | None = None) -> tuple[jax.Array, KVCache]:
     """Logits [T, V] (float32) and the updated cache."""
-    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len)
-    return logits_from_hidden(cfg, params, h), cache
+    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len, gemv)
+    return logits_from_hidden(cfg, params, h, gemv), cache

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from . import gemv as gemv_lib
 from . import kv_cache, model, sampling, sharding
 from . import weights as W
 from .config import LlamaConfig
@@ -58,7 +60,7 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
 def _source_digest() -> str:
     """Changes to the traced code invalidate cached executables."""
     h = hashlib.sha256()
-    for mod in (model, kv_cache, sampling, W):
+    for mod in (model, kv_cache, sampling, W, gemv_lib):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
@@ -67,19 +69,21 @@ def _source_digest() -> str:
 
 # ---- the traced functions ---------------------------------------------------------------------------
 
-def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, state: DecodeState):
-    logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len)
+def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, state: DecodeState,
+                 gemv: str | None = None):
+    logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len, gemv)
     key, sub = jax.random.split(state.key)
     nxt = sampling.sample(logits[0], sub, state.sp) if do_sample else sampling.greedy(logits[0])
     return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key), nxt
 
 
-def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, tokens: jax.Array, n: jax.Array):
+def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, tokens: jax.Array, n: jax.Array,
+                  gemv: str | None = None):
     """Write `tokens[:n]` at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the next token."""
     positions = state.pos + jnp.arange(tokens.shape[0], dtype=jnp.int32)
     h, cache = model.hidden(cfg, params, state.cache, tokens, positions, kv_len)
     last = jax.lax.dynamic_index_in_dim(h, n - 1, axis=0, keepdims=False)
-    logits = model.logits_from_hidden(cfg, params, last)
+    logits = model.logits_from_hidden(cfg, params, last, gemv)
     key, sub = jax.random.split(state.key)
     nxt = sampling.sample(logits, sub, state.sp)
     return state.replace(cache=cache, pos=state.pos + n, token=nxt, key=key), nxt
@@ -102,7 +106,8 @@ class Runtime:
     def __init__(self, cfg: LlamaConfig, params: W.Weights, max_seq_len: int,
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
-                 compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4):
+                 compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
+                 gemv: str | None = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -134,6 +139,7 @@ class Runtime:
         # The devices the executables run on, in mesh order (needed to load them from disk).
         self._devices = (list(mesh.devices.flat) if mesh is not None
                          else sorted(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id))
+        self.gemv = resolve_gemv(gemv, self._devices, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -175,7 +181,7 @@ class Runtime:
     def _key(self, spec: tuple) -> dict:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
-                "mesh": sharding.describe(self.mesh),
+                "mesh": sharding.describe(self.mesh), "gemv": self.gemv,
                 **self._env}
 
     def _lower(self, spec: tuple):
@@ -186,11 +192,11 @@ class Runtime:
         if spec[0] == "decode":
             _, kvb, do_sample = spec
             def decode_step(p, s):
-                return _decode_step(cfg, kvb, do_sample, p, s)
+                return _decode_step(cfg, kvb, do_sample, p, s, self.gemv)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         def prefill_step(p, s, t, n):
-            return _prefill_step(cfg, kvb, p, s, t, n)
+            return _prefill_step(cfg, kvb, p, s, t, n, self.gemv)
         return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
                                                                       self._small((T,), jnp.int32), self._small((), jnp.int32))
 
@@ -343,10 +349,34 @@ class Runtime:
                 "background_compiles_started": self.stats_.background_compiles_started,
                 "prefill_buckets": list(self.buckets),
                 "cache_len": self.cache_len,
+                "gemv": self.gemv,
             }
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
+    """The decode step's matrix-vector kernels: "auto" takes the Pallas kernels (gemv.py) on one GPU and
+    XLA's fusions elsewhere (CPU; a mesh, which the SPMD partitioner cannot split a custom call over).
+    The environment variable HYBRID_JAX_GEMV (xla | pallas) overrides "auto", for ablations."""
+    if gemv == "auto":
+        env = os.environ.get("HYBRID_JAX_GEMV", "").strip().lower()
+        if env in ("xla", "off", "none"):
+            return None
+        if env == "pallas" and mesh is None:
+            return "pallas"
+        if env not in ("", "auto", "pallas"):
+            raise ValueError(f"HYBRID_JAX_GEMV must be xla or pallas, got {env!r}")
+        on_gpu = all(d.platform in ("gpu", "cuda", "rocm") for d in devices)
+        return "pallas" if on_gpu and mesh is None and getattr(devices[0], "platform", "") != "rocm" else None
+    if gemv in ("xla", None):
+        return None
+    if gemv not in model.GEMV_MODES:
+        raise ValueError(f"gemv must be 'auto', 'xla', 'pallas' or 'interpret', got {gemv!r}")
+    if mesh is not None:
+        raise ValueError("the Pallas matrix-vector kernels run on one device; use gemv='xla' with tensor_parallel > 1")
+    return gemv
 
 
 def _key_data(seed: int) -> np.ndarray:

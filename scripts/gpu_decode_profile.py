@@ -1,0 +1,113 @@
+"""Where does the decode step's time go? Profile N pipelined decode steps (JAX profiler, CUPTI) of the
+LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
+
+  PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas,xla] [--steps 20]
+
+Writes profile_<gemv>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and
+prints the top kernels. Run it under XLA_FLAGS=--xla_gpu_enable_command_buffer= as well: with command
+buffers the kernels run inside a CUDA graph, which CUPTI may report as one graph launch.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+
+
+def kernel_table(trace_path: str, steps: int) -> dict:
+    with gzip.open(trace_path) as f:
+        tr = json.load(f)
+    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {p for p, n in pname.items() if "GPU" in n or "gpu" in n}
+    tname = {(e["pid"], e["tid"]): e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    streams_only = any("stream" in n.lower() for (p, _), n in tname.items() if p in gpu_pids)
+    by = collections.defaultdict(lambda: [0.0, 0])
+    spans = []
+    for e in ev:
+        if e.get("ph") != "X" or e.get("pid") not in gpu_pids:
+            continue
+        th = tname.get((e["pid"], e["tid"]), "")
+        if streams_only and "stream" not in th.lower():
+            continue
+        name = re.sub(r"([._]\d+)+$", "", e["name"])
+        by[name][0] += float(e.get("dur", 0))
+        by[name][1] += 1
+        spans.append((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))))
+    spans.sort()
+    busy, end = 0.0, -1.0
+    for a, b in spans:  # union of kernel intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    wall = (spans[-1][1] - spans[0][0]) if spans else 0.0
+    rows = sorted(((k, v[0] / steps, v[1] / steps) for k, v in by.items()), key=lambda r: -r[1])
+    return {"kernels_per_step": sum(r[2] for r in rows), "busy_us_per_step": busy / steps,
+            "span_us_per_step": wall / steps, "gpu_processes": [pname[p] for p in gpu_pids],
+            "gpu_threads": sorted({n for (p, _), n in tname.items() if p in gpu_pids}),
+            "top": [{"name": k, "us": round(u, 2), "count": round(c, 2)} for k, u, c in rows[:60]]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--gemv", default="pallas,xla")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    from hybrid_jax import weights
+    from hybrid_jax.config import PRESETS, LlamaConfig
+    from hybrid_jax.generate import Engine
+    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
+                                                 ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
+    params = weights.init_random(cfg, jax.random.PRNGKey(0))
+    jax.block_until_ready(params)
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    for mode in args.gemv.split(","):
+        eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
+                     compile_sampling=False, gemv=mode)
+        rt = eng.runtime
+        step = eng.pipelined_step_seconds(100)
+        state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1, 2, 3])
+        spec = rt.decode_spec(200, False)
+        for _ in range(5):
+            state, tok = rt.decode(state, spec)
+        tok.block_until_ready()
+        d = tempfile.mkdtemp()
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(args.steps):
+                state, tok = rt.decode(state, spec)
+            tok.block_until_ready()
+            time.sleep(0.2)
+        rt.state = state
+        paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        res = {"mode": mode, "step_ms": step * 1e3}
+        try:
+            res.update(kernel_table(paths[0], args.steps))
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"
+        out[mode] = res
+        with open(os.path.join(args.out, f"profile{args.tag}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"== {mode}{args.tag}: step {res['step_ms']:.3f} ms, kernels/step {res.get('kernels_per_step')}, "
+              f"busy {res.get('busy_us_per_step', 0):.0f} us, span {res.get('span_us_per_step', 0):.0f} us "
+              f"{res.get('error', '')}", flush=True)
+        for r in res.get("top", [])[:25]:
+            print(f"   {r['us']:9.1f} us  x{r['count']:6.1f}  {r['name'][:90]}")
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The decode step's matrix-vector kernels (hybrid_jax/gemv.py), run in Pallas' interpreter on the CPU:
+the kernel against a float64 product for every tiling it may be given, the model's decode with the kernels
+against HF transformers, and the runtime's choice of kernels."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_VARIANTS, hf_params, make_hf_model, rel_err
+from hybrid_jax import gemv as G
+from hybrid_jax import kv_cache, model
+from hybrid_jax.config import LlamaConfig
+from hybrid_jax.generate import Engine, generate
+from hybrid_jax.runtime import resolve_gemv
+
+
+def ref_product(x, w, layer, transposed):
+    m = np.asarray(w if layer is None else w[layer], np.float64)
+    return np.asarray(x, np.float64) @ (m.T if transposed else m)
+
+
+CASES = [  # (layers or None, kd, n, transposed, config or None for the default)
+    (3, 256, 384, False, None),
+    (3, 256, 384, False, G.GemvConfig(bn=128, bk=32, splits=4)),
+    (2, 1376, 256, False, G.GemvConfig(bn=64, bk=32, splits=43)),  # 11008 / 8 rows: odd chunk counts
+    (None, 128, 512, True, None),
+    (None, 512, 96, True, G.GemvConfig(bn=32, bk=64, splits=8)),
+    (None, 64, 160, False, None),  # n = 32 * 5
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}x{c[2]}{'t' if c[3] else ''}-{i}" for i, c in enumerate(CASES)])
+def test_kernel_matches_float64(case, dtype):
+    layers, kd, n, transposed, cfg = case
+    rng = np.random.default_rng(kd * n)
+    shape = (n, kd) if transposed else (kd, n)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape), dtype)
+    x = jnp.asarray(rng.standard_normal(kd), dtype)
+    layer = None if layers is None else layers - 1  # the last matrix: the layer offset must be applied
+    got = G.gemv(x, w, layer, transposed=transposed, cfg=cfg, interpret=True)
+    assert got.dtype == jnp.float32 and got.shape == (n,)
+    # inputs are exact in float64; the kernel accumulates in float32
+    assert rel_err(got, ref_product(x, w, layer, transposed)) < 1e-6
+    if layers:  # and another layer gives another answer
+        assert rel_err(G.gemv(x, w, 0, transposed=transposed, cfg=cfg, interpret=True),
+                       ref_product(x, w, 0, transposed)) < 1e-6
+
+
+def test_default_configs_tile_llama_shapes():
+    for kd, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000), (5120, 15360),
+                  (13824, 5120), (576, 960), (1536, 576), (576, 3072)]:
+        c = G.default_config(kd, n)
+        assert c is not None and n % c.bn == 0 and kd % (c.splits * c.bk) == 0, (kd, n, c)
+    c = G.default_config(576, 49152, transposed=True)  # SmolLM2's tied LM head
+    assert c is not None and 49152 % c.bn == 0 and 576 % (c.splits * c.bk) == 0
+    assert not G.supported(4096, 32001)  # odd vocabulary: XLA's fusion instead
+
+
+def test_errors_name_the_problem():
+    x = jnp.ones((64,), jnp.float32)
+    with pytest.raises(ValueError, match="needs a layer index"):
+        G.gemv(x, jnp.ones((2, 64, 64)), interpret=True)
+    with pytest.raises(ValueError, match="unstacked"):
+        G.gemv(x, jnp.ones((64, 64)), 0, interpret=True)
+    with pytest.raises(ValueError, match=r"needs \(32,\)"):
+        G.gemv(x, jnp.ones((32, 64)), interpret=True)
+    with pytest.raises(ValueError, match="does not tile"):
+        G.gemv(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
+def test_decode_with_kernels_equals_hf(variant):
+    """Prefill through XLA, then token-by-token decode through the kernels: logits equal HF's full forward."""
+    m = make_hf_model(variant)
+    m.config._attn_implementation = "eager"
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    p = hf_params(m, cfg)
+    ids = [int(t) for t in np.random.RandomState(1).randint(3, cfg.vocab_size, size=12)]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+    step = jax.jit(lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret"))
+    _, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids[:8], jnp.int32),
+                             jnp.arange(8, dtype=jnp.int32))
+    for t in range(8, 12):
+        lg, cache = step(p, cache, jnp.asarray(ids[t:t + 1], jnp.int32), jnp.asarray([t], jnp.int32))
+        assert rel_err(lg[0], ref[t]) < 1e-4, t
+    # the kernels were in the step (not a silent fallback to XLA's einsum)
+    jaxpr = str(jax.make_jaxpr(lambda p, c: model.forward(cfg, p, c, jnp.asarray([1], jnp.int32),
+                                                          jnp.asarray([3], jnp.int32), gemv="interpret"))(p, cache))
+    assert jaxpr.count("pallas_call") == 4 * cfg.n_layers + 1
+
+
+def test_runtime_with_kernels_greedy_equals_hf(tmp_path):
+    m = make_hf_model("tied", seed=5)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
+                 compile_sampling=False, gemv="interpret")
+    try:
+        assert eng.runtime.gemv == "interpret" and eng.stats()["gemv"] == "interpret"
+        for n in (3, 17):
+            ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
+            ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)[0, n:].tolist()
+            assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref
+    finally:
+        eng.close()
+
+
+def test_resolve_gemv(monkeypatch):
+    cpu = jax.devices("cpu")[:1]
+    monkeypatch.delenv("HYBRID_JAX_GEMV", raising=False)
+    assert resolve_gemv("auto", cpu, None) is None  # XLA off the GPU
+    assert resolve_gemv("xla", cpu, None) is None
+    assert resolve_gemv("interpret", cpu, None) == "interpret"
+    monkeypatch.setenv("HYBRID_JAX_GEMV", "pallas")
+    assert resolve_gemv("auto", cpu, None) == "pallas"
+    monkeypatch.setenv("HYBRID_JAX_GEMV", "xla")
+    assert resolve_gemv("auto", cpu, None) is None
+    monkeypatch.setenv("HYBRID_JAX_GEMV", "fast")
+    with pytest.raises(ValueError, match="HYBRID_JAX_GEMV"):
+        resolve_gemv("auto", cpu, None)
+    with pytest.raises(ValueError, match="gemv must be"):
+        resolve_gemv("cuda", cpu, None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve_gemv("pallas", cpu, mesh)
+    monkeypatch.setenv("HYBRID_JAX_GEMV", "pallas")
+    assert resolve_gemv("auto", cpu, mesh) is None  # a mesh keeps XLA's fusions
