@@ -1,8 +1,10 @@
 """Tensor parallelism on 8 virtual CPU devices (conftest sets --xla_force_host_platform_device_count=8):
 TP = 1, 2, 4, 8 give TP=1's logits and HF's greedy ids; restore lands in shards; bad N is refused; no
-recompilation; a psum across two JAX processes (the multi-host path) on one machine."""
+recompilation; a psum across two JAX processes (the multi-host path) on one machine; scripts/gpu_tp_check.py
+(sharded random init, one process per TP) on the tiny model."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -178,3 +180,52 @@ def test_psum_across_two_processes():
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "PSUM 3.0" in out, err[-3000:]
+
+
+def _tp_check_module():
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_tp_check.py")
+    spec = importlib.util.spec_from_file_location("gpu_tp_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tp_check_random_weights_are_made_in_their_shards():
+    """scripts/gpu_tp_check.py draws random weights straight into their TP shards, the same values at every TP."""
+    mod = _tp_check_module()
+    cfg = LlamaConfig(vocab_size=96, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, dtype="float32")
+    # blocks of at most 512 elements: whole rows of axis 0 (embed, lm_head), rows of axis 1 within a layer
+    # (wqkv, w13), one layer (wo, w2: axis 1 is split)
+    one = mod.sharded_random(cfg, 1, jax.random.PRNGKey(3), chunk_elems=512)
+    two = mod.sharded_random(cfg, 2, jax.random.PRNGKey(3), chunk_elems=512)
+    target = sharding.sharding_fn(sharding.mesh(2))
+    for name, a in dict(W.to_dict(two), **W.to_dict(two)["layers"]).items():
+        if name != "layers":
+            assert a.sharding.is_equivalent_to(target(name, a.shape), a.ndim), name
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for w in np.asarray(two.layers.w13), np.asarray(two.embed):  # random, a different draw per block
+        assert 0.015 < np.std(w) < 0.025 and abs(np.mean(w)) < 0.002
+        assert not np.allclose(w[0], w[1]) and not np.allclose(w[0, :8], w[0, 8:16])
+    assert abs(np.mean(np.asarray(two.layers.attn_norm)) - 1) < 0.02
+    assert mod.shard_bytes(two, jax.devices()[0]) == mod.estimate_bytes_per_gpu(cfg, 2) < cfg.weight_bytes
+
+
+def test_tp_check_script_runs_on_cpu(tmp_path):
+    """The whole script (floors, one process per TP degree, summary) on the tiny model; a bad TP is recorded."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_tp_check.py"),
+                        "--shape", "tiny", "--tp", "1,2,3", "--out", str(out), "--reps", "2", "--lengths", "10,20",
+                        "--new-tokens", "6", "--pipelined-steps", "10", "--floor-bytes", str(2**22)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = {r["tp"]: r for r in json.load(open(out / "summary.json"))["results"]}
+    assert res[1]["status"] == res[2]["status"] == "ok" and res[3]["status"] == "error"
+    assert "does not divide n_kv_heads" in res[3]["error"]
+    for r in res[1], res[2]:
+        assert r["engine_kept_weight_buffers"] and r["compiles_in_timed"] == 0 and r["tokens_match_first"]
+        assert r["floor_ms"] > 0 and r["tpot_p50_ms"] > 0 and set(r["ttft_p50_ms"]) == {"10", "20"}
+    assert res[2]["weight_bytes_per_gpu"] < res[1]["weight_bytes_per_gpu"]
+    assert (out / "tp2.json").exists() and "| 2 | ok |" in (out / "summary.md").read_text()
+    assert "| 2 | ok |" in p.stdout  # the table is printed last
