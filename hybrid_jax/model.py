@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import decode_attention
 from . import gemv as gemv_lib
 from . import kv_cache
 from .config import LlamaConfig
@@ -93,7 +94,7 @@ def _gemv_layer(mode: str | None, x: jax.Array, stacked: jax.Array, l: int, out_
 
 def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
                     positions: jax.Array, cos, sin, kv_len: int | None,
-                    gemv: str | None = None) -> tuple[jax.Array, KVCache]:
+                    gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
     G = cfg.q_per_kv
     h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
@@ -104,8 +105,12 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
     k = apply_rope(qkv[:, :, G], cos, sin)
     v = qkv[:, :, G + 1]
     cache = kv_cache.update(cache, l, positions[0], k, v)
-    n = kv_len or cache.max_seq_len
-    o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
+    if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
+        # one token: rows 0..pos attended by the kernel, reading only those rows
+        o = decode_attention.attend(q[0], cache.k, cache.v, l, positions[0] + 1, interpret=attn == "interpret")[None]
+    else:
+        n = kv_len or cache.max_seq_len
+        o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
     out = _gemv_layer(gemv, o, lw.wo, l, (cfg.dim,))
     if out is None:
         out = jnp.einsum("tkgh,kghd->td", o, lw.wo[l])
@@ -124,20 +129,23 @@ def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str
 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-           kv_len: int | None = None, gemv: str | None = None) -> tuple[jax.Array, KVCache]:
+           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [T, D] and the updated cache.
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
-    a single token (T = 1) with the kernels of gemv.py instead of XLA's fusions.
+    a single token (T = 1) with the kernels of gemv.py instead of XLA's fusions; `attn` (same values) its
+    attention with the kernel of decode_attention.py.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
+    if attn not in GEMV_MODES:
+        raise ValueError(f"attn must be one of {GEMV_MODES}, got {attn!r}")
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):  # unrolled: static weight slices, no copies
-        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv)
+        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn)
         x = x + a
         x = x + mlp_block(cfg, params, l, x, gemv)
     return rms_norm(x, params.final_norm, cfg.norm_eps), cache
@@ -157,7 +165,7 @@ def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: st
 
 
 def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-            kv_len: int | None = None, gemv: str | None = None) -> tuple[jax.Array, KVCache]:
+            kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     """Logits [T, V] (float32) and the updated cache."""
-    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len, gemv)
+    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
     return logits_from_hidden(cfg, params, h, gemv), cache

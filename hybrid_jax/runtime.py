@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from . import decode_attention as attn_lib
 from . import gemv as gemv_lib
 from . import kv_cache, model, sampling, sharding
 from . import weights as W
@@ -60,7 +61,7 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
 def _source_digest() -> str:
     """Changes to the traced code invalidate cached executables."""
     h = hashlib.sha256()
-    for mod in (model, kv_cache, sampling, W, gemv_lib):
+    for mod in (model, kv_cache, sampling, W, gemv_lib, attn_lib):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
@@ -70,8 +71,8 @@ def _source_digest() -> str:
 # ---- the traced functions ---------------------------------------------------------------------------
 
 def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, state: DecodeState,
-                 gemv: str | None = None):
-    logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len, gemv)
+                 gemv: str | None = None, attn: str | None = None):
+    logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len, gemv, attn)
     key, sub = jax.random.split(state.key)
     nxt = sampling.sample(logits[0], sub, state.sp) if do_sample else sampling.greedy(logits[0])
     return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key), nxt
@@ -107,7 +108,7 @@ class Runtime:
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
-                 gemv: str | None = "auto"):
+                 gemv: str | None = "auto", decode_attention: str | None = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -140,6 +141,7 @@ class Runtime:
         self._devices = (list(mesh.devices.flat) if mesh is not None
                          else sorted(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id))
         self.gemv = resolve_gemv(gemv, self._devices, mesh)
+        self.attn = resolve_attention(decode_attention, self.gemv, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -181,7 +183,7 @@ class Runtime:
     def _key(self, spec: tuple) -> dict:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
-                "mesh": sharding.describe(self.mesh), "gemv": self.gemv,
+                "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
                 **self._env}
 
     def _lower(self, spec: tuple):
@@ -192,7 +194,7 @@ class Runtime:
         if spec[0] == "decode":
             _, kvb, do_sample = spec
             def decode_step(p, s):
-                return _decode_step(cfg, kvb, do_sample, p, s, self.gemv)
+                return _decode_step(cfg, kvb, do_sample, p, s, self.gemv, self.attn)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         def prefill_step(p, s, t, n):
@@ -350,6 +352,7 @@ class Runtime:
                 "prefill_buckets": list(self.buckets),
                 "cache_len": self.cache_len,
                 "gemv": self.gemv,
+                "decode_attention": self.attn,
             }
 
     def close(self):
@@ -377,6 +380,25 @@ def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
     if mesh is not None:
         raise ValueError("the Pallas matrix-vector kernels run on one device; use gemv='xla' with tensor_parallel > 1")
     return gemv
+
+
+def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
+    """The decode step's attention. "auto" keeps XLA's fusions unless HYBRID_JAX_DECODE_ATTN=pallas: the
+    Pallas kernel (decode_attention.py) is faster at short contexts and slower at long ones (one program per
+    KV head walks the filled rows; measured on an H200, docs/ENGINEERING_LOG.md), so it is opt-in until it
+    splits the rows over programs. It runs where the matrix-vector kernels run (one device)."""
+    if mode == "auto":
+        env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
+        if env not in ("", "auto", "xla", "pallas"):
+            raise ValueError(f"HYBRID_JAX_DECODE_ATTN must be xla or pallas, got {env!r}")
+        return gemv if env == "pallas" else None
+    if mode in ("xla", None):
+        return None
+    if mode not in model.GEMV_MODES:
+        raise ValueError(f"decode_attention must be 'auto', 'xla', 'pallas' or 'interpret', got {mode!r}")
+    if mesh is not None:
+        raise ValueError("the Pallas decode attention runs on one device; use decode_attention='xla' with tensor_parallel > 1")
+    return mode
 
 
 def _key_data(seed: int) -> np.ndarray:

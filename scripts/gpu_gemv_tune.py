@@ -200,7 +200,11 @@ def hlo_summary(runtime):
             "custom_calls": txt.count("custom-call("), "fusions": txt.count(" fusion("), "hlo_chars": len(txt)}
 
 
-def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5):
+MODES = {"pallas": ("pallas", "pallas", "pallas"), "pallas_gemv": ("pallas_gemv", "pallas", "xla"),
+         "xla": ("xla", "xla", "xla")}
+
+
+def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tuple(MODES.values())):
     from hybrid_jax import weights
     from hybrid_jax.generate import Engine, generate
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
@@ -208,12 +212,12 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5):
     G.TUNED.update(tuned)
     rng = np.random.RandomState(0)
     prompt = [int(t) for t in rng.randint(3, cfg.vocab_size, size=10)]
-    for mode in ("pallas", "xla"):
+    for mode, gemv, attn in modes:
         t0 = time.perf_counter()
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 128, 512, 1024),
-                     compile_sampling=False, gemv=mode)
+                     compile_sampling=False, gemv=gemv, decode_attention=attn)
         build = time.perf_counter() - t0
-        r = {"mode": mode, "gemv": eng.runtime.gemv, "build_s": build}
+        r = {"mode": mode, "gemv": eng.runtime.gemv, "attn": eng.runtime.attn, "build_s": build}
         try:
             r["hlo"] = hlo_summary(eng.runtime)
         except Exception as e:  # noqa: BLE001
@@ -223,6 +227,11 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5):
         eng.wait_background()
         r["tokens"] = generate(eng, prompt, max_new_tokens=32, ignore_eos=True).token_ids
         r["step_s"] = [eng.pipelined_step_seconds(200) for _ in range(3)]
+        long_prompt = [int(t) for t in rng.randint(3, cfg.vocab_size, size=700)]
+        generate(eng, long_prompt, max_new_tokens=4, ignore_eos=True)
+        eng.wait_background()
+        itl = generate(eng, long_prompt, max_new_tokens=128, ignore_eos=True).timings.itl_s
+        r["tpot_at_700_p50_ms"] = float(np.percentile(itl, 50) * 1e3)
         ttft, itl = [], []
         for _ in range(reps):
             g = generate(eng, prompt, max_new_tokens=new_tokens, ignore_eos=True)
@@ -238,9 +247,9 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5):
         eng.close()
         del eng
     e = results["engine"]
-    if len(e) == 2:
-        same = next((i for i, (a, b) in enumerate(zip(e[0]["tokens"], e[1]["tokens"])) if a != b), len(e[0]["tokens"]))
-        results["greedy_tokens_agree_prefix"] = same
+    results["greedy_tokens_agree_prefix"] = {
+        r["mode"]: next((i for i, (a, b) in enumerate(zip(e[0]["tokens"], r["tokens"])) if a != b), len(r["tokens"]))
+        for r in e[1:]}
 
 
 def small_check(results):
@@ -252,14 +261,16 @@ def small_check(results):
         cfg = LlamaConfig(vocab_size=4096, dim=1024, n_layers=3, n_heads=16, n_kv_heads=4, ffn_dim=2816,
                           dtype=dt, tie_embeddings=tied)
         p = weights.init_random(cfg, jax.random.PRNGKey(1))
-        cache = kv_cache.zeros(cfg, 64)
-        toks = jnp.arange(5, 13, dtype=jnp.int32)
-        _, cache = jax.jit(lambda p, c: model.forward(cfg, p, c, toks, jnp.arange(8, dtype=jnp.int32)))(p, cache)
-        f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, jnp.asarray([7], jnp.int32),
-                                                        jnp.asarray([8], jnp.int32), gemv=m)[0]) for m in (None, "pallas")}
-        a, b = np.asarray(f[None](p, cache)), np.asarray(f["pallas"](p, cache))
-        out.append({"dtype": dt, "tied": tied, "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
-                    "argmax_equal": bool(a.argmax() == b.argmax())})
+        for T in (8, 700):
+            cache = kv_cache.zeros(cfg, 1040)
+            toks = jnp.arange(5, 5 + T, dtype=jnp.int32) % cfg.vocab_size
+            _, cache = jax.jit(lambda p, c: model.forward(cfg, p, c, toks, jnp.arange(T, dtype=jnp.int32)))(p, cache)
+            f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, jnp.asarray([7], jnp.int32),
+                                                            jnp.asarray([T], jnp.int32), gemv=m, attn=m)[0])
+                 for m in (None, "pallas")}
+            a, b = np.asarray(f[None](p, cache)), np.asarray(f["pallas"](p, cache))
+            out.append({"dtype": dt, "tied": tied, "pos": T, "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+                        "argmax_equal": bool(a.argmax() == b.argmax())})
     results["small_check"] = out
     print("small check", out, flush=True)
 
@@ -275,13 +286,16 @@ def main():
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
+    ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
     args = ap.parse_args()
     from hybrid_jax.config import PRESETS, LlamaConfig
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
                                                  ffn_dim=512, dtype="bfloat16")
     if jax.default_backend() == "cpu":  # a dry run of the script: the kernels in the interpreter
-        orig = G.gemv
+        from hybrid_jax import decode_attention as A
+        orig, orig_a = G.gemv, A.attend
         G.gemv = lambda *a, **k: orig(*a, **{**k, "interpret": True})
+        A.attend = lambda *a, **k: orig_a(*a, **{**k, "interpret": True})
     os.makedirs(args.out, exist_ok=True)
     phases = args.phase.split(",")
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
@@ -296,10 +310,11 @@ def main():
     if "tune" in phases:
         tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6)
     if "engine" in phases:
-        engine_phase(cfg, tuned, args.out, results)
+        engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
     print("\n".join(results.get("tune_table_md", [])))
     for r in results["engine"]:
         print(f"| {r['mode']} | step {r['step_ms']:.3f} ms | TPOT p50 {r['tpot_p50_ms']:.3f} p99 {r['tpot_p99_ms']:.3f} | "
+              f"TPOT at 700 {r['tpot_at_700_p50_ms']:.3f} | "
               f"TTFT(10) {r['ttft_p50_ms']:.2f} | build {r['build_s']:.0f} s | {r['hlo']} |")
     print("greedy agree prefix:", results.get("greedy_tokens_agree_prefix"))
 

@@ -14,7 +14,7 @@ from hybrid_jax import gemv as G
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.generate import Engine, generate
-from hybrid_jax.runtime import resolve_gemv
+from hybrid_jax.runtime import resolve_attention, resolve_gemv
 
 
 def ref_product(x, w, layer, transposed):
@@ -82,7 +82,7 @@ def test_decode_with_kernels_equals_hf(variant):
     ids = [int(t) for t in np.random.RandomState(1).randint(3, cfg.vocab_size, size=12)]
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits[0].numpy()
-    step = jax.jit(lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret"))
+    step = jax.jit(lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret", attn="interpret"))
     _, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids[:8], jnp.int32),
                              jnp.arange(8, dtype=jnp.int32))
     for t in range(8, 12):
@@ -90,17 +90,19 @@ def test_decode_with_kernels_equals_hf(variant):
         assert rel_err(lg[0], ref[t]) < 1e-4, t
     # the kernels were in the step (not a silent fallback to XLA's einsum)
     jaxpr = str(jax.make_jaxpr(lambda p, c: model.forward(cfg, p, c, jnp.asarray([1], jnp.int32),
-                                                          jnp.asarray([3], jnp.int32), gemv="interpret"))(p, cache))
-    assert jaxpr.count("pallas_call") == 4 * cfg.n_layers + 1
+                                                          jnp.asarray([3], jnp.int32), gemv="interpret",
+                                                          attn="interpret"))(p, cache))
+    assert jaxpr.count("pallas_call") == 5 * cfg.n_layers + 1
 
 
 def test_runtime_with_kernels_greedy_equals_hf(tmp_path):
     m = make_hf_model("tied", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
-                 compile_sampling=False, gemv="interpret")
+                 compile_sampling=False, gemv="interpret", decode_attention="interpret")
     try:
         assert eng.runtime.gemv == "interpret" and eng.stats()["gemv"] == "interpret"
+        assert eng.stats()["decode_attention"] == "interpret"
         for n in (3, 17):
             ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
             ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -130,3 +132,58 @@ def test_resolve_gemv(monkeypatch):
         resolve_gemv("pallas", cpu, mesh)
     monkeypatch.setenv("HYBRID_JAX_GEMV", "pallas")
     assert resolve_gemv("auto", cpu, mesh) is None  # a mesh keeps XLA's fusions
+
+
+def test_resolve_attention(monkeypatch):
+    monkeypatch.delenv("HYBRID_JAX_DECODE_ATTN", raising=False)
+    assert resolve_attention("auto", "pallas", None) is None  # opt-in (slower at long contexts)
+    assert resolve_attention("auto", None, None) is None
+    assert resolve_attention("pallas", None, None) == "pallas"
+    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "pallas")
+    assert resolve_attention("auto", "pallas", None) == "pallas"  # where the matrix-vector kernels run
+    assert resolve_attention("auto", None, None) is None
+    assert resolve_attention("xla", "pallas", None) is None
+    assert resolve_attention("interpret", None, None) == "interpret"
+    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "xla")
+    assert resolve_attention("auto", "pallas", None) is None
+    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "flash")
+    with pytest.raises(ValueError, match="HYBRID_JAX_DECODE_ATTN"):
+        resolve_attention("auto", "pallas", None)
+    with pytest.raises(ValueError, match="decode_attention must be"):
+        resolve_attention("cudnn", None, None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve_attention("pallas", None, mesh)
+
+
+# ---- decode attention kernel ---------------------------------------------------------------------------
+
+from hybrid_jax import decode_attention as A  # noqa: E402
+
+
+@pytest.mark.parametrize("K,G,S,n", [(2, 1, 64, 1), (2, 2, 64, 17), (1, 3, 48, 48), (4, 1, 80, 33), (2, 4, 32, 31)])
+def test_attention_kernel_equals_model_attention(K, G, S, n):
+    """One token at position n-1 attending rows 0..n-1 of layer 1 of a stacked cache; rows past n hold
+    garbage, which must not leak in."""
+    rng = np.random.default_rng(K * 100 + G * 10 + n)
+    Dh, L = 16, 3
+    cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32)
+    kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((K, G, Dh)), jnp.float32)
+    got = A.attend(q, kc, vc, 1, jnp.asarray([n], jnp.int32), interpret=True)
+    ref = model.attention(cfg, q[None], kc[1], vc[1], jnp.asarray([n - 1], jnp.int32))[0]
+    assert got.shape == (K, G, Dh)
+    assert rel_err(got, ref) < 1e-5
+    ref_trunc = model.attention(cfg, q[None], kc[1, :n], vc[1, :n], jnp.asarray([n - 1], jnp.int32))[0]
+    assert rel_err(got, ref_trunc) < 1e-5
+
+
+def test_attention_kernel_errors():
+    assert A.supported(1040, 128) and A.block_rows(1040) == 16 and A.block_rows(1024) == 64
+    assert not A.supported(1041, 128) and not A.supported(1024, 96)
+    with pytest.raises(ValueError, match="does not match"):
+        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 32, 4, 16)), jnp.ones((1, 32, 4, 16)), 0, jnp.asarray([1]))
+    with pytest.raises(ValueError, match="no kernel"):
+        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 33, 2, 16)), jnp.ones((1, 33, 2, 16)), 0, jnp.asarray([1]),
+                 interpret=True)
