@@ -2,9 +2,9 @@
 
 XLA computes a decode step's attention as about five kernels per layer (scores, mask and max, exp, sum,
 weighted values), each a few microseconds, and over every cache row, filled or not. This kernel does it
-in one launch per layer and reads only the rows that hold tokens: one program per KV head walks the rows
-0..n-1 in blocks, with an online softmax in float32 (running max and sum), for the G query heads that
-share the KV head. The stacked cache [L, S, K, Dh] is passed whole with the layer as a static index (no
+in one launch per layer (plus one small XLA fusion that combines the partitions) and reads only the rows
+that hold tokens: the rows are split over programs, (KV head, row partition), each walking its rows in
+blocks with an online softmax in float32 (running max and sum) for the G query heads that share the KV head. The stacked cache [L, S, K, Dh] is passed whole with the layer as a static index (no
 slice copies); n, the number of rows to attend, is a device scalar, so the same compiled step serves every
 position.
 
@@ -38,14 +38,26 @@ def supported(cache_len: int, head_dim: int) -> bool:
     return block_rows(cache_len) >= 16 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
 
 
-def _kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, layer: int, groups: int, bs: int, scale: float):
+def partition_rows(cache_len: int, kv_heads: int, bs: int, target_programs: int = 256) -> int:
+    """Rows per program: enough programs (kv heads x row partitions) to fill the GPU at a full cache."""
+    parts = -(-target_programs // kv_heads)
+    rows = -(-cache_len // parts)
+    return max(bs, -(-rows // bs) * bs)
+
+
+def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, layer: int, groups: int, bs: int, rows: int,
+            scale: float):
     kh = pl.program_id(0)
+    part = pl.program_id(1)
     n = n_ref[0]
+    start = part * rows
+    stop = jnp.minimum(n, start + rows)
+    steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
     qs = [q_ref[kh, g, :].astype(jnp.float32) * scale for g in range(groups)]  # each [Dh]
     dh = qs[0].shape[0]
 
     def body(i, carry):
-        s0 = pl.multiple_of(i * bs, bs)
+        s0 = pl.multiple_of(start + i * bs, bs)
         k = k_ref[layer, pl.ds(s0, bs), kh, :].astype(jnp.float32)  # [bs, Dh]
         v = v_ref[layer, pl.ds(s0, bs), kh, :].astype(jnp.float32)
         valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)) < n
@@ -60,16 +72,22 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, o_ref, *, layer: int, groups: int, bs: i
         return tuple(out)
 
     init = tuple((jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(groups))
-    res = jax.lax.fori_loop(0, (n + bs - 1) // bs, body, init)
+    res = jax.lax.fori_loop(0, steps, body, init)
     for g in range(groups):
-        _, l, acc = res[g]
-        o_ref[kh, g, :] = (acc / l).astype(o_ref.dtype)
+        m, l, acc = res[g]
+        m_ref[kh, part, g] = m
+        l_ref[kh, part, g] = l
+        acc_ref[kh, part, g, :] = acc
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int, n: jax.Array, *,
-           interpret: bool = False) -> jax.Array:
+           rows_per_program: int | None = None, interpret: bool = False) -> jax.Array:
     """q: [K, G, Dh] (one token); k_cache, v_cache: [L, S, K, Dh]; n: int32 [1], rows 0..n-1 attended
-    (1 <= n <= S). Returns [K, G, Dh] in q's dtype."""
+    (1 <= n <= S). Returns [K, G, Dh] in q's dtype.
+
+    The rows are split over programs (`rows_per_program`, a multiple of the row block; default: about 256
+    programs at a full cache); each program leaves its running max, sum and weighted values, and XLA
+    combines the partitions (flash-decoding). Partitions past the filled rows read nothing."""
     K, G, Dh = q.shape
     L, S, Kc, Dc = k_cache.shape
     if (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
@@ -77,11 +95,21 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int, n: 
     if not supported(S, Dh):
         raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
     bs = block_rows(S)
-    kernel = functools.partial(_kernel, layer=layer, groups=G, bs=bs, scale=1.0 / float(Dh) ** 0.5)
+    rows = rows_per_program or partition_rows(S, K, bs)
+    if rows % bs:
+        raise ValueError(f"rows_per_program {rows} is not a multiple of the row block {bs}")
+    parts = -(-S // rows)
+    kernel = functools.partial(_kernel, layer=layer, groups=G, bs=bs, rows=rows, scale=1.0 / float(Dh) ** 0.5)
     params = {}
     if plt is not None and not interpret:
         params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
-    return pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((K, G, Dh), q.dtype), grid=(K,), interpret=interpret,
-        name=f"decode_attention_l{layer}", **params,
+    f32 = jnp.float32
+    m, l, acc = pl.pallas_call(
+        kernel, grid=(K, parts), interpret=interpret, name=f"decode_attention_l{layer}",
+        out_shape=(jax.ShapeDtypeStruct((K, parts, G), f32), jax.ShapeDtypeStruct((K, parts, G), f32),
+                   jax.ShapeDtypeStruct((K, parts, G, Dh), f32)),
+        **params,
     )(n.reshape(1).astype(jnp.int32), q, k_cache, v_cache)
+    w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # [K, P, G]; 0 for empty partitions
+    o = jnp.sum(acc * w[..., None], axis=1) / jnp.sum(l * w, axis=1)[..., None]
+    return o.astype(q.dtype)

@@ -384,9 +384,10 @@ def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
 
 def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
     """The decode step's attention. "auto" keeps XLA's fusions unless HYBRID_JAX_DECODE_ATTN=pallas: the
-    Pallas kernel (decode_attention.py) is faster at short contexts and slower at long ones (one program per
-    KV head walks the filled rows; measured on an H200, docs/ENGINEERING_LOG.md), so it is opt-in until it
-    splits the rows over programs. It runs where the matrix-vector kernels run (one device)."""
+    Pallas kernel (decode_attention.py) in its first form, one program per KV head, was faster at short
+    contexts and slower at long ones on an H200 (docs/ENGINEERING_LOG.md, run 11); the form that splits the
+    rows over programs is tested on the CPU only, so the kernel stays opt-in until a GPU run shows it wins at
+    every length. It runs where the matrix-vector kernels run (one device)."""
     if mode == "auto":
         env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
         if env not in ("", "auto", "xla", "pallas"):

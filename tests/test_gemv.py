@@ -161,8 +161,10 @@ def test_resolve_attention(monkeypatch):
 from hybrid_jax import decode_attention as A  # noqa: E402
 
 
-@pytest.mark.parametrize("K,G,S,n", [(2, 1, 64, 1), (2, 2, 64, 17), (1, 3, 48, 48), (4, 1, 80, 33), (2, 4, 32, 31)])
-def test_attention_kernel_equals_model_attention(K, G, S, n):
+@pytest.mark.parametrize("blocks", [None, 1, 2, 4])  # rows per program, in row blocks (None: the default)
+@pytest.mark.parametrize("K,G,S,n", [(2, 1, 64, 1), (2, 2, 64, 17), (1, 3, 48, 48), (4, 1, 80, 33), (2, 4, 32, 31),
+                                     (1, 1, 96, 65)])
+def test_attention_kernel_equals_model_attention(K, G, S, n, blocks):
     """One token at position n-1 attending rows 0..n-1 of layer 1 of a stacked cache; rows past n hold
     garbage, which must not leak in."""
     rng = np.random.default_rng(K * 100 + G * 10 + n)
@@ -171,7 +173,8 @@ def test_attention_kernel_equals_model_attention(K, G, S, n):
     kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
     vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
     q = jnp.asarray(rng.standard_normal((K, G, Dh)), jnp.float32)
-    got = A.attend(q, kc, vc, 1, jnp.asarray([n], jnp.int32), interpret=True)
+    rows = None if blocks is None else blocks * A.block_rows(S)
+    got = A.attend(q, kc, vc, 1, jnp.asarray([n], jnp.int32), rows_per_program=rows, interpret=True)
     ref = model.attention(cfg, q[None], kc[1], vc[1], jnp.asarray([n - 1], jnp.int32))[0]
     assert got.shape == (K, G, Dh)
     assert rel_err(got, ref) < 1e-5
@@ -181,9 +184,14 @@ def test_attention_kernel_equals_model_attention(K, G, S, n):
 
 def test_attention_kernel_errors():
     assert A.supported(1040, 128) and A.block_rows(1040) == 16 and A.block_rows(1024) == 64
+    assert A.partition_rows(1040, 32, 16) == 144  # 7B: 32 kv heads x 8 partitions
+    assert A.partition_rows(1040, 3, 16) == 16  # SmolLM2: 3 kv heads x 65 partitions
     assert not A.supported(1041, 128) and not A.supported(1024, 96)
     with pytest.raises(ValueError, match="does not match"):
         A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 32, 4, 16)), jnp.ones((1, 32, 4, 16)), 0, jnp.asarray([1]))
+    with pytest.raises(ValueError, match="multiple of the row block"):
+        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 64, 2, 16)), jnp.ones((1, 64, 2, 16)), 0, jnp.asarray([1]),
+                 rows_per_program=24, interpret=True)
     with pytest.raises(ValueError, match="no kernel"):
         A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 33, 2, 16)), jnp.ones((1, 33, 2, 16)), 0, jnp.asarray([1]),
                  interpret=True)
