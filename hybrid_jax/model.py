@@ -77,16 +77,14 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
 GEMV_MODES = (None, "pallas", "interpret")
 
 
-def _gemv_layer(mode: str | None, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple) -> jax.Array | None:
-    """x [1, ...] @ layer l of a stacked weight [L, (in dims), (out dims)] through the Pallas kernel, as
-    [1, *out_shape] in x's dtype; None where the mode is off, T > 1 or the shape does not suit the kernel
-    (the caller then uses XLA's einsum)."""
-    if mode is None or x.shape[0] != 1:
-        return None
+def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple) -> jax.Array:
+    """x @ layer l of a stacked weight [L, (in dims), (out dims)]: `jnp.einsum(spec, x, stacked[l])`, or the
+    Pallas kernel where the mode is on, x is one token and the shape suits it (same result, [1, *out_shape],
+    in x's dtype)."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
-    if not gemv_lib.supported(kd, n):
-        return None
+    if mode is None or x.shape[0] != 1 or not gemv_lib.supported(kd, n):
+        return jnp.einsum(spec, x, stacked[l])
     w = stacked.reshape(stacked.shape[0], kd, n)  # a bitcast of the stacked parameter: no copy
     y = gemv_lib.gemv(x.reshape(kd), w, l, interpret=mode == "interpret")
     return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
@@ -98,9 +96,7 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
     lw = params.layers
     G = cfg.q_per_kv
     h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
-    qkv = _gemv_layer(gemv, h, lw.wqkv, l, lw.wqkv.shape[2:])
-    if qkv is None:
-        qkv = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l])  # [T, K, G+2, h]
+    qkv = _project(gemv, "td,dkgh->tkgh", h, lw.wqkv, l, lw.wqkv.shape[2:])  # [T, K, G+2, h]
     q = apply_rope(qkv[:, :, :G], cos, sin)
     k = apply_rope(qkv[:, :, G], cos, sin)
     v = qkv[:, :, G + 1]
@@ -111,21 +107,15 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
     else:
         n = kv_len or cache.max_seq_len
         o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
-    out = _gemv_layer(gemv, o, lw.wo, l, (cfg.dim,))
-    if out is None:
-        out = jnp.einsum("tkgh,kghd->td", o, lw.wo[l])
-    return out, cache
+    return _project(gemv, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
 
 
 def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None) -> jax.Array:
     lw = params.layers
     h = rms_norm(x, lw.mlp_norm[l], cfg.norm_eps)
-    gu = _gemv_layer(gemv, h, lw.w13, l, lw.w13.shape[2:])
-    if gu is None:
-        gu = jnp.einsum("td,dcf->tcf", h, lw.w13[l])  # [T, 2, F]
+    gu = _project(gemv, "td,dcf->tcf", h, lw.w13, l, lw.w13.shape[2:])  # [T, 2, F]
     a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]
-    out = _gemv_layer(gemv, a, lw.w2, l, (cfg.dim,))
-    return jnp.einsum("tf,fd->td", a, lw.w2[l]) if out is None else out
+    return _project(gemv, "tf,fd->td", a, lw.w2, l, (cfg.dim,))
 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,

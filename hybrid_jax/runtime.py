@@ -359,27 +359,31 @@ class Runtime:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _explicit_mode(mode: str | None, name: str, mesh) -> str | None:
+    """A decode-kernel mode the caller named: "xla"/None (XLA's fusions), "pallas" or "interpret"."""
+    if mode in ("xla", None):
+        return None
+    if mode not in model.GEMV_MODES:
+        raise ValueError(f"{name} must be 'auto', 'xla', 'pallas' or 'interpret', got {mode!r}")
+    if mesh is not None:
+        raise ValueError(f"the Pallas {name} kernels run on one device; use {name}='xla' with tensor_parallel > 1")
+    return mode
+
+
 def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
     """The decode step's matrix-vector kernels: "auto" takes the Pallas kernels (gemv.py) on one GPU and
     XLA's fusions elsewhere (CPU; a mesh, which the SPMD partitioner cannot split a custom call over).
     The environment variable HYBRID_JAX_GEMV (xla | pallas) overrides "auto", for ablations."""
-    if gemv == "auto":
-        env = os.environ.get("HYBRID_JAX_GEMV", "").strip().lower()
-        if env in ("xla", "off", "none"):
-            return None
-        if env == "pallas" and mesh is None:
-            return "pallas"
-        if env not in ("", "auto", "pallas"):
-            raise ValueError(f"HYBRID_JAX_GEMV must be xla or pallas, got {env!r}")
-        on_gpu = all(d.platform in ("gpu", "cuda", "rocm") for d in devices)
-        return "pallas" if on_gpu and mesh is None and getattr(devices[0], "platform", "") != "rocm" else None
-    if gemv in ("xla", None):
+    if gemv != "auto":
+        return _explicit_mode(gemv, "gemv", mesh)
+    env = os.environ.get("HYBRID_JAX_GEMV", "").strip().lower()
+    if env in ("xla", "off", "none"):
         return None
-    if gemv not in model.GEMV_MODES:
-        raise ValueError(f"gemv must be 'auto', 'xla', 'pallas' or 'interpret', got {gemv!r}")
+    if env not in ("", "auto", "pallas"):
+        raise ValueError(f"HYBRID_JAX_GEMV must be xla or pallas, got {env!r}")
     if mesh is not None:
-        raise ValueError("the Pallas matrix-vector kernels run on one device; use gemv='xla' with tensor_parallel > 1")
-    return gemv
+        return None
+    return "pallas" if env == "pallas" or all(d.platform in ("gpu", "cuda") for d in devices) else None
 
 
 def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
@@ -388,18 +392,12 @@ def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
     contexts and slower at long ones on an H200 (docs/ENGINEERING_LOG.md, run 11); the form that splits the
     rows over programs is tested on the CPU only, so the kernel stays opt-in until a GPU run shows it wins at
     every length. It runs where the matrix-vector kernels run (one device)."""
-    if mode == "auto":
-        env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
-        if env not in ("", "auto", "xla", "pallas"):
-            raise ValueError(f"HYBRID_JAX_DECODE_ATTN must be xla or pallas, got {env!r}")
-        return gemv if env == "pallas" else None
-    if mode in ("xla", None):
-        return None
-    if mode not in model.GEMV_MODES:
-        raise ValueError(f"decode_attention must be 'auto', 'xla', 'pallas' or 'interpret', got {mode!r}")
-    if mesh is not None:
-        raise ValueError("the Pallas decode attention runs on one device; use decode_attention='xla' with tensor_parallel > 1")
-    return mode
+    if mode != "auto":
+        return _explicit_mode(mode, "decode_attention", mesh)
+    env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
+    if env not in ("", "auto", "xla", "pallas"):
+        raise ValueError(f"HYBRID_JAX_DECODE_ATTN must be xla or pallas, got {env!r}")
+    return gemv if env == "pallas" else None
 
 
 def _key_data(seed: int) -> np.ndarray:

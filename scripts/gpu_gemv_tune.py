@@ -99,21 +99,27 @@ def tune(cfg, out_dir, results, set_bytes=512e6):
             fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c) for l in range(Lw)])
             return fn, fn.lower(x, w).compile()
 
-        t0 = time.perf_counter()
-        with cf.ThreadPoolExecutor(8) as pool:
-            compiled = list(pool.map(lambda c: (c, *_try(make, c)), cands))
-        t_compile = time.perf_counter() - t0
+        rows, compile_s = [], []
+
+        def measure(configs):
+            """Compile `configs` concurrently, then check and time each; rows of the fastest correct first."""
+            t0 = time.perf_counter()
+            with cf.ThreadPoolExecutor(8) as pool:
+                compiled = list(pool.map(lambda c: (c, *_try(make, c)), configs))
+            compile_s.append(time.perf_counter() - t0)
+            for c, fn, err in compiled:
+                if fn is None:
+                    rows.append({"cfg": c.__dict__, "error": err[:300]})
+                    continue
+                got = np.stack([np.asarray(a) for a in fn(x, w)])
+                e = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                t = timed(fn, (x, w)) / Lw
+                rows.append({"cfg": c.__dict__, "rel_err": e, "s": t, "TBps": mat_bytes / t / 1e12})
+            return sorted([r for r in rows if "s" in r and r["rel_err"] < 1e-4], key=lambda r: r["s"])
+
         t_xla = timed(jax.jit(xla_fn), (x, w)) / Lw
-        rows = []
-        for c, fn, err in compiled:
-            if fn is None:
-                rows.append({"cfg": c.__dict__, "error": err[:300]})
-                continue
-            got = np.stack([np.asarray(a) for a in fn(x, w)])
-            e = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-            t = timed(fn, (x, w)) / Lw
-            rows.append({"cfg": c.__dict__, "rel_err": e, "s": t, "TBps": mat_bytes / t / 1e12})
-        ok = sorted([r for r in rows if "s" in r and r["rel_err"] < 1e-4], key=lambda r: r["s"])
+        ok = measure(cands)
+        t_compile = compile_s[0]  # the first sweep's compiles
         # refine the best three: warps and pipelining depth
         refine = []
         for r in ok[:3]:
@@ -121,17 +127,7 @@ def tune(cfg, out_dir, results, set_bytes=512e6):
                 c = G.GemvConfig(r["cfg"]["bn"], r["cfg"]["bk"], r["cfg"]["splits"], wp, st)
                 if c.__dict__ != r["cfg"]:
                     refine.append(c)
-        with cf.ThreadPoolExecutor(8) as pool:
-            compiled2 = list(pool.map(lambda c: (c, *_try(make, c)), refine))
-        for c, fn, err in compiled2:
-            if fn is None:
-                rows.append({"cfg": c.__dict__, "error": err[:300]})
-                continue
-            got = np.stack([np.asarray(a) for a in fn(x, w)])
-            e = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
-            t = timed(fn, (x, w)) / Lw
-            rows.append({"cfg": c.__dict__, "rel_err": e, "s": t, "TBps": mat_bytes / t / 1e12})
-        ok = sorted([r for r in rows if "s" in r and r["rel_err"] < 1e-4], key=lambda r: r["s"])
+        ok = measure(refine)
         torch_s = _torch_gemv(kd, n, tr, Lw)
         best = ok[0] if ok else None
         entry = {"name": name, "kd": kd, "n": n, "transposed": tr, "Lw": Lw, "mat_bytes": mat_bytes,
