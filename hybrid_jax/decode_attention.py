@@ -1,15 +1,23 @@
 """Attention of one new token over the KV cache as one Pallas (Triton) kernel, for the decode step.
 
-XLA computes a decode step's attention as about five kernels per layer (scores, mask and max, exp, sum,
-weighted values), each a few microseconds, and over every cache row, filled or not. This kernel does it
-in one launch per layer (plus one small XLA fusion that combines the partitions) and reads only the rows
-that hold tokens: the rows are split over programs, (KV head, row partition), each walking its rows in
-blocks with an online softmax in float32 (running max and sum) for the G query heads that share the KV head. The stacked cache [L, S, K, Dh] is passed whole with the layer as a static index (no
-slice copies); n, the number of rows to attend, is a device scalar, so the same compiled step serves every
-position.
+XLA computes a decode step's attention as a dozen small kernels per layer: the split-K sum of the QKV
+projection, rotary embedding, two cache writes, then scores, mask and max, exp, sum and weighted values,
+over every cache row, filled or not, each a few microseconds. This kernel does all of it in one launch per
+layer (plus one small XLA fusion that combines the partitions) and reads only the rows that hold tokens:
 
-The result equals `model.attention` up to float32 rounding (the softmax is normalised at the end rather
-than before the values are summed; in bf16 the probabilities are not rounded to bf16 first).
+- it takes the QKV projection's float32 partial sums (gemv.py, `reduce=False`), adds them, rounds to the
+  model's dtype and applies rotary embedding to the queries and the new key, in registers;
+- the program whose rows hold the new position writes the key and value into the stacked cache, whose
+  buffers are the kernel's outputs (input_output_aliases: an in-place write when the cache is donated);
+- the rows are split over programs, (KV head, row partition), each walking its rows in blocks with an
+  online softmax in float32 (running max and sum) for the G query heads that share the KV head, the new
+  token's own key and value coming from registers.
+
+The stacked cache [L, S, K, Dh] is passed whole with the layer as a static index (no slice copies); the
+position is a device scalar, so the same compiled step serves every position.
+
+The result equals `model.attention_block`'s up to float32 rounding (the softmax is normalised at the end
+rather than before the values are summed; in bf16 the probabilities are not rounded to bf16 first).
 """
 from __future__ import annotations
 
@@ -38,78 +46,137 @@ def supported(cache_len: int, head_dim: int) -> bool:
     return block_rows(cache_len) >= 16 and head_dim & (head_dim - 1) == 0 and head_dim >= 16
 
 
-def partition_rows(cache_len: int, kv_heads: int, bs: int, target_programs: int = 256) -> int:
-    """Rows per program: enough programs (kv heads x row partitions) to fill the GPU at a full cache."""
+def partition_rows(cache_len: int, kv_heads: int, bs: int, target_programs: int = 2048) -> int:
+    """Rows per program: about `target_programs` programs (kv heads x row partitions) at a full cache, so that
+    no program walks more than a few row blocks one after another (2048: 32 rows for the 7B shape, run 15
+    of docs/ENGINEERING_LOG.md)."""
     parts = -(-target_programs // kv_heads)
     rows = -(-cache_len // parts)
     return max(bs, -(-rows // bs) * bs)
 
 
-def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, layer: int, groups: int, bs: int, rows: int,
-            scale: float):
+def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, k_out, v_out, *, layer: int,
+            groups: int, splits: int, bs: int, rows: int, scale: float, dtype):
+    """Program (KV head kh, row partition part). k_out/v_out are k_ref/v_ref's buffers (aliased)."""
     kh = pl.program_id(0)
     part = pl.program_id(1)
-    n = n_ref[0]
+    pos = pos_ref[0]  # the new token's position: rows 0..pos-1 are in the cache, row pos is written here
+    half = cos_ref.shape[0] // 2
+    f32 = jnp.float32
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+
+    def rnd(x):  # round to the model's dtype, as the projection's output is
+        return x.astype(dtype).astype(f32)
+
+    def head(j):  # head slot j of this KV head's [G+2] (queries, key, value): the partial sums added
+        def add(s, acc):
+            return acc[0] + qkv_ref[s, kh, j, lo], acc[1] + qkv_ref[s, kh, j, hi]
+        zero = jnp.zeros((half,), f32)
+        a, b = jax.lax.fori_loop(0, splits, add, (zero, zero))
+        return rnd(a), rnd(b)
+
+    c1, c2, s1, s2 = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
+
+    def rope(x):  # rotate-half, as model.apply_rope: x * cos + (-x2, x1) * sin
+        return rnd(x[0] * c1 - x[1] * s1), rnd(x[1] * c2 + x[0] * s2)
+
+    qs = [tuple(h * scale for h in rope(head(g))) for g in range(groups)]
+    k_new, v_new = rope(head(groups)), head(groups + 1)
+    owner = pos // rows == part  # this program's partition holds row pos
+
+    @pl.when(owner)
+    def _write():
+        k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
+        k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
+        v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
+        v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
+
     start = part * rows
-    stop = jnp.minimum(n, start + rows)
+    stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
     steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
-    qs = [q_ref[kh, g, :].astype(jnp.float32) * scale for g in range(groups)]  # each [Dh]
-    dh = qs[0].shape[0]
 
     def body(i, carry):
         s0 = pl.multiple_of(start + i * bs, bs)
-        k = k_ref[layer, pl.ds(s0, bs), kh, :].astype(jnp.float32)  # [bs, Dh]
-        v = v_ref[layer, pl.ds(s0, bs), kh, :].astype(jnp.float32)
-        valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)) < n
+        rows_ = pl.ds(s0, bs)
+        k1 = k_ref[layer, rows_, kh, lo].astype(f32)  # [bs, Dh/2]
+        k2 = k_ref[layer, rows_, kh, hi].astype(f32)
+        v1 = v_ref[layer, rows_, kh, lo].astype(f32)
+        v2 = v_ref[layer, rows_, kh, hi].astype(f32)
+        valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)) < stop
         out = []
         for g in range(groups):
-            m, l, acc = carry[g]
-            s = jnp.where(valid, jnp.sum(k * qs[g][None, :], axis=1), _NEG)  # [bs]
+            m, l, a1, a2 = carry[g]
+            q1, q2 = qs[g]
+            s = jnp.where(valid, jnp.sum(k1 * q1[None, :], axis=1) + jnp.sum(k2 * q2[None, :], axis=1), _NEG)
             m_new = jnp.maximum(m, jnp.max(s))
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new)
-            out.append((m_new, l * alpha + jnp.sum(p), acc * alpha + jnp.sum(p[:, None] * v, axis=0)))
+            out.append((m_new, l * alpha + jnp.sum(p), a1 * alpha + jnp.sum(p[:, None] * v1, axis=0),
+                        a2 * alpha + jnp.sum(p[:, None] * v2, axis=0)))
         return tuple(out)
 
-    init = tuple((jnp.float32(_NEG), jnp.float32(0.0), jnp.zeros((dh,), jnp.float32)) for _ in range(groups))
+    zero = jnp.zeros((half,), f32)
+    init = tuple((jnp.float32(_NEG), jnp.float32(0.0), zero, zero) for _ in range(groups))
     res = jax.lax.fori_loop(0, steps, body, init)
     for g in range(groups):
-        m, l, acc = res[g]
-        m_ref[kh, part, g] = m
-        l_ref[kh, part, g] = l
-        acc_ref[kh, part, g, :] = acc
+        m, l, a1, a2 = res[g]
+        q1, q2 = qs[g]
+        # the new token, from registers (the owner only)
+        s = jnp.where(owner, jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1]), _NEG)
+        m_new = jnp.maximum(m, s)
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(owner, jnp.exp(s - m_new), 0.0)
+        m_ref[kh, part, g] = m_new
+        l_ref[kh, part, g] = l * alpha + p
+        acc_ref[kh, part, g, lo] = a1 * alpha + p * v_new[0]
+        acc_ref[kh, part, g, hi] = a2 * alpha + p * v_new[1]
 
 
-def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int, n: jax.Array, *,
-           rows_per_program: int | None = None, interpret: bool = False) -> jax.Array:
-    """q: [K, G, Dh] (one token); k_cache, v_cache: [L, S, K, Dh]; n: int32 [1], rows 0..n-1 attended
-    (1 <= n <= S). Returns [K, G, Dh] in q's dtype.
+def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
+           pos: jax.Array, *, dtype=None, rows_per_program: int | None = None,
+           interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The attention of one new token, with its key and value written into the cache.
 
-    The rows are split over programs (`rows_per_program`, a multiple of the row block; default: about 256
-    programs at a full cache); each program leaves its running max, sum and weighted values, and XLA
-    combines the partitions (flash-decoding). Partitions past the filled rows read nothing."""
-    K, G, Dh = q.shape
+    qkv: float32 [splits, K, G+2, Dh], the projection's partial sums (queries, key, value per KV head; a
+    single "split" for an already summed projection); they are added and rounded to `dtype` (default: the
+    cache's), and rotary embedding (cos, sin: [Dh] float32 at the token's position) is applied to the
+    queries and the key, as `model.attention_block` does. k_cache, v_cache: [L, S, K, Dh]; pos: int32 [1],
+    the token's position (0 <= pos < S): rows 0..pos-1 of `layer` are attended, row pos is written.
+
+    Returns (out [K, G, Dh] in `dtype`, k_cache, v_cache), the caches updated in place (their buffers are
+    the kernel's outputs). The rows are split over programs (`rows_per_program`, a multiple of the row
+    block; default: about 256 programs at a full cache); each leaves its running max, sum and weighted
+    values, and XLA combines the partitions (flash-decoding). Partitions past the filled rows read nothing."""
+    splits, K, G2, Dh = qkv.shape
+    G = G2 - 2
     L, S, Kc, Dc = k_cache.shape
-    if (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q {q.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
+    if G < 1 or (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
+    if cos.shape != (Dh,) or sin.shape != (Dh,):
+        raise ValueError(f"cos/sin must have shape ({Dh},), got {cos.shape} / {sin.shape}")
     if not supported(S, Dh):
         raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
+    dtype = jnp.dtype(dtype or k_cache.dtype)
     bs = block_rows(S)
     rows = rows_per_program or partition_rows(S, K, bs)
     if rows % bs:
         raise ValueError(f"rows_per_program {rows} is not a multiple of the row block {bs}")
     parts = -(-S // rows)
-    kernel = functools.partial(_kernel, layer=layer, groups=G, bs=bs, rows=rows, scale=1.0 / float(Dh) ** 0.5)
+    kernel = functools.partial(_kernel, layer=layer, groups=G, splits=splits, bs=bs, rows=rows,
+                               scale=1.0 / float(Dh) ** 0.5, dtype=dtype)
     params = {}
     if plt is not None and not interpret:
         params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
     f32 = jnp.float32
-    m, l, acc = pl.pallas_call(
+    m, l, acc, k_cache, v_cache = pl.pallas_call(
         kernel, grid=(K, parts), interpret=interpret, name=f"decode_attention_l{layer}",
         out_shape=(jax.ShapeDtypeStruct((K, parts, G), f32), jax.ShapeDtypeStruct((K, parts, G), f32),
-                   jax.ShapeDtypeStruct((K, parts, G, Dh), f32)),
+                   jax.ShapeDtypeStruct((K, parts, G, Dh), f32),
+                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
+        input_output_aliases={4: 3, 5: 4},
         **params,
-    )(n.reshape(1).astype(jnp.int32), q, k_cache, v_cache)
+    )(pos.reshape(1).astype(jnp.int32), qkv.astype(f32), cos.astype(f32), sin.astype(f32), k_cache, v_cache)
     w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # [K, P, G]; 0 for empty partitions
     o = jnp.sum(acc * w[..., None], axis=1) / jnp.sum(l * w, axis=1)[..., None]
-    return o.astype(q.dtype)
+    return o.astype(dtype), k_cache, v_cache

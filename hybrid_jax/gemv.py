@@ -92,34 +92,58 @@ def supported(kd: int, n: int, transposed: bool = False) -> bool:
     return default_config(kd, n, transposed) is not None
 
 
-def _kernel(x_ref, w_ref, o_ref, *, layer, rows, cfg: GemvConfig, transposed: bool):
+def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float, kd: int):
+    if norm:
+        x_ref, nw_ref, w_ref, o_ref = refs
+    else:
+        x_ref, w_ref, o_ref = refs
     j = pl.program_id(0)
     s = pl.program_id(1)
     bn, bk = cfg.bn, cfg.bk
     n0 = pl.multiple_of(j * bn, bn)
     k_start = s * rows
     lead = () if layer is None else (layer,)
+    f32 = jnp.float32
+    if norm:
+        # RMSNorm prologue: every program reads all of x (a few KB, from L2) for the mean square, then
+        # normalises its own slices as `model.rms_norm` does (scale in float32, round to x's dtype, times
+        # the norm weight in that dtype).
+        nb = _pow2_divisor(kd, 4096)
+
+        def sq(i, a):
+            xs = x_ref[pl.ds(pl.multiple_of(i * nb, nb), nb)].astype(f32)
+            return a + jnp.sum(xs * xs)
+
+        r = jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((), f32)) / kd + eps)
+        nlead = () if norm_layer is None else (norm_layer,)
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
-        xs = x_ref[pl.ds(k, bk)].astype(jnp.float32)
+        xs = x_ref[pl.ds(k, bk)]
+        if norm:
+            xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * r).astype(xs.dtype)
+        xs = xs.astype(f32)
         if transposed:
-            w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))].astype(jnp.float32)  # [bn, bk]
+            w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))].astype(f32)  # [bn, bk]
             return acc + w * xs[None, :]
-        w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(jnp.float32)  # [bk, bn]
+        w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(f32)  # [bk, bn]
         return acc + w * xs[:, None]
 
     shape = (bn, bk) if transposed else (bk, bn)
-    acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros(shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros(shape, f32))
     o_ref[s, pl.ds(n0, bn)] = jnp.sum(acc, axis=1 if transposed else 0)
 
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
-         cfg: GemvConfig | None = None, interpret: bool = False) -> jax.Array:
-    """float32 [N] = x @ W.
+         cfg: GemvConfig | None = None, norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True,
+         interpret: bool = False) -> jax.Array:
+    """float32 [N] = x @ W, or `rms_norm(x) @ W` with `norm` given.
 
     x: [Kd]. W: [Kd, N] (or [N, Kd] if `transposed`), or stacked [L, ...] with `layer` the static index of the
-    matrix to use. The float32 result equals XLA's product up to the order of the float32 additions.
+    matrix to use. norm: the RMSNorm weight [Kd], or stacked [L, Kd] (its row `layer` is used), applied to x
+    inside the kernel as `model.rms_norm(x, norm, eps)` computes it. With `reduce=False` the float32 partial
+    sums [splits, N] are returned unsummed (for a consumer that adds them itself). The result equals XLA's
+    up to the order of the float32 additions.
     """
     if w.ndim == 3:
         if layer is None:
@@ -134,22 +158,35 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     n, kd = mat_shape if transposed else mat_shape[::-1]
     if x.shape != (kd,):
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs ({kd},)")
+    norm_layer = None
+    if norm is not None:
+        if norm.shape == (kd,):
+            pass
+        elif norm.ndim == 2 and norm.shape[1] == kd and layer is not None and layer < norm.shape[0]:
+            norm_layer = layer
+        else:
+            raise ValueError(f"norm weight has shape {norm.shape}; it must be ({kd},) or stacked [L, {kd}] "
+                             f"with the weight's layer index")
     cfg = cfg or default_config(kd, n, transposed)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `supported` first)")
     if n % cfg.bn or kd % (cfg.splits * cfg.bk):
         raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
     rows = kd // cfg.splits
-    kernel = functools.partial(_kernel, layer=layer, rows=rows, cfg=cfg, transposed=transposed)
+    kernel = functools.partial(_kernel, layer=layer, rows=rows, cfg=cfg, transposed=transposed,
+                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps), kd=kd)
     params = {}
     if plt is not None and not interpret:
         params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+    args = (x, w) if norm is None else (x, norm, w)
     partial = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.splits, n), jnp.float32),
         grid=(n // cfg.bn, cfg.splits),
         interpret=interpret,
-        name=f"gemv_{kd}x{n}{'_t' if transposed else ''}",
+        name=f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}",
         **params,
-    )(x, w)
+    )(*args)
+    if not reduce:
+        return partial
     return partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)

@@ -77,16 +77,23 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
 GEMV_MODES = (None, "pallas", "interpret")
 
 
-def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple) -> jax.Array:
-    """x @ layer l of a stacked weight [L, (in dims), (out dims)]: `jnp.einsum(spec, x, stacked[l])`, or the
-    Pallas kernel where the mode is on, x is one token and the shape suits it (same result, [1, *out_shape],
-    in x's dtype)."""
+def _kernel_ok(mode: str | None, x: jax.Array, kd: int, n: int, transposed: bool = False) -> bool:
+    return mode is not None and x.shape[0] == 1 and gemv_lib.supported(kd, n, transposed)
+
+
+def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
+             norm: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+    """x @ layer l of a stacked weight [L, (in dims), (out dims)], x first RMS-normed by layer l of the
+    stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the Pallas
+    kernel (norm inside it) where the mode is on, x is one token and the shape suits it (same result,
+    [1, *out_shape], in x's dtype)."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
-    if mode is None or x.shape[0] != 1 or not gemv_lib.supported(kd, n):
-        return jnp.einsum(spec, x, stacked[l])
+    if not _kernel_ok(mode, x, kd, n):
+        h = x if norm is None else rms_norm(x, norm[l], eps)
+        return jnp.einsum(spec, h, stacked[l])
     w = stacked.reshape(stacked.shape[0], kd, n)  # a bitcast of the stacked parameter: no copy
-    y = gemv_lib.gemv(x.reshape(kd), w, l, interpret=mode == "interpret")
+    y = gemv_lib.gemv(x.reshape(kd), w, l, norm=norm, eps=eps, interpret=mode == "interpret")
     return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
 
 
@@ -94,17 +101,30 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
                     positions: jax.Array, cos, sin, kv_len: int | None,
                     gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
-    G = cfg.q_per_kv
-    h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
-    qkv = _project(gemv, "td,dkgh->tkgh", h, lw.wqkv, l, lw.wqkv.shape[2:])  # [T, K, G+2, h]
-    q = apply_rope(qkv[:, :, :G], cos, sin)
-    k = apply_rope(qkv[:, :, G], cos, sin)
-    v = qkv[:, :, G + 1]
-    cache = kv_cache.update(cache, l, positions[0], k, v)
-    if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
-        # one token: rows 0..pos attended by the kernel, reading only those rows
-        o = decode_attention.attend(q[0], cache.k, cache.v, l, positions[0] + 1, interpret=attn == "interpret")[None]
+    G, K, Dh, D = cfg.q_per_kv, cfg.n_kv_heads, cfg.hd, cfg.dim
+    n_qkv = K * (G + 2) * Dh
+    one = x.shape[0] == 1
+    if attn is not None and one and decode_attention.supported(cache.max_seq_len, Dh):
+        # One token: norm + QKV projection (partial sums) -> one attention kernel that adds them, applies
+        # rope, writes the cache row and attends over the filled rows only.
+        if _kernel_ok(gemv, x, D, n_qkv):
+            w = lw.wqkv.reshape(cfg.n_layers, D, n_qkv)
+            parts = gemv_lib.gemv(x[0], w, l, norm=lw.attn_norm, eps=cfg.norm_eps, reduce=False,
+                                  interpret=gemv == "interpret")
+        else:
+            h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
+            parts = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l]).astype(jnp.float32)
+        o, kc, vc = decode_attention.attend(parts.reshape(-1, K, G + 2, Dh), cos[0], sin[0], cache.k, cache.v, l,
+                                            positions[:1], dtype=x.dtype, interpret=attn == "interpret")
+        cache = KVCache(k=kc, v=vc)
+        o = o[None]
     else:
+        qkv = _project(gemv, "td,dkgh->tkgh", x, lw.wqkv, l, lw.wqkv.shape[2:],
+                       norm=lw.attn_norm, eps=cfg.norm_eps)  # [T, K, G+2, h]
+        q = apply_rope(qkv[:, :, :G], cos, sin)
+        k = apply_rope(qkv[:, :, G], cos, sin)
+        v = qkv[:, :, G + 1]
+        cache = kv_cache.update(cache, l, positions[0], k, v)
         n = kv_len or cache.max_seq_len
         o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
     return _project(gemv, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
@@ -112,21 +132,21 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
 
 def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None) -> jax.Array:
     lw = params.layers
-    h = rms_norm(x, lw.mlp_norm[l], cfg.norm_eps)
-    gu = _project(gemv, "td,dcf->tcf", h, lw.w13, l, lw.w13.shape[2:])  # [T, 2, F]
-    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]
+    gu = _project(gemv, "td,dcf->tcf", x, lw.w13, l, lw.w13.shape[2:], norm=lw.mlp_norm, eps=cfg.norm_eps)
+    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]  # [T, F]
     return _project(gemv, "tf,fd->td", a, lw.w2, l, (cfg.dim,))
 
 
-def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
-    """Final-normed hidden states [T, D] and the updated cache.
+def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+          kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+    """The residual stream after the last layer [T, D] (before the final norm) and the updated cache.
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
-    a single token (T = 1) with the kernels of gemv.py instead of XLA's fusions; `attn` (same values) its
-    attention with the kernel of decode_attention.py.
+    a single token (T = 1) with the kernels of gemv.py (each RMSNorm inside the kernel that consumes it)
+    instead of XLA's fusions; `attn` (same values) its rope, cache write and attention with the kernel of
+    decode_attention.py.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
@@ -138,17 +158,29 @@ def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array,
         a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn)
         x = x + a
         x = x + mlp_block(cfg, params, l, x, gemv)
+    return x, cache
+
+
+def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+    """Final-normed hidden states [T, D] and the updated cache (arguments as `trunk`)."""
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
     return rms_norm(x, params.final_norm, cfg.norm_eps), cache
 
 
-def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: str | None = None) -> jax.Array:
-    """[..., D] -> [..., V] float32 logits (fp32 accumulation)."""
+def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: str | None = None,
+                       normed: bool = True) -> jax.Array:
+    """[..., D] -> [..., V] float32 logits (fp32 accumulation). With `normed=False`, h is the residual
+    stream and the final RMSNorm is applied first (inside the kernel where the kernel runs)."""
     if gemv is not None and h.size == cfg.dim:
         tied = params.lm_head is None
         w = params.embed if tied else params.lm_head
         if gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
-            y = gemv_lib.gemv(h.reshape(cfg.dim), w, transposed=tied, interpret=gemv == "interpret")
+            y = gemv_lib.gemv(h.reshape(cfg.dim), w, transposed=tied, norm=None if normed else params.final_norm,
+                              eps=cfg.norm_eps, interpret=gemv == "interpret")
             return y.reshape(h.shape[:-1] + (cfg.vocab_size,))
+    if not normed:
+        h = rms_norm(h, params.final_norm, cfg.norm_eps)
     if params.lm_head is None:
         return jnp.einsum("...d,vd->...v", h, params.embed, preferred_element_type=jnp.float32)
     return jnp.einsum("...d,dv->...v", h, params.lm_head, preferred_element_type=jnp.float32)
@@ -157,5 +189,5 @@ def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: st
 def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
             kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     """Logits [T, V] (float32) and the updated cache."""
-    h, cache = hidden(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
-    return logits_from_hidden(cfg, params, h, gemv), cache
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
+    return logits_from_hidden(cfg, params, x, gemv, normed=False), cache

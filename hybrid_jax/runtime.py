@@ -82,9 +82,9 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
                   gemv: str | None = None):
     """Write `tokens[:n]` at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the next token."""
     positions = state.pos + jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    h, cache = model.hidden(cfg, params, state.cache, tokens, positions, kv_len)
-    last = jax.lax.dynamic_index_in_dim(h, n - 1, axis=0, keepdims=False)
-    logits = model.logits_from_hidden(cfg, params, last, gemv)
+    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len)
+    last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=0, keepdims=False)  # final norm on this row only
+    logits = model.logits_from_hidden(cfg, params, last, gemv, normed=False)
     key, sub = jax.random.split(state.key)
     nxt = sampling.sample(logits, sub, state.sp)
     return state.replace(cache=cache, pos=state.pos + n, token=nxt, key=key), nxt
@@ -387,17 +387,16 @@ def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
 
 
 def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
-    """The decode step's attention. "auto" keeps XLA's fusions unless HYBRID_JAX_DECODE_ATTN=pallas: the
-    Pallas kernel (decode_attention.py) in its first form, one program per KV head, was faster at short
-    contexts and slower at long ones on an H200 (docs/ENGINEERING_LOG.md, run 11); the form that splits the
-    rows over programs is tested on the CPU only, so the kernel stays opt-in until a GPU run shows it wins at
-    every length. It runs where the matrix-vector kernels run (one device)."""
+    """The decode step's attention (rope, cache write and attention over the filled rows in one kernel,
+    decode_attention.py). "auto" runs it where the matrix-vector kernels run (one GPU): on an H200 it made
+    the 7B step faster at every context measured (docs/ENGINEERING_LOG.md, session 3). The environment
+    variable HYBRID_JAX_DECODE_ATTN=xla (or pallas) overrides "auto", for ablations."""
     if mode != "auto":
         return _explicit_mode(mode, "decode_attention", mesh)
     env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
     if env not in ("", "auto", "xla", "pallas"):
         raise ValueError(f"HYBRID_JAX_DECODE_ATTN must be xla or pallas, got {env!r}")
-    return gemv if env == "pallas" else None
+    return None if env == "xla" else gemv
 
 
 def _key_data(seed: int) -> np.ndarray:

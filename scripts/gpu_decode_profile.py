@@ -62,7 +62,8 @@ def kernel_table(trace_path: str, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--gemv", default="pallas,xla")
+    ap.add_argument("--gemv", default="pallas,xla", help="modes: xla, pallas (GEMV kernels), pallas+attn (and "
+                    "the attention kernel)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tag", default="")
@@ -76,8 +77,10 @@ def main():
     jax.block_until_ready(params)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     for mode in args.gemv.split(","):
+        gemv, _, attn = mode.partition("+")
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
-                     compile_sampling=False, gemv=mode)
+                     compile_sampling=False, gemv=gemv, decode_attention="pallas" if attn else "xla")
+        eng.wait_background()  # background compiles autotune on the GPU: never time beside them
         rt = eng.runtime
         step = eng.pipelined_step_seconds(100)
         state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1, 2, 3])

@@ -192,12 +192,19 @@ def _torch_gemv(kd, n, tr, Lw):
 def hlo_summary(runtime):
     ex = runtime._get(runtime.decode_spec(1, False))
     txt = ex.as_text() or ""
+    cache = "[" + ",".join(map(str, runtime.state.cache.k.shape)) + "]"
+    # a copy of the stacked cache per step would double the attention's bytes (the kernel writes in place)
+    cache_copies = sum(1 for ln in txt.splitlines() if cache in ln.split("=", 1)[-1][:80] and
+                       (" copy(" in ln or "copy-start(" in ln))
     return {"command_buffer_calls": txt.count("command_buffer"), "triton_custom_calls": txt.count("__gpu$xla.gpu.triton"),
-            "custom_calls": txt.count("custom-call("), "fusions": txt.count(" fusion("), "hlo_chars": len(txt)}
+            "custom_calls": txt.count("custom-call("), "fusions": txt.count(" fusion("), "cache_copies": cache_copies,
+            "hlo_chars": len(txt)}
 
 
 MODES = {"pallas": ("pallas", "pallas", "pallas"), "pallas_gemv": ("pallas_gemv", "pallas", "xla"),
          "xla": ("xla", "xla", "xla")}
+# pallas_pN: the attention kernel's rows split for about N programs at a full cache (default 256)
+MODES.update({f"pallas_p{n}": (f"pallas_p{n}", "pallas", "pallas") for n in (128, 512, 1024, 2048)})
 
 
 def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tuple(MODES.values())):
@@ -208,12 +215,17 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
     G.TUNED.update(tuned)
     rng = np.random.RandomState(0)
     prompt = [int(t) for t in rng.randint(3, cfg.vocab_size, size=10)]
+    from hybrid_jax import decode_attention as A
+    partition_rows = A.partition_rows
     for mode, gemv, attn in modes:
+        n = int(mode[len("pallas_p"):]) if mode.startswith("pallas_p") else 256
+        A.partition_rows = lambda s, k, bs, n=n: partition_rows(s, k, bs, target_programs=n)
         t0 = time.perf_counter()
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 128, 512, 1024),
                      compile_sampling=False, gemv=gemv, decode_attention=attn)
         build = time.perf_counter() - t0
-        r = {"mode": mode, "gemv": eng.runtime.gemv, "attn": eng.runtime.attn, "build_s": build}
+        r = {"mode": mode, "gemv": eng.runtime.gemv, "attn": eng.runtime.attn, "build_s": build,
+             "attn_rows": A.partition_rows(eng.runtime.cache_len, cfg.n_kv_heads, A.block_rows(eng.runtime.cache_len))}
         try:
             r["hlo"] = hlo_summary(eng.runtime)
         except Exception as e:  # noqa: BLE001
@@ -253,20 +265,32 @@ def small_check(results):
     from hybrid_jax import kv_cache, model, weights
     from hybrid_jax.config import LlamaConfig
     out = []
-    for dt, tied in (("float32", False), ("bfloat16", True)):
-        cfg = LlamaConfig(vocab_size=4096, dim=1024, n_layers=3, n_heads=16, n_kv_heads=4, ffn_dim=2816,
-                          dtype=dt, tie_embeddings=tied)
+    for dt, tied, name in (("float32", False, "gqa"), ("bfloat16", True, "gqa"), ("bfloat16", False, "7b-2layers")):
+        if name == "gqa":
+            cfg = LlamaConfig(vocab_size=4096, dim=1024, n_layers=3, n_heads=16, n_kv_heads=4, ffn_dim=2816,
+                              dtype=dt, tie_embeddings=tied)
+        else:  # the 7B's heads and matrices (G = 1, Dh = 128, the tuned tilings), two layers
+            cfg = LlamaConfig(vocab_size=32000, dim=4096, n_layers=2, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                              dtype=dt, tie_embeddings=tied)
         p = weights.init_random(cfg, jax.random.PRNGKey(1))
         for T in (8, 700):
             cache = kv_cache.zeros(cfg, 1040)
             toks = jnp.arange(5, 5 + T, dtype=jnp.int32) % cfg.vocab_size
             _, cache = jax.jit(lambda p, c: model.forward(cfg, p, c, toks, jnp.arange(T, dtype=jnp.int32)))(p, cache)
             f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, jnp.asarray([7], jnp.int32),
-                                                            jnp.asarray([T], jnp.int32), gemv=m, attn=m)[0])
+                                                            jnp.asarray([T], jnp.int32), gemv=m, attn=m))
                  for m in (None, "pallas")}
-            a, b = np.asarray(f[None](p, cache)), np.asarray(f["pallas"](p, cache))
-            out.append({"dtype": dt, "tied": tied, "pos": T, "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
-                        "argmax_equal": bool(a.argmax() == b.argmax())})
+            (a, ca), (b, cb) = f[None](p, cache), f["pallas"](p, cache)
+            a, b = np.asarray(a), np.asarray(b)
+            ka, kb = np.asarray(ca.k, np.float32), np.asarray(cb.k, np.float32)
+            va, vb = np.asarray(ca.v, np.float32), np.asarray(cb.v, np.float32)
+            top2 = np.sort(a.ravel())[-2:]
+            out.append({"model": name, "dtype": dt, "tied": tied, "pos": T, "top2_margin": float(top2[1] - top2[0]), "rel_err": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
+                        "argmax_equal": bool(a.argmax() == b.argmax()),
+                        # the row the kernel wrote in place, against XLA's dynamic-update-slice
+                        "k_row_rel_err": float(np.linalg.norm(ka[:, T] - kb[:, T]) / np.linalg.norm(ka[:, T])),
+                        "v_row_rel_err": float(np.linalg.norm(va[:, T] - vb[:, T]) / np.linalg.norm(va[:, T])),
+                        "other_rows_equal": bool(np.array_equal(np.delete(ka, T, axis=1), np.delete(kb, T, axis=1)))})
     results["small_check"] = out
     print("small check", out, flush=True)
 
@@ -298,6 +322,7 @@ def main():
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "tune": [], "engine": []}
     if "check" in phases:
         small_check(results)
+        _save(args.out, results)
     tuned = {}
     if args.tuned:
         with open(args.tuned) as f:
@@ -309,7 +334,7 @@ def main():
         engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
     print("\n".join(results.get("tune_table_md", [])))
     for r in results["engine"]:
-        print(f"| {r['mode']} | step {r['step_ms']:.3f} ms | TPOT p50 {r['tpot_p50_ms']:.3f} p99 {r['tpot_p99_ms']:.3f} | "
+        print(f"| {r['mode']} rows {r.get('attn_rows')} | step {r['step_ms']:.3f} ms | TPOT p50 {r['tpot_p50_ms']:.3f} p99 {r['tpot_p99_ms']:.3f} | "
               f"TPOT at 700 {r['tpot_at_700_p50_ms']:.3f} | "
               f"TTFT(10) {r['ttft_p50_ms']:.2f} | build {r['build_s']:.0f} s | {r['hlo']} |")
     print("greedy agree prefix:", results.get("greedy_tokens_agree_prefix"))

@@ -50,6 +50,32 @@ def test_kernel_matches_float64(case, dtype):
                        ref_product(x, w, 0, transposed)) < 1e-6
 
 
+@pytest.mark.parametrize("case", [(3, 256, 384, False), (None, 128, 512, True), (2, 576, 192, False)])
+def test_kernel_norm_prologue_and_partials(case):
+    """`norm=` applies RMSNorm inside the kernel exactly as model.rms_norm does (stacked or single weight);
+    `reduce=False` returns partial sums that add up to the product."""
+    layers, kd, n, transposed = case
+    rng = np.random.default_rng(kd + n)
+    shape = (n, kd) if transposed else (kd, n)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape) / np.sqrt(kd), jnp.float32)
+    x = jnp.asarray(rng.standard_normal(kd) * 3, jnp.float32)
+    nw = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + (kd,)), jnp.float32)
+    layer = 1 if layers else None
+    got = G.gemv(x, w, layer, transposed=transposed, norm=nw, eps=1e-5, interpret=True)
+    h = model.rms_norm(x, nw[layer] if layers else nw, 1e-5)
+    assert rel_err(got, ref_product(h, w, layer, transposed)) < 1e-5
+    parts = G.gemv(x, w, layer, transposed=transposed, norm=nw, eps=1e-5, reduce=False, interpret=True)
+    assert parts.shape == (G.default_config(kd, n, transposed).splits, n)
+    assert rel_err(jnp.sum(parts, axis=0), got) < 1e-6
+    # bf16 (XLA may keep the normalised x in float32 rather than round it: xla_allow_excess_precision)
+    xb, nb, wb = x.astype(jnp.bfloat16), nw.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    got = G.gemv(xb, wb, layer, transposed=transposed, norm=nb, eps=1e-5, interpret=True)
+    hb = model.rms_norm(xb, nb[layer] if layers else nb, 1e-5)
+    assert rel_err(got, ref_product(np.asarray(hb, np.float32), np.asarray(wb, np.float32), layer, transposed)) < 1e-2
+    with pytest.raises(ValueError, match="norm weight"):
+        G.gemv(x, w, layer, transposed=transposed, norm=jnp.ones((kd + 1,)), interpret=True)
+
+
 def test_default_configs_tile_llama_shapes():
     for kd, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 32000), (5120, 15360),
                   (13824, 5120), (576, 960), (1536, 576), (576, 3072)]:
@@ -72,10 +98,13 @@ def test_errors_name_the_problem():
         G.gemv(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
 
 
-@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
+WIDE_HEADS = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # Dh = 64, G = 2
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS) + ["wide_heads"])
 def test_decode_with_kernels_equals_hf(variant):
     """Prefill through XLA, then token-by-token decode through the kernels: logits equal HF's full forward."""
-    m = make_hf_model(variant)
+    m = make_hf_model("gqa", **WIDE_HEADS) if variant == "wide_heads" else make_hf_model(variant)
     m.config._attn_implementation = "eager"
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     p = hf_params(m, cfg)
@@ -136,7 +165,8 @@ def test_resolve_gemv(monkeypatch):
 
 def test_resolve_attention(monkeypatch):
     monkeypatch.delenv("HYBRID_JAX_DECODE_ATTN", raising=False)
-    assert resolve_attention("auto", "pallas", None) is None  # opt-in (slower at long contexts)
+    assert resolve_attention("auto", "pallas", None) == "pallas"  # on where the matrix-vector kernels run
+    assert resolve_attention("auto", "interpret", None) == "interpret"
     assert resolve_attention("auto", None, None) is None
     assert resolve_attention("pallas", None, None) == "pallas"
     monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "pallas")
@@ -162,36 +192,73 @@ from hybrid_jax import decode_attention as A  # noqa: E402
 
 
 @pytest.mark.parametrize("blocks", [None, 1, 2, 4])  # rows per program, in row blocks (None: the default)
-@pytest.mark.parametrize("K,G,S,n", [(2, 1, 64, 1), (2, 2, 64, 17), (1, 3, 48, 48), (4, 1, 80, 33), (2, 4, 32, 31),
-                                     (1, 1, 96, 65)])
-def test_attention_kernel_equals_model_attention(K, G, S, n, blocks):
-    """One token at position n-1 attending rows 0..n-1 of layer 1 of a stacked cache; rows past n hold
-    garbage, which must not leak in."""
+@pytest.mark.parametrize("K,G,S,n,splits", [(2, 1, 64, 1, 1), (2, 2, 64, 17, 3), (1, 3, 48, 48, 2),
+                                            (4, 1, 80, 33, 4), (2, 4, 32, 31, 1), (1, 1, 96, 65, 5)])
+def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
+    """One token at position n-1 of layer 1 of a stacked cache, from the QKV projection's partial sums:
+    the kernel's output and cache equal the model's (sum, rope, cache update, attention over rows 0..n-1);
+    rows past n-1 hold garbage, which must not leak in, and no other row or layer changes."""
     rng = np.random.default_rng(K * 100 + G * 10 + n)
-    Dh, L = 16, 3
+    Dh, L = 32, 3
     cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32)
     kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
     vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
-    q = jnp.asarray(rng.standard_normal((K, G, Dh)), jnp.float32)
+    parts = jnp.asarray(rng.standard_normal((splits, K, G + 2, Dh)), jnp.float32)
+    pos = jnp.asarray([n - 1], jnp.int32)
+    cos, sin = model.rope_cos_sin(cfg, pos)
     rows = None if blocks is None else blocks * A.block_rows(S)
-    got = A.attend(q, kc, vc, 1, jnp.asarray([n], jnp.int32), rows_per_program=rows, interpret=True)
-    ref = model.attention(cfg, q[None], kc[1], vc[1], jnp.asarray([n - 1], jnp.int32))[0]
+    got, kc2, vc2 = A.attend(parts, cos[0], sin[0], kc, vc, 1, pos, rows_per_program=rows, interpret=True)
+    qkv = jnp.sum(parts, axis=0)[None]  # [1, K, G+2, Dh]
+    q = model.apply_rope(qkv[:, :, :G], cos, sin)
+    k = model.apply_rope(qkv[:, :, G], cos, sin)
+    ref_cache = kv_cache.update(kv_cache.KVCache(kc, vc), 1, pos[0], k, qkv[:, :, G + 1])
+    ref = model.attention(cfg, q, ref_cache.k[1], ref_cache.v[1], pos)[0]
     assert got.shape == (K, G, Dh)
     assert rel_err(got, ref) < 1e-5
-    ref_trunc = model.attention(cfg, q[None], kc[1, :n], vc[1, :n], jnp.asarray([n - 1], jnp.int32))[0]
-    assert rel_err(got, ref_trunc) < 1e-5
+    assert rel_err(kc2, ref_cache.k) < 1e-6 and rel_err(vc2, ref_cache.v) < 1e-6
+    changed = np.asarray(kc2 != kc).any(axis=(2, 3))  # [L, S]: only row n-1 of layer 1
+    assert changed[1, n - 1] and changed.sum() == 1
+    assert np.asarray(vc2 != vc).any(axis=(2, 3)).sum() == 1
+
+
+def test_attention_kernel_bf16_rounds_like_the_model():
+    """In bf16 the summed projection is rounded to bf16 before rope, and rope's result again, as the
+    model's bf16 tensors are: the written cache row equals the model's bit for bit."""
+    rng = np.random.default_rng(7)
+    K, G, Dh, S, L, n = 2, 2, 32, 32, 2, 9
+    cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32,
+                      dtype="bfloat16")
+    kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.bfloat16)
+    vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.bfloat16)
+    parts = jnp.asarray(rng.standard_normal((3, K, G + 2, Dh)), jnp.float32)
+    pos = jnp.asarray([n - 1], jnp.int32)
+    cos, sin = model.rope_cos_sin(cfg, pos)
+    got, kc2, vc2 = A.attend(parts, cos[0], sin[0], kc, vc, 0, pos, interpret=True)
+    qkv = jnp.sum(parts, axis=0).astype(jnp.bfloat16)[None]
+    k = model.apply_rope(qkv[:, :, G], cos, sin)
+    ref_cache = kv_cache.update(kv_cache.KVCache(kc, vc), 0, pos[0], k, qkv[:, :, G + 1])
+    assert np.array_equal(np.asarray(kc2, np.float32), np.asarray(ref_cache.k, np.float32))
+    assert np.array_equal(np.asarray(vc2, np.float32), np.asarray(ref_cache.v, np.float32))
+    q = model.apply_rope(qkv[:, :, :G], cos, sin)
+    ref = model.attention(cfg, q, ref_cache.k[0], ref_cache.v[0], pos)[0]
+    assert got.dtype == jnp.bfloat16 and rel_err(got.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
 
 
 def test_attention_kernel_errors():
     assert A.supported(1040, 128) and A.block_rows(1040) == 16 and A.block_rows(1024) == 64
-    assert A.partition_rows(1040, 32, 16) == 144  # 7B: 32 kv heads x 8 partitions
+    assert A.partition_rows(1040, 32, 16) == 32  # 7B: 32 kv heads x 33 partitions
     assert A.partition_rows(1040, 3, 16) == 16  # SmolLM2: 3 kv heads x 65 partitions
-    assert not A.supported(1041, 128) and not A.supported(1024, 96)
+    assert not A.supported(1041, 128) and not A.supported(1024, 96) and not A.supported(1024, 8)
+    cs = jnp.ones((32,))
+    one = jnp.asarray([1])
     with pytest.raises(ValueError, match="does not match"):
-        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 32, 4, 16)), jnp.ones((1, 32, 4, 16)), 0, jnp.asarray([1]))
+        A.attend(jnp.ones((1, 2, 3, 32)), cs, cs, jnp.ones((1, 32, 4, 32)), jnp.ones((1, 32, 4, 32)), 0, one)
+    with pytest.raises(ValueError, match="cos/sin"):
+        A.attend(jnp.ones((1, 2, 3, 32)), jnp.ones((16,)), cs, jnp.ones((1, 64, 2, 32)), jnp.ones((1, 64, 2, 32)), 0,
+                 one)
     with pytest.raises(ValueError, match="multiple of the row block"):
-        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 64, 2, 16)), jnp.ones((1, 64, 2, 16)), 0, jnp.asarray([1]),
+        A.attend(jnp.ones((1, 2, 3, 32)), cs, cs, jnp.ones((1, 64, 2, 32)), jnp.ones((1, 64, 2, 32)), 0, one,
                  rows_per_program=24, interpret=True)
     with pytest.raises(ValueError, match="no kernel"):
-        A.attend(jnp.ones((2, 1, 16)), jnp.ones((1, 33, 2, 16)), jnp.ones((1, 33, 2, 16)), 0, jnp.asarray([1]),
+        A.attend(jnp.ones((1, 2, 3, 32)), cs, cs, jnp.ones((1, 33, 2, 32)), jnp.ones((1, 33, 2, 32)), 0, one,
                  interpret=True)
