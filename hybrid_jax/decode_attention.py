@@ -33,6 +33,10 @@ except Exception:  # pragma: no cover
     plt = None
 
 _NEG = -1e30  # a finite minus infinity: no inf - inf in the running max
+# When True, programs whose rows lie past the new token only write an empty result (no QKV sum, rope or
+# reads). Tested on the CPU only (its first form did not lower to Triton; this one is untried there): an
+# experiment for the next GPU run (scripts/gpu_gemv_tune.py --modes pallas,pallas_skip), off until measured.
+SKIP_EMPTY_PARTITIONS = False
 
 
 def block_rows(cache_len: int, cap: int = 64) -> int:
@@ -75,61 +79,75 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
         a, b = jax.lax.fori_loop(0, splits, add, (zero, zero))
         return rnd(a), rnd(b)
 
-    c1, c2, s1, s2 = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
+    def work():
+        c1, c2, s1, s2 = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
 
-    def rope(x):  # rotate-half, as model.apply_rope: x * cos + (-x2, x1) * sin
-        return rnd(x[0] * c1 - x[1] * s1), rnd(x[1] * c2 + x[0] * s2)
+        def rope(x):  # rotate-half, as model.apply_rope: x * cos + (-x2, x1) * sin
+            return rnd(x[0] * c1 - x[1] * s1), rnd(x[1] * c2 + x[0] * s2)
 
-    qs = [tuple(h * scale for h in rope(head(g))) for g in range(groups)]
-    k_new, v_new = rope(head(groups)), head(groups + 1)
-    owner = pos // rows == part  # this program's partition holds row pos
+        qs = [tuple(h * scale for h in rope(head(g))) for g in range(groups)]
+        k_new, v_new = rope(head(groups)), head(groups + 1)
+        owner = pos // rows == part  # this program's partition holds row pos
 
-    @pl.when(owner)
-    def _write():
-        k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
-        k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
-        v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
-        v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
+        @pl.when(owner)
+        def _write():
+            k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
+            k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
+            v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
+            v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
 
-    start = part * rows
-    stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
-    steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
+        start = part * rows
+        stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
+        steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
 
-    def body(i, carry):
-        s0 = pl.multiple_of(start + i * bs, bs)
-        rows_ = pl.ds(s0, bs)
-        k1 = k_ref[layer, rows_, kh, lo].astype(f32)  # [bs, Dh/2]
-        k2 = k_ref[layer, rows_, kh, hi].astype(f32)
-        v1 = v_ref[layer, rows_, kh, lo].astype(f32)
-        v2 = v_ref[layer, rows_, kh, hi].astype(f32)
-        valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)) < stop
-        out = []
+        def body(i, carry):
+            s0 = pl.multiple_of(start + i * bs, bs)
+            rows_ = pl.ds(s0, bs)
+            k1 = k_ref[layer, rows_, kh, lo].astype(f32)  # [bs, Dh/2]
+            k2 = k_ref[layer, rows_, kh, hi].astype(f32)
+            v1 = v_ref[layer, rows_, kh, lo].astype(f32)
+            v2 = v_ref[layer, rows_, kh, hi].astype(f32)
+            valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)) < stop
+            out = []
+            for g in range(groups):
+                m, l, a1, a2 = carry[g]
+                q1, q2 = qs[g]
+                s = jnp.where(valid, jnp.sum(k1 * q1[None, :], axis=1) + jnp.sum(k2 * q2[None, :], axis=1), _NEG)
+                m_new = jnp.maximum(m, jnp.max(s))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new)
+                out.append((m_new, l * alpha + jnp.sum(p), a1 * alpha + jnp.sum(p[:, None] * v1, axis=0),
+                            a2 * alpha + jnp.sum(p[:, None] * v2, axis=0)))
+            return tuple(out)
+
+        zero = jnp.zeros((half,), f32)
+        init = tuple((jnp.float32(_NEG), jnp.float32(0.0), zero, zero) for _ in range(groups))
+        res = jax.lax.fori_loop(0, steps, body, init)
         for g in range(groups):
-            m, l, a1, a2 = carry[g]
+            m, l, a1, a2 = res[g]
             q1, q2 = qs[g]
-            s = jnp.where(valid, jnp.sum(k1 * q1[None, :], axis=1) + jnp.sum(k2 * q2[None, :], axis=1), _NEG)
-            m_new = jnp.maximum(m, jnp.max(s))
+            # the new token, from registers (the owner only)
+            s = jnp.where(owner, jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1]), _NEG)
+            m_new = jnp.maximum(m, s)
             alpha = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new)
-            out.append((m_new, l * alpha + jnp.sum(p), a1 * alpha + jnp.sum(p[:, None] * v1, axis=0),
-                        a2 * alpha + jnp.sum(p[:, None] * v2, axis=0)))
-        return tuple(out)
+            p = jnp.where(owner, jnp.exp(s - m_new), 0.0)
+            m_ref[kh, part, g] = m_new
+            l_ref[kh, part, g] = l * alpha + p
+            acc_ref[kh, part, g, lo] = a1 * alpha + p * v_new[0]
+            acc_ref[kh, part, g, hi] = a2 * alpha + p * v_new[1]
 
-    zero = jnp.zeros((half,), f32)
-    init = tuple((jnp.float32(_NEG), jnp.float32(0.0), zero, zero) for _ in range(groups))
-    res = jax.lax.fori_loop(0, steps, body, init)
-    for g in range(groups):
-        m, l, a1, a2 = res[g]
-        q1, q2 = qs[g]
-        # the new token, from registers (the owner only)
-        s = jnp.where(owner, jnp.sum(q1 * k_new[0]) + jnp.sum(q2 * k_new[1]), _NEG)
-        m_new = jnp.maximum(m, s)
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(owner, jnp.exp(s - m_new), 0.0)
-        m_ref[kh, part, g] = m_new
-        l_ref[kh, part, g] = l * alpha + p
-        acc_ref[kh, part, g, lo] = a1 * alpha + p * v_new[0]
-        acc_ref[kh, part, g, hi] = a2 * alpha + p * v_new[1]
+    if not SKIP_EMPTY_PARTITIONS:
+        return work()
+    start = part * rows
+    pl.when(start <= pos)(work)
+
+    @pl.when(start > pos)
+    def _empty():  # a partition past the new row: nothing to add, rope or read
+        zero = (pos * 0).astype(f32)  # traced: the Triton lowering cannot store a bare constant scalar
+        for g in range(groups):
+            m_ref[kh, part, g] = zero + _NEG
+            l_ref[kh, part, g] = zero
+            acc_ref[kh, part, g, :] = jnp.zeros((2 * half,), f32) + zero
 
 
 def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,

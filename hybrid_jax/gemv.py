@@ -50,6 +50,13 @@ TUNED: dict[tuple[int, int, bool], GemvConfig] = {
 }
 
 
+# Where the projection kernels apply the RMSNorm's scalar scale (see _kernel): before the product, rounding
+# x as the model does (measured on an H200, session 3), or, when True, after it, so that the weight loads
+# do not wait for the mean square. True is tested on the CPU only: an experiment for the next GPU run
+# (scripts/gpu_gemv_tune.py --modes pallas,pallas_epilogue), not the default until measured.
+NORM_IN_EPILOGUE = False
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     """The largest power of 2 <= cap dividing n (1 if n is odd)."""
     b = 1
@@ -105,22 +112,30 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     lead = () if layer is None else (layer,)
     f32 = jnp.float32
     if norm:
-        # RMSNorm prologue: every program reads all of x (a few KB, from L2) for the mean square, then
-        # normalises its own slices as `model.rms_norm` does (scale in float32, round to x's dtype, times
-        # the norm weight in that dtype).
+        nlead = () if norm_layer is None else (norm_layer,)
+
+    def mean_square_scale():  # rsqrt(mean(x^2) + eps): every program reads all of x (a few KB, from L2)
         nb = _pow2_divisor(kd, 4096)
 
         def sq(i, a):
             xs = x_ref[pl.ds(pl.multiple_of(i * nb, nb), nb)].astype(f32)
             return a + jnp.sum(xs * xs)
 
-        r = jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((), f32)) / kd + eps)
-        nlead = () if norm_layer is None else (norm_layer,)
+        return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((), f32)) / kd + eps)
+
+    # RMSNorm: as a prologue, x is scaled and rounded to its dtype before the product, as `model.rms_norm`
+    # does; as an epilogue (NORM_IN_EPILOGUE), the loop runs on norm_weight * x and the scalar scale
+    # multiplies the result, so the weight loads start at once (float32 throughout: XLA's own fusion may
+    # skip that rounding too).
+    epilogue = norm and NORM_IN_EPILOGUE
+    r = mean_square_scale() if norm and not epilogue else None
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
         xs = x_ref[pl.ds(k, bk)]
-        if norm:
+        if epilogue:
+            xs = nw_ref[nlead + (pl.ds(k, bk),)].astype(f32) * xs.astype(f32)
+        elif norm:
             xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * r).astype(xs.dtype)
         xs = xs.astype(f32)
         if transposed:
@@ -131,7 +146,8 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
 
     shape = (bn, bk) if transposed else (bk, bn)
     acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros(shape, f32))
-    o_ref[s, pl.ds(n0, bn)] = jnp.sum(acc, axis=1 if transposed else 0)
+    out = jnp.sum(acc, axis=1 if transposed else 0)
+    o_ref[s, pl.ds(n0, bn)] = out * mean_square_scale() if epilogue else out
 
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,

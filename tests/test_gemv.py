@@ -50,10 +50,12 @@ def test_kernel_matches_float64(case, dtype):
                        ref_product(x, w, 0, transposed)) < 1e-6
 
 
+@pytest.mark.parametrize("epilogue", [True, False])  # the norm's scale after the product, or before it
 @pytest.mark.parametrize("case", [(3, 256, 384, False), (None, 128, 512, True), (2, 576, 192, False)])
-def test_kernel_norm_prologue_and_partials(case):
-    """`norm=` applies RMSNorm inside the kernel exactly as model.rms_norm does (stacked or single weight);
+def test_kernel_norm_and_partials(case, epilogue, monkeypatch):
+    """`norm=` applies RMSNorm inside the kernel as model.rms_norm does (stacked or single weight);
     `reduce=False` returns partial sums that add up to the product."""
+    monkeypatch.setattr(G, "NORM_IN_EPILOGUE", epilogue)
     layers, kd, n, transposed = case
     rng = np.random.default_rng(kd + n)
     shape = (n, kd) if transposed else (kd, n)
@@ -219,6 +221,25 @@ def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
     changed = np.asarray(kc2 != kc).any(axis=(2, 3))  # [L, S]: only row n-1 of layer 1
     assert changed[1, n - 1] and changed.sum() == 1
     assert np.asarray(vc2 != vc).any(axis=(2, 3)).sum() == 1
+
+
+@pytest.mark.parametrize("K,G,S,n,rows", [(2, 2, 80, 5, 16), (1, 1, 96, 70, 32)])
+def test_attention_kernel_skipping_empty_partitions(K, G, S, n, rows, monkeypatch):
+    """The experiment that skips the prologue in partitions past the new row gives the same result."""
+    rng = np.random.default_rng(n)
+    Dh, L = 32, 2
+    kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
+    parts = jnp.asarray(rng.standard_normal((2, K, G + 2, Dh)), jnp.float32)
+    pos = jnp.asarray([n - 1], jnp.int32)
+    cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32)
+    cos, sin = model.rope_cos_sin(cfg, pos)
+    monkeypatch.setattr(A, "SKIP_EMPTY_PARTITIONS", False)
+    off = A.attend(parts, cos[0], sin[0], kc, vc, 1, pos, rows_per_program=rows, interpret=True)
+    monkeypatch.setattr(A, "SKIP_EMPTY_PARTITIONS", True)
+    on = A.attend(parts, cos[0], sin[0], kc, vc, 1, pos, rows_per_program=rows, interpret=True)
+    assert rel_err(on[0], off[0]) < 1e-6
+    assert np.array_equal(np.asarray(on[1]), np.asarray(off[1])) and np.array_equal(np.asarray(on[2]), np.asarray(off[2]))
 
 
 def test_attention_kernel_bf16_rounds_like_the_model():
