@@ -4,7 +4,7 @@ XLA_FLAGS are read once per process, so the parent runs every system (and every 
 of its own and merges the JSON lines. Systems:
   floors      copy bandwidth and matmul rate on jax.devices()[0]
   hybrid      hybrid_jax as designed (hybrid_nocb: the same, the parent sets XLA_FLAGS; hybrid_xlagemv: the
-              same with XLA's fusions for the decode matrix-vector products, the parent sets HYBRID_JAX_GEMV=xla)
+              same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla)
   coldstart   a second process building the hybrid engine again from the same (now warm) executable cache
   plainjit    bench/plainjit.py
   hf_eager    HF transformers generate, dynamic cache; hf_compile: static cache, compiled by transformers

@@ -13,6 +13,10 @@ kernel: a custom call cannot take a slice of an operand without XLA copying it, 
 weights would double the bytes. Pallas lowers the kernel to a Triton custom call that XLA compiles and
 captures in the decode step's command buffer like its own kernels.
 
+A projection that follows an RMSNorm takes the norm's weight (`norm=`) and normalises x itself, so the step
+has no separate norm kernels; the QKV projection hands its partial sums unsummed (`reduce=False`) to the
+attention kernel (decode_attention.py), which adds them.
+
 Off the GPU (tests) the same kernels run in Pallas' interpreter (`interpret=True`).
 """
 from __future__ import annotations
