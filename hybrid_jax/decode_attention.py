@@ -79,6 +79,8 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
         a, b = jax.lax.fori_loop(0, splits, add, (zero, zero))
         return rnd(a), rnd(b)
 
+    start = part * rows
+
     def work():
         c1, c2, s1, s2 = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
 
@@ -96,7 +98,6 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
             v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
             v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
 
-        start = part * rows
         stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
         steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
 
@@ -138,7 +139,6 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
 
     if not SKIP_EMPTY_PARTITIONS:
         return work()
-    start = part * rows
     pl.when(start <= pos)(work)
 
     @pl.when(start > pos)
@@ -163,7 +163,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
 
     Returns (out [K, G, Dh] in `dtype`, k_cache, v_cache), the caches updated in place (their buffers are
     the kernel's outputs). The rows are split over programs (`rows_per_program`, a multiple of the row
-    block; default: about 256 programs at a full cache); each leaves its running max, sum and weighted
+    block; default: `partition_rows`, about 2048 programs at a full cache); each leaves its running max, sum and weighted
     values, and XLA combines the partitions (flash-decoding). Partitions past the filled rows read nothing."""
     splits, K, G2, Dh = qkv.shape
     G = G2 - 2

@@ -103,7 +103,7 @@ def supported(kd: int, n: int, transposed: bool = False) -> bool:
     return default_config(kd, n, transposed) is not None
 
 
-def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float, kd: int):
+def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float):
     if norm:
         x_ref, nw_ref, w_ref, o_ref = refs
     else:
@@ -119,6 +119,7 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
         nlead = () if norm_layer is None else (norm_layer,)
 
     def mean_square_scale():  # rsqrt(mean(x^2) + eps): every program reads all of x (a few KB, from L2)
+        kd = x_ref.shape[0]
         nb = _pow2_divisor(kd, 4096)
 
         def sq(i, a):
@@ -194,7 +195,7 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
         raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
     rows = kd // cfg.splits
     kernel = functools.partial(_kernel, layer=layer, rows=rows, cfg=cfg, transposed=transposed,
-                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps), kd=kd)
+                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
     params = {}
     if plt is not None and not interpret:
         params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)

@@ -77,23 +77,23 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
 GEMV_MODES = (None, "pallas", "interpret")
 
 
-def _kernel_ok(mode: str | None, x: jax.Array, kd: int, n: int, transposed: bool = False) -> bool:
-    return mode is not None and x.shape[0] == 1 and gemv_lib.supported(kd, n, transposed)
-
-
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
-             norm: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+             norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False) -> jax.Array:
     """x @ layer l of a stacked weight [L, (in dims), (out dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the Pallas
     kernel (norm inside it) where the mode is on, x is one token and the shape suits it (same result,
-    [1, *out_shape], in x's dtype)."""
+    [1, *out_shape], in x's dtype). With `partials` (one token), float32 partial sums [splits, *out_shape]
+    for a consumer that adds them (XLA's einsum gives one, in x's dtype's values)."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
-    if not _kernel_ok(mode, x, kd, n):
+    if mode is None or x.shape[0] != 1 or not gemv_lib.supported(kd, n):
         h = x if norm is None else rms_norm(x, norm[l], eps)
-        return jnp.einsum(spec, h, stacked[l])
+        y = jnp.einsum(spec, h, stacked[l])
+        return y.astype(jnp.float32) if partials else y
     w = stacked.reshape(stacked.shape[0], kd, n)  # a bitcast of the stacked parameter: no copy
-    y = gemv_lib.gemv(x.reshape(kd), w, l, norm=norm, eps=eps, interpret=mode == "interpret")
+    y = gemv_lib.gemv(x.reshape(kd), w, l, norm=norm, eps=eps, reduce=not partials, interpret=mode == "interpret")
+    if partials:
+        return y.reshape((-1,) + tuple(out_shape))
     return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
 
 
@@ -101,21 +101,14 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
                     positions: jax.Array, cos, sin, kv_len: int | None,
                     gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
-    G, K, Dh, D = cfg.q_per_kv, cfg.n_kv_heads, cfg.hd, cfg.dim
-    n_qkv = K * (G + 2) * Dh
-    one = x.shape[0] == 1
-    if attn is not None and one and decode_attention.supported(cache.max_seq_len, Dh):
+    G = cfg.q_per_kv
+    if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
         # One token: norm + QKV projection (partial sums) -> one attention kernel that adds them, applies
         # rope, writes the cache row and attends over the filled rows only.
-        if _kernel_ok(gemv, x, D, n_qkv):
-            w = lw.wqkv.reshape(cfg.n_layers, D, n_qkv)
-            parts = gemv_lib.gemv(x[0], w, l, norm=lw.attn_norm, eps=cfg.norm_eps, reduce=False,
-                                  interpret=gemv == "interpret")
-        else:
-            h = rms_norm(x, lw.attn_norm[l], cfg.norm_eps)
-            parts = jnp.einsum("td,dkgh->tkgh", h, lw.wqkv[l]).astype(jnp.float32)
-        o, kc, vc = decode_attention.attend(parts.reshape(-1, K, G + 2, Dh), cos[0], sin[0], cache.k, cache.v, l,
-                                            positions[:1], dtype=x.dtype, interpret=attn == "interpret")
+        parts = _project(gemv, "td,dkgh->tkgh", x, lw.wqkv, l, lw.wqkv.shape[2:], norm=lw.attn_norm,
+                         eps=cfg.norm_eps, partials=True)  # [splits, K, G+2, h]
+        o, kc, vc = decode_attention.attend(parts, cos[0], sin[0], cache.k, cache.v, l, positions[:1],
+                                            dtype=x.dtype, interpret=attn == "interpret")
         cache = KVCache(k=kc, v=vc)
         o = o[None]
     else:

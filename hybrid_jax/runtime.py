@@ -184,6 +184,8 @@ class Runtime:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
+                # the kernels' experiment switches, read when the step is traced (not in the source digest)
+                "kernel_flags": [gemv_lib.NORM_IN_EPILOGUE, attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
 
     def _lower(self, spec: tuple):

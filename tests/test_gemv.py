@@ -126,7 +126,7 @@ def test_decode_with_kernels_equals_hf(variant):
     assert jaxpr.count("pallas_call") == 5 * cfg.n_layers + 1
 
 
-def test_runtime_with_kernels_greedy_equals_hf(tmp_path):
+def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
     m = make_hf_model("tied", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
@@ -139,6 +139,16 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path):
             ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                              pad_token_id=0, eos_token_id=None)[0, n:].tolist()
             assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref
+        # an experiment switch changes the traced step: its executables must not be shared on disk
+        from hybrid_jax import decode_attention
+        spec = eng.runtime.decode_spec(1, False)
+        key = eng.runtime._key(spec)
+        for mod, flag in ((G, "NORM_IN_EPILOGUE"), (decode_attention, "SKIP_EMPTY_PARTITIONS")):
+            was = getattr(mod, flag)
+            monkeypatch.setattr(mod, flag, not was)
+            assert eng.runtime._key(spec) != key, flag
+            monkeypatch.setattr(mod, flag, was)
+        assert eng.runtime._key(spec) == key
     finally:
         eng.close()
 
