@@ -17,6 +17,10 @@ A projection that follows an RMSNorm takes the norm's weight (`norm=`) and norma
 has no separate norm kernels; the QKV projection hands its partial sums unsummed (`reduce=False`) to the
 attention kernel (decode_attention.py), which adds them.
 
+`gemm` is the same kernel for a few rows of x at once (prefill of short prompts, T <= ROWS_MAX): each
+program reads its weight tile once and multiplies all T rows by it with a tensor-core dot, so a 16-token
+prefill reads the weights at the GEMV's rate instead of XLA's skinny-GEMM rate.
+
 Off the GPU (tests) the same kernels run in Pallas' interpreter (`interpret=True`).
 """
 from __future__ import annotations
@@ -52,13 +56,6 @@ TUNED: dict[tuple[int, int, bool], GemvConfig] = {
     (11008, 4096, False): GemvConfig(bn=128, bk=16, splits=43, warps=4, stages=2),  # 7B w2
     (4096, 32000, False): GemvConfig(bn=256, bk=32, splits=4, warps=8, stages=4),  # 7B lm_head
 }
-
-
-# Where the projection kernels apply the RMSNorm's scalar scale (see _kernel): before the product, rounding
-# x as the model does (measured on an H200, session 3), or, when True, after it, so that the weight loads
-# do not wait for the mean square. True is tested on the CPU only: an experiment for the next GPU run
-# (scripts/gpu_gemv_tune.py --modes pallas,pallas_epilogue), not the default until measured.
-NORM_IN_EPILOGUE = False
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -128,19 +125,15 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
 
         return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((), f32)) / kd + eps)
 
-    # RMSNorm: as a prologue, x is scaled and rounded to its dtype before the product, as `model.rms_norm`
-    # does; as an epilogue (NORM_IN_EPILOGUE), the loop runs on norm_weight * x and the scalar scale
-    # multiplies the result, so the weight loads start at once (float32 throughout: XLA's own fusion may
-    # skip that rounding too).
-    epilogue = norm and NORM_IN_EPILOGUE
-    r = mean_square_scale() if norm and not epilogue else None
+    # RMSNorm as a prologue: x is scaled and rounded to its dtype before the product, as `model.rms_norm`
+    # does. (Scaling the product instead, so that the weight loads need not wait for the mean square, made
+    # the 7B step slower on an H200: 4.38 vs 4.07 ms, run 21.)
+    r = mean_square_scale() if norm else None
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
         xs = x_ref[pl.ds(k, bk)]
-        if epilogue:
-            xs = nw_ref[nlead + (pl.ds(k, bk),)].astype(f32) * xs.astype(f32)
-        elif norm:
+        if norm:
             xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * r).astype(xs.dtype)
         xs = xs.astype(f32)
         if transposed:
@@ -152,7 +145,30 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     shape = (bn, bk) if transposed else (bk, bn)
     acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros(shape, f32))
     out = jnp.sum(acc, axis=1 if transposed else 0)
-    o_ref[s, pl.ds(n0, bn)] = out * mean_square_scale() if epilogue else out
+    o_ref[s, pl.ds(n0, bn)] = out
+
+
+def _matrix_shape(w: jax.Array, layer: int | None) -> tuple[int, int]:
+    """The shape of the matrix `gemv` / `gemm` multiply by: w itself, or w[layer] of a stacked weight."""
+    if w.ndim == 3:
+        if layer is None:
+            raise ValueError("a stacked weight needs a layer index")
+        return w.shape[1:]
+    if w.ndim == 2:
+        if layer is not None:
+            raise ValueError("layer given for an unstacked weight")
+        return w.shape
+    raise ValueError(f"weight must be 2-D or stacked 3-D, got shape {w.shape}")
+
+
+def _norm_layer(norm: jax.Array | None, kd: int, layer: int | None) -> int | None:
+    """The row of a stacked norm weight [L, Kd] to use (None for a single [Kd] weight, or no norm)."""
+    if norm is None or norm.shape == (kd,):
+        return None
+    if norm.ndim == 2 and norm.shape[1] == kd and layer is not None and layer < norm.shape[0]:
+        return layer
+    raise ValueError(f"norm weight has shape {norm.shape}; it must be ({kd},) or stacked [L, {kd}] "
+                     f"with the weight's layer index")
 
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
@@ -166,28 +182,11 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     sums [splits, N] are returned unsummed (for a consumer that adds them itself). The result equals XLA's
     up to the order of the float32 additions.
     """
-    if w.ndim == 3:
-        if layer is None:
-            raise ValueError("a stacked weight needs a layer index")
-        mat_shape = w.shape[1:]
-    elif w.ndim == 2:
-        if layer is not None:
-            raise ValueError("layer given for an unstacked weight")
-        mat_shape = w.shape
-    else:
-        raise ValueError(f"weight must be 2-D or stacked 3-D, got shape {w.shape}")
+    mat_shape = _matrix_shape(w, layer)
     n, kd = mat_shape if transposed else mat_shape[::-1]
     if x.shape != (kd,):
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs ({kd},)")
-    norm_layer = None
-    if norm is not None:
-        if norm.shape == (kd,):
-            pass
-        elif norm.ndim == 2 and norm.shape[1] == kd and layer is not None and layer < norm.shape[0]:
-            norm_layer = layer
-        else:
-            raise ValueError(f"norm weight has shape {norm.shape}; it must be ({kd},) or stacked [L, {kd}] "
-                             f"with the weight's layer index")
+    norm_layer = _norm_layer(norm, kd, layer)
     cfg = cfg or default_config(kd, n, transposed)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `supported` first)")
@@ -211,3 +210,130 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     if not reduce:
         return partial
     return partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
+
+
+# ---- a few rows at once (prefill of short prompts) ----------------------------------------------------
+
+# Prompts of up to ROWS_MAX tokens (after padding to a power of 2 >= 16) take `gemm`; longer ones XLA's
+# matmuls, which reach the matrix rate where the product stops being bound by the weight reads.
+ROWS_MAX = 128
+
+# The fastest tiling per (Kd, N, T), measured by scripts/gpu_prefill_probe.py; others get `rows_config`.
+TUNED_ROWS: dict[tuple[int, int, int], GemvConfig] = {}
+
+
+def rows_padded(t: int) -> int:
+    """Rows the kernel computes for t rows of x: a power of 2, at least 16 (the tensor-core dot's minimum)."""
+    p = 16
+    while p < t:
+        p *= 2
+    return p
+
+
+def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int = 264) -> GemvConfig | None:
+    """A tiling for `gemm` of t (padded) rows of `itemsize`-byte elements, or None where the shape does not
+    suit the kernel.
+
+    Each program walks bk rows of its [Kd, bn] column tile per iteration and multiplies the matching
+    [T, bk] slice of x by it, so per stage it holds (T + bn) x bk elements in shared memory (kept near
+    24 KB) and reads x's slice (from L2) once per bn weight columns: bn grows with T. The reduction is split
+    only while the float32 partial sums [splits, T, N] stay small next to the weights (they are written and
+    read back once), to reach about `target_programs` programs (2 per SM on an H100).
+    """
+    t = rows_padded(t)
+    if itemsize == 2 and (kd, n, t) in TUNED_ROWS:
+        return TUNED_ROWS[(kd, n, t)]
+    bn = _pow2_divisor(n, max(64, t))
+    while bn > max(16, t // 2) and (n // bn) < target_programs // 2:  # small matrices: more programs
+        bn //= 2
+    bk = _pow2_divisor(kd, max(16, 24576 // ((t + bn) * itemsize)))
+    if bn < 16 or bk < 16:
+        return None
+    chunks = kd // bk
+    cols = n // bn
+    max_splits = max(1, int(0.03 * kd / t))  # partial sums' bytes (x2) <= ~12% of the weight's
+    splits = 1
+    for d in range(1, chunks + 1):
+        if chunks % d == 0 and d <= max_splits and chunks // d >= 2:
+            splits = d
+            if cols * d >= target_programs:
+                break
+    return GemvConfig(bn=bn, bk=bk, splits=splits, warps=4 if t * bn <= 4096 else 8, stages=3)
+
+
+def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, eps: float):
+    if norm:
+        x_ref, nw_ref, w_ref, o_ref = refs
+    else:
+        x_ref, w_ref, o_ref = refs
+    j = pl.program_id(0)
+    s = pl.program_id(1)
+    bn, bk = cfg.bn, cfg.bk
+    t, kd = x_ref.shape
+    n0 = pl.multiple_of(j * bn, bn)
+    k_start = s * rows
+    lead = () if layer is None else (layer,)
+    f32 = jnp.float32
+    if norm:  # rsqrt(mean(x^2) + eps) per row, every program reads all of x (T x Kd, from L2)
+        nlead = () if norm_layer is None else (norm_layer,)
+        nb = _pow2_divisor(kd, max(16, 8192 // t))
+
+        def sq(i, a):
+            xs = x_ref[:, pl.ds(pl.multiple_of(i * nb, nb), nb)].astype(f32)
+            return a + jnp.sum(xs * xs, axis=1)
+
+        r = jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((t,), f32)) / kd + eps)
+
+    def body(i, acc):
+        k = pl.multiple_of(k_start + i * bk, bk)
+        xs = x_ref[:, pl.ds(k, bk)]  # [T, bk]
+        if norm:  # as model.rms_norm: scaled in float32, rounded to x's dtype, times the norm weight
+            xs = nw_ref[nlead + (pl.ds(k, bk),)][None, :] * (xs.astype(f32) * r[:, None]).astype(xs.dtype)
+        w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))]  # [bk, bn]
+        return acc + jnp.dot(xs.astype(w.dtype), w, preferred_element_type=f32)
+
+    acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros((t, bn), f32))
+    o_ref[s, :, pl.ds(n0, bn)] = acc
+
+
+def gemm_supported(kd: int, n: int, t: int, itemsize: int = 2) -> bool:
+    return 1 <= t and rows_padded(t) <= ROWS_MAX and rows_config(kd, n, t, itemsize) is not None
+
+
+def gemm(x: jax.Array, w: jax.Array, layer: int | None = None, *, cfg: GemvConfig | None = None,
+         norm: jax.Array | None = None, eps: float = 1e-6, interpret: bool = False) -> jax.Array:
+    """float32 [T, N] = x @ W (or `rms_norm(x) @ W` with `norm`) for a few rows x [T, Kd].
+
+    W: [Kd, N], or stacked [L, Kd, N] with `layer` the static index of the matrix to use; norm: the RMSNorm
+    weight [Kd] or stacked [L, Kd], as in `gemv`. x's rows are padded to `rows_padded(T)` (zero rows, whose
+    results are dropped). The products run in x's dtype with float32 accumulation, as XLA's do.
+    """
+    kd, n = _matrix_shape(w, layer)
+    if x.ndim != 2 or x.shape[1] != kd:
+        raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs (T, {kd})")
+    t = x.shape[0]
+    tp = rows_padded(t)
+    norm_layer = _norm_layer(norm, kd, layer)
+    cfg = cfg or rows_config(kd, n, tp, jnp.dtype(x.dtype).itemsize)
+    if cfg is None:
+        raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `gemm_supported` first)")
+    if n % cfg.bn or kd % (cfg.splits * cfg.bk):
+        raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
+    if tp != t:
+        x = jnp.pad(x, ((0, tp - t), (0, 0)))
+    kernel = functools.partial(_rows_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, norm=norm is not None,
+                               norm_layer=norm_layer, eps=float(eps))
+    params = {}
+    if plt is not None and not interpret:
+        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+    args = (x, w) if norm is None else (x, norm, w)
+    partial = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cfg.splits, tp, n), jnp.float32),
+        grid=(n // cfg.bn, cfg.splits),
+        interpret=interpret,
+        name=f"gemm{tp}_{kd}x{n}{'_norm' if norm is not None else ''}",
+        **params,
+    )(*args)
+    out = partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
+    return out[:t] if tp != t else out

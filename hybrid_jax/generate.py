@@ -251,8 +251,8 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
     longest_stop = max(map(len, stops), default=0)
     with engine._lock:
         t0 = time.perf_counter()
-        state = rt.reset_state(rt.state.cache, seed=seed, temperature=temperature, top_k=top_k, top_p=top_p)
-        state, tok = rt.prefill(state, ids)
+        # the request's position, key and sampling parameters travel with its first prefill chunk
+        state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
         timings.prefill_chunks = rt.last_prefill_chunks
         pending = [tok]
         issued = 1  # tokens requested from the device so far

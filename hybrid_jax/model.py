@@ -81,12 +81,18 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False) -> jax.Array:
     """x @ layer l of a stacked weight [L, (in dims), (out dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the Pallas
-    kernel (norm inside it) where the mode is on, x is one token and the shape suits it (same result,
-    [1, *out_shape], in x's dtype). With `partials` (one token), float32 partial sums [splits, *out_shape]
+    kernel (norm inside it) where the mode is on and the shape suits it: `gemv` for one token, `gemm` for
+    up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token), float32 partial sums [splits, *out_shape]
     for a consumer that adds them (XLA's einsum gives one, in x's dtype's values)."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
-    if mode is None or x.shape[0] != 1 or not gemv_lib.supported(kd, n):
+    t = x.shape[0]
+    if mode is not None and t > 1 and not partials and gemv_lib.gemm_supported(kd, n, t, x.dtype.itemsize):
+        # a few tokens (a short prompt's prefill): every row multiplied by each weight tile as it is read
+        w = stacked.reshape(stacked.shape[0], kd, n)
+        y = gemv_lib.gemm(x.reshape(t, kd), w, l, norm=norm, eps=eps, interpret=mode == "interpret")
+        return y.astype(x.dtype).reshape((t,) + tuple(out_shape))
+    if mode is None or t != 1 or not gemv_lib.supported(kd, n):
         h = x if norm is None else rms_norm(x, norm[l], eps)
         y = jnp.einsum(spec, h, stacked[l])
         return y.astype(jnp.float32) if partials else y
@@ -137,8 +143,8 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
-    a single token (T = 1) with the kernels of gemv.py (each RMSNorm inside the kernel that consumes it)
-    instead of XLA's fusions; `attn` (same values) its rope, cache write and attention with the kernel of
+    a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
+    inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache write and attention with the kernel of
     decode_attention.py.
     """
     if gemv not in GEMV_MODES:

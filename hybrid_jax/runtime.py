@@ -65,6 +65,7 @@ def _source_digest() -> str:
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
+    h.update(inspect.getsource(pack_request).encode())
     return h.hexdigest()[:16]
 
 
@@ -78,11 +79,46 @@ def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weigh
     return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key), nxt
 
 
-def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, tokens: jax.Array, n: jax.Array,
-                  gemv: str | None = None):
-    """Write `tokens[:n]` at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the next token."""
-    positions = state.pos + jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len)
+# The prefill's one host->device argument: int32 [T + REQ_FIELDS] = the chunk's T token slots, then
+# n (valid tokens), fresh (1: a new request at position 0 with the key and sampling parameters below; 0:
+# continue `state`), the PRNG key's 2 words, temperature (float32 bits), top_k, top_p (float32 bits), unused.
+# One transfer per chunk, and no separate state reset before a request (run 20: 0.5 ms of TTFT).
+REQ_FIELDS = 8
+
+
+def pack_request(tokens: np.ndarray, T: int, request: tuple | None) -> np.ndarray:
+    """The prefill argument for `tokens` (<= T) and, for a new request, (seed, temperature, top_k, top_p)."""
+    buf = np.zeros((T + REQ_FIELDS,), np.int32)
+    buf[:len(tokens)] = tokens
+    buf[T] = len(tokens)
+    if request is not None:
+        seed, temperature, top_k, top_p = request
+        buf[T + 1] = 1
+        buf[T + 2:T + 4] = _key_data(seed).view(np.int32)
+        buf[T + 4] = np.float32(temperature).view(np.int32)
+        buf[T + 5] = top_k or 0
+        buf[T + 6] = np.float32(1.0 if top_p is None else top_p).view(np.int32)
+    return buf
+
+
+def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, req: jax.Array,
+                  gemv: str | None = None, gemm: str | None = None):
+    """Write the chunk's n tokens at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the
+    next token; `req` as `pack_request` makes it (a fresh request starts at position 0 with its own key
+    and sampling parameters). `gemm`: the projections of short chunks (T <= gemv.ROWS_MAX) through the
+    kernels of gemv.py."""
+    T = req.shape[0] - REQ_FIELDS
+    tokens, meta = req[:T], req[T:]
+    n, fresh = meta[0], meta[1] != 0
+    f32 = lambda v: jax.lax.bitcast_convert_type(v, jnp.float32)
+    state = state.replace(
+        pos=jnp.where(fresh, 0, state.pos),
+        key=jnp.where(fresh, jax.lax.bitcast_convert_type(meta[2:4], jnp.uint32), state.key),
+        sp=SamplingParams(temperature=jnp.where(fresh, f32(meta[4]), state.sp.temperature),
+                          top_k=jnp.where(fresh, meta[5], state.sp.top_k),
+                          top_p=jnp.where(fresh, f32(meta[6]), state.sp.top_p)))
+    positions = state.pos + jnp.arange(T, dtype=jnp.int32)
+    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, gemm)
     last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=0, keepdims=False)  # final norm on this row only
     logits = model.logits_from_hidden(cfg, params, last, gemv, normed=False)
     key, sub = jax.random.split(state.key)
@@ -108,7 +144,7 @@ class Runtime:
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
-                 gemv: str | None = "auto", decode_attention: str | None = "auto"):
+                 gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -142,6 +178,7 @@ class Runtime:
                          else sorted(jax.tree.leaves(params)[0].sharding.device_set, key=lambda d: d.id))
         self.gemv = resolve_gemv(gemv, self._devices, mesh)
         self.attn = resolve_attention(decode_attention, self.gemv, mesh)
+        self.gemm = resolve_prefill_gemm(prefill_gemm, self.gemv, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -184,8 +221,10 @@ class Runtime:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
-                # the kernels' experiment switches, read when the step is traced (not in the source digest)
-                "kernel_flags": [gemv_lib.NORM_IN_EPILOGUE, attn_lib.SKIP_EMPTY_PARTITIONS],
+                # the prefill's kernels (a decode step does not depend on them: shared between ablations)
+                "gemm": [self.gemm, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
+                # the attention kernel's switch, read when the step is traced (not in the source digest)
+                "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
 
     def _lower(self, spec: tuple):
@@ -199,10 +238,10 @@ class Runtime:
                 return _decode_step(cfg, kvb, do_sample, p, s, self.gemv, self.attn)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
-        def prefill_step(p, s, t, n):
-            return _prefill_step(cfg, kvb, p, s, t, n, self.gemv)
+        def prefill_step(p, s, req):
+            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm)
         return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
-                                                                      self._small((T,), jnp.int32), self._small((), jnp.int32))
+                                                                      self._small((T + REQ_FIELDS,), jnp.int32))
 
     def _build(self, spec: tuple):
         key = self._key(spec)
@@ -311,7 +350,12 @@ class Runtime:
         return ("decode", kvb, do_sample)
 
     # ---- execution ----------------------------------------------------------------------------
-    def prefill(self, state: DecodeState, tokens: Sequence[int]) -> tuple[DecodeState, jax.Array]:
+    def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None
+                ) -> tuple[DecodeState, jax.Array]:
+        """Write `tokens` into `state` from its position and return (state, next token). With `request`
+        = (seed, temperature, top_k, top_p) a new request starts at position 0 with that key and those
+        sampling parameters (the state's cache buffers are reused, stale rows masked then overwritten):
+        no separate `reset_state` call."""
         n = len(tokens)
         toks = np.asarray(tokens, np.int32)
         nxt = None
@@ -319,9 +363,8 @@ class Runtime:
         plan = self.plan_prefill(n)
         self.last_prefill_chunks = len(plan)
         for spec, k in plan:
-            buf = np.zeros((spec[1],), np.int32)
-            buf[:k] = toks[s:s + k]
-            state, nxt = self._get(spec)(self.params, state, buf, np.int32(k))
+            state, nxt = self._get(spec)(self.params, state, pack_request(toks[s:s + k], spec[1], request))
+            request = None
             s += k
         return state, nxt
 
@@ -355,6 +398,7 @@ class Runtime:
                 "cache_len": self.cache_len,
                 "gemv": self.gemv,
                 "decode_attention": self.attn,
+                "prefill_gemm": self.gemm,
             }
 
     def close(self):
@@ -370,6 +414,14 @@ def _explicit_mode(mode: str | None, name: str, mesh) -> str | None:
     if mesh is not None:
         raise ValueError(f"the Pallas {name} kernels run on one device; use {name}='xla' with tensor_parallel > 1")
     return mode
+
+
+def _env_mode(var: str) -> str:
+    """An ablation switch from the environment: "" (unset or auto), "xla" or "pallas"."""
+    env = os.environ.get(var, "").strip().lower()
+    if env not in ("", "auto", "xla", "pallas"):
+        raise ValueError(f"{var} must be xla or pallas, got {env!r}")
+    return "" if env == "auto" else env
 
 
 def resolve_gemv(gemv: str | None, devices, mesh) -> str | None:
@@ -395,10 +447,17 @@ def resolve_attention(mode: str | None, gemv: str | None, mesh) -> str | None:
     variable HYBRID_JAX_DECODE_ATTN=xla (or pallas) overrides "auto", for ablations."""
     if mode != "auto":
         return _explicit_mode(mode, "decode_attention", mesh)
-    env = os.environ.get("HYBRID_JAX_DECODE_ATTN", "").strip().lower()
-    if env not in ("", "auto", "xla", "pallas"):
-        raise ValueError(f"HYBRID_JAX_DECODE_ATTN must be xla or pallas, got {env!r}")
-    return None if env == "xla" else gemv
+    return None if _env_mode("HYBRID_JAX_DECODE_ATTN") == "xla" else gemv
+
+
+def resolve_prefill_gemm(mode: str | None, gemv: str | None, mesh) -> str | None:
+    """The prefill's projections for chunks of up to gemv.ROWS_MAX tokens through `gemv.gemm` (norms
+    inside). "auto" keeps XLA's matmuls: on an H200 the kernel was no faster than XLA's for the 7B's
+    matrices at 16-128 rows, and the prefill slower (docs/ENGINEERING_LOG.md, run 19). The environment
+    variable HYBRID_JAX_PREFILL_GEMM=pallas turns it on where the decode kernels run, for ablations."""
+    if mode != "auto":
+        return _explicit_mode(mode, "prefill_gemm", mesh)
+    return gemv if _env_mode("HYBRID_JAX_PREFILL_GEMM") == "pallas" else None
 
 
 def _key_data(seed: int) -> np.ndarray:

@@ -206,10 +206,8 @@ MODES = {"pallas": ("pallas", "pallas", "pallas"), "pallas_gemv": ("pallas_gemv"
          "xla": ("xla", "xla", "xla")}
 # pallas_pN: the attention kernel's rows split for about N programs at a full cache (default 256)
 MODES.update({f"pallas_p{n}": (f"pallas_p{n}", "pallas", "pallas") for n in (128, 512, 1024, 2048)})
-# Experiments, off by default in the library: pallas_epilogue: the norm's scale after the product
-# (gemv.NORM_IN_EPILOGUE); pallas_skip: empty attention partitions skip the prologue
-# (decode_attention.SKIP_EMPTY_PARTITIONS); pallas_next: both
-MODES.update({m: (m, "pallas", "pallas") for m in ("pallas_epilogue", "pallas_skip", "pallas_next")})
+# pallas_noskip: the ablation of decode_attention.SKIP_EMPTY_PARTITIONS (on by default since run 21)
+MODES["pallas_noskip"] = ("pallas_noskip", "pallas", "pallas")
 
 
 def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tuple(MODES.values())):
@@ -226,14 +224,13 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
         n = mode[len("pallas_p"):] if mode.startswith("pallas_p") else ""
         A.partition_rows = (functools.partial(partition_rows, target_programs=int(n)) if n.isdigit()
                             else partition_rows)
-        G.NORM_IN_EPILOGUE = mode in ("pallas_epilogue", "pallas_next")
-        A.SKIP_EMPTY_PARTITIONS = mode in ("pallas_skip", "pallas_next")
+        A.SKIP_EMPTY_PARTITIONS = mode != "pallas_noskip"
         t0 = time.perf_counter()
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 128, 512, 1024),
                      compile_sampling=False, gemv=gemv, decode_attention=attn)
         build = time.perf_counter() - t0
         r = {"mode": mode, "gemv": eng.runtime.gemv, "attn": eng.runtime.attn, "build_s": build,
-             "norm_in_epilogue": G.NORM_IN_EPILOGUE, "skip_empty_partitions": A.SKIP_EMPTY_PARTITIONS,
+             "skip_empty_partitions": A.SKIP_EMPTY_PARTITIONS,
              "attn_rows": A.partition_rows(eng.runtime.cache_len, cfg.n_kv_heads, A.block_rows(eng.runtime.cache_len))}
         try:
             r["hlo"] = hlo_summary(eng.runtime)
@@ -316,8 +313,6 @@ def main():
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
     ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
-    ap.add_argument("--check-experiments", action="store_true",
-                    help="check phase with gemv.NORM_IN_EPILOGUE and decode_attention.SKIP_EMPTY_PARTITIONS on")
     args = ap.parse_args()
     from hybrid_jax.config import PRESETS, LlamaConfig
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
@@ -332,10 +327,8 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "tune": [], "engine": []}
     if "check" in phases:
-        if args.check_experiments:
-            from hybrid_jax import decode_attention as A
-            G.NORM_IN_EPILOGUE = A.SKIP_EMPTY_PARTITIONS = True
-            results["check_experiments"] = True
+        from hybrid_jax import decode_attention as A
+        results["check_skip_empty_partitions"] = A.SKIP_EMPTY_PARTITIONS
         small_check(results)
         _save(args.out, results)
     tuned = {}

@@ -14,7 +14,7 @@ from hybrid_jax import gemv as G
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.generate import Engine, generate
-from hybrid_jax.runtime import resolve_attention, resolve_gemv
+from hybrid_jax.runtime import resolve_attention, resolve_gemv, resolve_prefill_gemm
 
 
 def ref_product(x, w, layer, transposed):
@@ -50,12 +50,10 @@ def test_kernel_matches_float64(case, dtype):
                        ref_product(x, w, 0, transposed)) < 1e-6
 
 
-@pytest.mark.parametrize("epilogue", [True, False])  # the norm's scale after the product, or before it
 @pytest.mark.parametrize("case", [(3, 256, 384, False), (None, 128, 512, True), (2, 576, 192, False)])
-def test_kernel_norm_and_partials(case, epilogue, monkeypatch):
+def test_kernel_norm_and_partials(case):
     """`norm=` applies RMSNorm inside the kernel as model.rms_norm does (stacked or single weight);
     `reduce=False` returns partial sums that add up to the product."""
-    monkeypatch.setattr(G, "NORM_IN_EPILOGUE", epilogue)
     layers, kd, n, transposed = case
     rng = np.random.default_rng(kd + n)
     shape = (n, kd) if transposed else (kd, n)
@@ -100,6 +98,114 @@ def test_errors_name_the_problem():
         G.gemv(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
 
 
+ROW_CASES = [  # (layers or None, kd, n, rows, config or None for the default)
+    (3, 256, 384, 16, None),
+    (3, 256, 384, 5, G.GemvConfig(bn=32, bk=64, splits=2)),  # padded to 16 rows, split reduction
+    (2, 1376, 256, 23, G.GemvConfig(bn=16, bk=32, splits=43)),  # padded to 32, odd chunk counts
+    (None, 64, 160, 2, None),
+    (None, 512, 96, 64, G.GemvConfig(bn=32, bk=128, splits=4)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", ROW_CASES, ids=[f"{c[1]}x{c[2]}x{c[3]}-{i}" for i, c in enumerate(ROW_CASES)])
+def test_gemm_matches_float64(case, dtype):
+    """A few rows at once (prefill): every row equals its own product, padded rows are dropped."""
+    layers, kd, n, t, cfg = case
+    rng = np.random.default_rng(kd * n + t)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + (kd, n)), dtype)
+    x = jnp.asarray(rng.standard_normal((t, kd)), dtype)
+    layer = None if layers is None else layers - 1
+    got = G.gemm(x, w, layer, cfg=cfg, interpret=True)
+    assert got.dtype == jnp.float32 and got.shape == (t, n)
+    ref = np.asarray(x, np.float64) @ np.asarray(w if layer is None else w[layer], np.float64)
+    # bf16 products on the tensor cores are exact in float32; float32 inputs too in the interpreter
+    assert rel_err(got, ref) < 1e-6
+    assert rel_err(got[t - 1], ref[t - 1]) < 1e-6  # the last row (next to the padding) as well
+    if layers:
+        ref0 = np.asarray(x, np.float64) @ np.asarray(w[0], np.float64)
+        assert rel_err(G.gemm(x, w, 0, cfg=cfg, interpret=True), ref0) < 1e-6
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_gemm_norm_inside(stacked):
+    """`norm=` normalises each row as model.rms_norm does, before the product."""
+    kd, n, t = 256, 128, 7
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal(((2,) if stacked else ()) + (kd, n)) / 16, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((t, kd)) * np.arange(1, t + 1)[:, None], jnp.float32)  # rows' scales differ
+    nw = jnp.asarray(rng.standard_normal(((2,) if stacked else ()) + (kd,)), jnp.float32)
+    layer = 1 if stacked else None
+    got = G.gemm(x, w, layer, norm=nw, eps=1e-5, interpret=True)
+    h = model.rms_norm(x, nw[1] if stacked else nw, 1e-5)
+    assert rel_err(got, np.asarray(h, np.float64) @ np.asarray(w[1] if stacked else w, np.float64)) < 1e-5
+    xb, nb, wb = x.astype(jnp.bfloat16), nw.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    got = G.gemm(xb, wb, layer, norm=nb, eps=1e-5, interpret=True)
+    hb = np.asarray(model.rms_norm(xb, nb[1] if stacked else nb, 1e-5), np.float64)
+    assert rel_err(got, hb @ np.asarray(wb[1] if stacked else wb, np.float64)) < 1e-5  # rounds as the model
+    with pytest.raises(ValueError, match="norm weight"):
+        G.gemm(x, w, layer, norm=jnp.ones((kd + 1,)), interpret=True)
+
+
+def test_gemm_configs_and_errors():
+    for kd, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5120, 15360), (13824, 5120),
+                  (576, 960), (1536, 576), (576, 3072)]:
+        for t in (2, 16, 33, 128):
+            c = G.rows_config(kd, n, t)
+            assert c is not None and n % c.bn == 0 and kd % (c.splits * c.bk) == 0, (kd, n, t, c)
+            assert G.gemm_supported(kd, n, t)
+        assert not G.gemm_supported(kd, n, G.ROWS_MAX + 1)  # longer chunks: XLA's matmuls
+    assert G.rows_padded(1) == 16 and G.rows_padded(17) == 32 and G.rows_padded(128) == 128
+    x = jnp.ones((4, 64), jnp.float32)
+    with pytest.raises(ValueError, match="needs a layer index"):
+        G.gemm(x, jnp.ones((2, 64, 64)), interpret=True)
+    with pytest.raises(ValueError, match=r"needs \(T, 32\)"):
+        G.gemm(x, jnp.ones((32, 64)), interpret=True)
+    with pytest.raises(ValueError, match="does not tile"):
+        G.gemm(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+def test_prefill_with_kernels_equals_hf(variant):
+    """A prompt's forward with its projections through `gemm` (norms inside): every row's logits equal HF's."""
+    m = make_hf_model(variant)
+    m.config._attn_implementation = "eager"
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    p = hf_params(m, cfg)
+    ids = [int(t) for t in np.random.RandomState(2).randint(3, cfg.vocab_size, size=11)]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+    f = lambda p, c: model.forward(cfg, p, c, jnp.asarray(ids, jnp.int32), jnp.arange(11, dtype=jnp.int32),
+                                   gemv="interpret")
+    lg, cache = jax.jit(f)(p, kv_cache.zeros(cfg, 16))
+    assert rel_err(lg, ref) < 1e-4
+    _, cache_x = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids, jnp.int32),
+                               jnp.arange(11, dtype=jnp.int32))
+    assert rel_err(cache.k, cache_x.k) < 1e-5 and rel_err(cache.v, cache_x.v) < 1e-5
+    # the four projections per layer went through the kernel (the LM head of 11 rows stays XLA's)
+    assert str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, 16))).count("pallas_call") == 4 * cfg.n_layers
+
+
+def test_resolve_prefill_gemm(monkeypatch):
+    monkeypatch.delenv("HYBRID_JAX_PREFILL_GEMM", raising=False)
+    assert resolve_prefill_gemm("auto", "pallas", None) is None  # measured no faster: XLA's by default
+    assert resolve_prefill_gemm("auto", None, None) is None
+    assert resolve_prefill_gemm("pallas", None, None) == "pallas"
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "pallas")
+    assert resolve_prefill_gemm("auto", "pallas", None) == "pallas"  # where the decode kernels run
+    assert resolve_prefill_gemm("auto", None, None) is None
+    assert resolve_prefill_gemm("xla", "pallas", None) is None
+    assert resolve_prefill_gemm("interpret", None, None) == "interpret"
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "xla")
+    assert resolve_prefill_gemm("auto", "pallas", None) is None
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "cublas")
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_GEMM"):
+        resolve_prefill_gemm("auto", "pallas", None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve_prefill_gemm("pallas", None, mesh)
+
+
 WIDE_HEADS = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # Dh = 64, G = 2
 
 
@@ -130,25 +236,30 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
     m = make_hf_model("tied", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
-                 compile_sampling=False, gemv="interpret", decode_attention="interpret")
+                 compile_sampling=False, gemv="interpret", decode_attention="interpret", prefill_gemm="interpret")
     try:
         assert eng.runtime.gemv == "interpret" and eng.stats()["gemv"] == "interpret"
         assert eng.stats()["decode_attention"] == "interpret"
+        assert eng.stats()["prefill_gemm"] == "interpret"  # the prompts' projections through gemm too
         for n in (3, 17):
             ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
             ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                              pad_token_id=0, eos_token_id=None)[0, n:].tolist()
             assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref
-        # an experiment switch changes the traced step: its executables must not be shared on disk
+        # the attention kernel's switch changes the traced step: its executables must not be shared on disk
         from hybrid_jax import decode_attention
         spec = eng.runtime.decode_spec(1, False)
         key = eng.runtime._key(spec)
-        for mod, flag in ((G, "NORM_IN_EPILOGUE"), (decode_attention, "SKIP_EMPTY_PARTITIONS")):
-            was = getattr(mod, flag)
-            monkeypatch.setattr(mod, flag, not was)
-            assert eng.runtime._key(spec) != key, flag
-            monkeypatch.setattr(mod, flag, was)
+        was = decode_attention.SKIP_EMPTY_PARTITIONS
+        monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", not was)
+        assert eng.runtime._key(spec) != key
+        monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", was)
         assert eng.runtime._key(spec) == key
+        # the prefill's kernel choice is in the prefill's key only (decode steps are shared)
+        pre = ("prefill", 16, 16)
+        pkey = eng.runtime._key(pre)
+        monkeypatch.setattr(eng.runtime, "gemm", None)
+        assert eng.runtime._key(pre) != pkey and eng.runtime._key(spec) == key
     finally:
         eng.close()
 
@@ -235,7 +346,7 @@ def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
 
 @pytest.mark.parametrize("K,G,S,n,rows", [(2, 2, 80, 5, 16), (1, 1, 96, 70, 32)])
 def test_attention_kernel_skipping_empty_partitions(K, G, S, n, rows, monkeypatch):
-    """The experiment that skips the prologue in partitions past the new row gives the same result."""
+    """Partitions past the new row skipping their prologue (the default) give the same result as without."""
     rng = np.random.default_rng(n)
     Dh, L = 32, 2
     kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)

@@ -58,6 +58,25 @@ def test_greedy_equals_hf_at_bucket_edges(tiny, engine, n):
     assert r.finish_reason == "length"
 
 
+def test_request_travels_with_the_prefill(tiny, engine):
+    """A request's position, key and sampling parameters are set by its first prefill chunk (no separate
+    state reset): after a sampled request the state holds its parameters, and the next greedy request
+    starts from position 0 again."""
+    from hybrid_jax.runtime import REQ_FIELDS, _key_data, pack_request
+    buf = pack_request(np.array([5, 6, 7], np.int32), 16, (9, 0.5, 3, 0.25))
+    assert buf.shape == (16 + REQ_FIELDS,) and buf[:3].tolist() == [5, 6, 7] and not buf[3:16].any()
+    assert buf[16:18].tolist() == [3, 1] and np.array_equal(buf[18:20].view(np.uint32), _key_data(9))
+    assert buf[20:24].view(np.float32)[[0, 2]].tolist() == [0.5, 0.25] and buf[21] == 3
+    assert pack_request(np.array([5], np.int32), 16, None)[17] == 0  # a continuing chunk keeps the state
+    ids = prompt(9, seed=2)
+    greedy = generate(engine, ids, max_new_tokens=5, ignore_eos=True).token_ids
+    generate(engine, ids, max_new_tokens=5, temperature=0.5, top_k=3, top_p=0.25, seed=9, ignore_eos=True)
+    sp = engine.runtime.state.sp
+    assert (float(sp.temperature), int(sp.top_k), float(sp.top_p)) == (0.5, 3, 0.25)
+    assert int(engine.runtime.state.pos) == 9 + 5 - 1  # the last token is produced, not yet written
+    assert generate(engine, ids, max_new_tokens=5, ignore_eos=True).token_ids == greedy == hf_greedy(tiny[0], ids, 5)
+
+
 def test_chunked_prefill_while_bucket_compiles(tiny, tmp_path):
     m, cfg, p = tiny
     e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False)
