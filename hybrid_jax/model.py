@@ -82,8 +82,9 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
     """x @ layer l of a stacked weight [L, (in dims), (out dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the Pallas
     kernel (norm inside it) where the mode is on and the shape suits it: `gemv` for one token, `gemm` for
-    up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token), float32 partial sums [splits, *out_shape]
-    for a consumer that adds them (XLA's einsum gives one, in x's dtype's values)."""
+    up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token), float32
+    partial sums [splits, *out_shape] for a consumer that adds them (XLA's einsum gives one, in x's dtype's
+    values)."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
     t = x.shape[0]
@@ -144,8 +145,8 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
     a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
-    inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache write and attention with the kernel of
-    decode_attention.py.
+    inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache
+    write and attention with the kernel of decode_attention.py.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
