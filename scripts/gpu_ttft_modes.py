@@ -1,8 +1,9 @@
 """Why is TTFT at 100 tokens bimodal in the latency suite (7.1-7.5 or 9.4-10.5 ms, run 22), at the same
 reps in both hybrid systems? Per request: the host time of the prefill call, then the time to the first
 token, 128 decode steps after each (LLaMA-2-7B shape, random bf16), for the suite's own prompts (one per
-rep, twice over) and for one prompt repeated. Slow reps that follow the prompt point at the data; a slow
-request with a slow prefill call at the host side."""
+rep, twice over) and for one prompt repeated; then per suite prompt generate()'s TTFT and the prefill's
+device time alone. Slow reps that follow the prompt point at the data; a slow request with a slow prefill
+call at the host side."""
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import jax  # noqa: E402
 
 from hybrid_jax import weights  # noqa: E402
 from hybrid_jax.config import PRESETS, LlamaConfig  # noqa: E402
-from hybrid_jax.generate import Engine  # noqa: E402
+from hybrid_jax.generate import Engine, generate  # noqa: E402
 
 cfg = PRESETS.get(sys.argv[1] if len(sys.argv) > 1 else "llama2-7b") or LlamaConfig(
     vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=512)
@@ -52,3 +53,22 @@ for name, new in (("suite", 128), ("suite", 128), ("fixed", 128)):
     out.setdefault(name, []).append(rows)
     print(name, [(round(r["ttft_ms"], 2), round(r["call_ms"], 2), round(r["decode_enqueue_ms"], 2)) for r in rows], flush=True)
     json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "ttft_modes.json"), "w"))
+
+# per suite prompt: generate()'s own TTFT (the suite's path), and the prefill's device time alone (5 of
+# that prompt back to back, no reads): slow prompts with slow device time mean data-dependent device work
+rows = []
+for rep in range(15):
+    ids = prompt_ids(cfg.vocab_size, 100, rep, 0)
+    ttft = generate(eng, ids, max_new_tokens=128, ignore_eos=True).timings.ttft_s
+    st = rt.state
+    jax.block_until_ready(st)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        st, tok = rt.prefill(st, ids, request=(0, 0.0, None, None))
+    tok.block_until_ready()
+    rt.state = st
+    rows.append({"generate_ttft_ms": ttft * 1e3, "prefill_device_ms": (time.perf_counter() - t0) / 5 * 1e3})
+out["per_prompt"] = rows
+print("per prompt (generate TTFT, prefill device)", [(round(r["generate_ttft_ms"], 2), round(r["prefill_device_ms"], 2))
+                                                     for r in rows], flush=True)
+json.dump(out, open(os.path.join(os.environ.get("OUT", "."), "ttft_modes.json"), "w"))
