@@ -190,26 +190,25 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     cfg = cfg or default_config(kd, n, transposed)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `supported` first)")
-    if n % cfg.bn or kd % (cfg.splits * cfg.bk):
-        raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
-    rows = kd // cfg.splits
-    kernel = functools.partial(_kernel, layer=layer, rows=rows, cfg=cfg, transposed=transposed,
+    kernel = functools.partial(_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, transposed=transposed,
                                norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
-    params = {}
-    if plt is not None and not interpret:
-        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
-    args = (x, w) if norm is None else (x, norm, w)
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.splits, n), jnp.float32),
-        grid=(n // cfg.bn, cfg.splits),
-        interpret=interpret,
-        name=f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}",
-        **params,
-    )(*args)
+    partial = _launch(kernel, (x, w) if norm is None else (x, norm, w), cfg, kd, n, (n,),
+                      f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}", interpret)
     if not reduce:
         return partial
     return partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
+
+
+def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tuple, name: str,
+            interpret: bool) -> jax.Array:
+    """Run a projection kernel over its (N / bn, splits) grid: float32 partial sums [splits, *out_shape]."""
+    if n % cfg.bn or kd % (cfg.splits * cfg.bk):
+        raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
+    params = {}
+    if plt is not None and not interpret:
+        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((cfg.splits,) + out_shape, jnp.float32),
+                          grid=(n // cfg.bn, cfg.splits), interpret=interpret, name=name, **params)(*args)
 
 
 # ---- a few rows at once (prefill of short prompts) ----------------------------------------------------
@@ -218,7 +217,8 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
 # matmuls, which reach the matrix rate where the product stops being bound by the weight reads.
 ROWS_MAX = 128
 
-# The fastest tiling per (Kd, N, T), measured by scripts/gpu_prefill_probe.py; others get `rows_config`.
+# The fastest tiling per (Kd, N, T) for bf16, measured by scripts/gpu_prefill_probe.py; others get
+# `rows_config`. Empty: the kernel is opt-in and its tuning was not finished (docs/ENGINEERING_LOG.md, run 19).
 TUNED_ROWS: dict[tuple[int, int, int], GemvConfig] = {}
 
 
@@ -317,23 +317,11 @@ def gemm(x: jax.Array, w: jax.Array, layer: int | None = None, *, cfg: GemvConfi
     cfg = cfg or rows_config(kd, n, tp, jnp.dtype(x.dtype).itemsize)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `gemm_supported` first)")
-    if n % cfg.bn or kd % (cfg.splits * cfg.bk):
-        raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
     if tp != t:
         x = jnp.pad(x, ((0, tp - t), (0, 0)))
     kernel = functools.partial(_rows_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, norm=norm is not None,
                                norm_layer=norm_layer, eps=float(eps))
-    params = {}
-    if plt is not None and not interpret:
-        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
-    args = (x, w) if norm is None else (x, norm, w)
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((cfg.splits, tp, n), jnp.float32),
-        grid=(n // cfg.bn, cfg.splits),
-        interpret=interpret,
-        name=f"gemm{tp}_{kd}x{n}{'_norm' if norm is not None else ''}",
-        **params,
-    )(*args)
+    partial = _launch(kernel, (x, w) if norm is None else (x, norm, w), cfg, kd, n, (tp, n),
+                      f"gemm{tp}_{kd}x{n}{'_norm' if norm is not None else ''}", interpret)
     out = partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
     return out[:t] if tp != t else out

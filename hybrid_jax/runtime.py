@@ -92,12 +92,11 @@ def pack_request(tokens: np.ndarray, T: int, request: tuple | None) -> np.ndarra
     buf[:len(tokens)] = tokens
     buf[T] = len(tokens)
     if request is not None:
-        seed, temperature, top_k, top_p = request
+        seed, *sp = request
+        t, k, p = _sampling_scalars(*sp)
         buf[T + 1] = 1
         buf[T + 2:T + 4] = _key_data(seed).view(np.int32)
-        buf[T + 4] = np.float32(temperature).view(np.int32)
-        buf[T + 5] = top_k or 0
-        buf[T + 6] = np.float32(1.0 if top_p is None else top_p).view(np.int32)
+        buf[T + 4:T + 7] = t.view(np.int32), k, p.view(np.int32)
     return buf
 
 
@@ -207,8 +206,8 @@ class Runtime:
 
     def reset_state(self, cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
-        small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed), np.float32(temperature),
-                                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p)),
+        small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed),
+                                *_sampling_scalars(temperature, top_k, top_p)),
                                self._small_sharding)  # one transfer call; replicated over the mesh if any
         pos, token, key, t, k, p = small
         return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p))
@@ -458,6 +457,11 @@ def resolve_prefill_gemm(mode: str | None, gemv: str | None, mesh) -> str | None
     if mode != "auto":
         return _explicit_mode(mode, "prefill_gemm", mesh)
     return gemv if _env_mode("HYBRID_JAX_PREFILL_GEMM") == "pallas" else None
+
+
+def _sampling_scalars(temperature, top_k, top_p) -> tuple[np.float32, np.int32, np.float32]:
+    """The state's sampling parameters (sampling.SamplingParams' conventions: top_k 0 and top_p 1 mean none)."""
+    return np.float32(temperature), np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p)
 
 
 def _key_data(seed: int) -> np.ndarray:
