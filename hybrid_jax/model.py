@@ -104,9 +104,25 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
     return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
 
 
+# Fused attention for a chunk that is its own whole context (`fused_attention`): jax.nn.dot_product_attention
+# with this implementation ("cudnn": one cuDNN flash-attention kernel on the GPU; "xla": the same function
+# through XLA, for tests off the GPU).
+FUSED_ATTENTION = (None, "cudnn", "xla")
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """Causal attention of T queries over the same T keys (positions 0..T-1): q [T, K, G, h], k, v [T, K, h]
+    -> [T, K, G, h], as `attention` computes it over a cache holding exactly these keys."""
+    T, K, G, h = q.shape
+    o = jax.nn.dot_product_attention(q.reshape(1, T, K * G, h), k[None], v[None], is_causal=True,
+                                     implementation=implementation)  # query head k*G+g reads kv head k
+    return o.reshape(q.shape).astype(q.dtype)
+
+
 def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
                     positions: jax.Array, cos, sin, kv_len: int | None,
-                    gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+                    gemv: str | None = None, attn: str | None = None,
+                    fused: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
     G = cfg.q_per_kv
     if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
@@ -126,7 +142,12 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
         v = qkv[:, :, G + 1]
         cache = kv_cache.update(cache, l, positions[0], k, v)
         n = kv_len or cache.max_seq_len
-        o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
+        if fused is not None and n == x.shape[0]:
+            # The attended rows are exactly this chunk's (a prompt's own bucket from position 0): one fused
+            # kernel over the new keys and values, instead of XLA's scores, mask, softmax and two products.
+            o = fused_attention(q, k.astype(cache.k.dtype), v.astype(cache.v.dtype), fused)
+        else:
+            o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
     return _project(gemv, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
 
 
@@ -138,7 +159,8 @@ def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str
 
 
 def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-          kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+          kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
+          fused: str | None = None) -> tuple[jax.Array, KVCache]:
     """The residual stream after the last layer [T, D] (before the final norm) and the updated cache.
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
@@ -146,25 +168,30 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
     a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
     inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache
-    write and attention with the kernel of decode_attention.py.
+    write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
+    attention of a chunk whose attended rows are exactly its own (kv_len = T, so positions start at 0)
+    with `fused_attention`.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
     if attn not in GEMV_MODES:
         raise ValueError(f"attn must be one of {GEMV_MODES}, got {attn!r}")
+    if fused not in FUSED_ATTENTION:
+        raise ValueError(f"fused must be one of {FUSED_ATTENTION}, got {fused!r}")
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):  # unrolled: static weight slices, no copies
-        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn)
+        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn, fused)
         x = x + a
         x = x + mlp_block(cfg, params, l, x, gemv)
     return x, cache
 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
+           fused: str | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [T, D] and the updated cache (arguments as `trunk`)."""
-    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused)
     return rms_norm(x, params.final_norm, cfg.norm_eps), cache
 
 
@@ -187,7 +214,8 @@ def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: st
 
 
 def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-            kv_len: int | None = None, gemv: str | None = None, attn: str | None = None) -> tuple[jax.Array, KVCache]:
+            kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
+            fused: str | None = None) -> tuple[jax.Array, KVCache]:
     """Logits [T, V] (float32) and the updated cache."""
-    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn)
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused)
     return logits_from_hidden(cfg, params, x, gemv, normed=False), cache

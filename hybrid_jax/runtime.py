@@ -101,11 +101,12 @@ def pack_request(tokens: np.ndarray, T: int, request: tuple | None) -> np.ndarra
 
 
 def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, req: jax.Array,
-                  gemv: str | None = None, gemm: str | None = None):
+                  gemv: str | None = None, gemm: str | None = None, fused: str | None = None):
     """Write the chunk's n tokens at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the
     next token; `req` as `pack_request` makes it (a fresh request starts at position 0 with its own key
     and sampling parameters). `gemm`: the projections of short chunks (T <= gemv.ROWS_MAX) through the
-    kernels of gemv.py."""
+    kernels of gemv.py; `fused`: the attention of a prompt's own bucket (kv_len = T) as one fused kernel
+    (model.fused_attention)."""
     T = req.shape[0] - REQ_FIELDS
     tokens, meta = req[:T], req[T:]
     n, fresh = meta[0], meta[1] != 0
@@ -117,7 +118,7 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
                           top_k=jnp.where(fresh, meta[5], state.sp.top_k),
                           top_p=jnp.where(fresh, f32(meta[6]), state.sp.top_p)))
     positions = state.pos + jnp.arange(T, dtype=jnp.int32)
-    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, gemm)
+    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, gemm, fused=fused)
     last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=0, keepdims=False)  # final norm on this row only
     logits = model.logits_from_hidden(cfg, params, last, gemv, normed=False)
     key, sub = jax.random.split(state.key)
@@ -143,7 +144,8 @@ class Runtime:
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
-                 gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto"):
+                 gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto",
+                 prefill_attention: str | None = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -178,6 +180,7 @@ class Runtime:
         self.gemv = resolve_gemv(gemv, self._devices, mesh)
         self.attn = resolve_attention(decode_attention, self.gemv, mesh)
         self.gemm = resolve_prefill_gemm(prefill_gemm, self.gemv, mesh)
+        self.fused = resolve_prefill_attention(prefill_attention, cfg, self._devices, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -222,6 +225,7 @@ class Runtime:
                 "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
                 "gemm": [self.gemm, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
+                "fused_attention": self.fused if spec[0] == "prefill" else None,
                 # the attention kernel's switch, read when the step is traced (not in the source digest)
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
@@ -238,7 +242,7 @@ class Runtime:
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         def prefill_step(p, s, req):
-            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm)
+            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm, self.fused)
         return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
                                                                       self._small((T + REQ_FIELDS,), jnp.int32))
 
@@ -398,6 +402,7 @@ class Runtime:
                 "gemv": self.gemv,
                 "decode_attention": self.attn,
                 "prefill_gemm": self.gemm,
+                "prefill_attention": self.fused,
             }
 
     def close(self):
@@ -457,6 +462,27 @@ def resolve_prefill_gemm(mode: str | None, gemv: str | None, mesh) -> str | None
     if mode != "auto":
         return _explicit_mode(mode, "prefill_gemm", mesh)
     return gemv if _env_mode("HYBRID_JAX_PREFILL_GEMM") == "pallas" else None
+
+
+def resolve_prefill_attention(mode: str | None, cfg: LlamaConfig, devices, mesh) -> str | None:
+    """The attention of a prompt's own bucket (model.fused_attention). "auto" takes cuDNN's fused flash
+    attention on one GPU where cuDNN supports the model (bfloat16 or float16, head dim a multiple of 8 up to
+    128), XLA's unfused attention elsewhere. "cudnn" and "xla" (jax.nn.dot_product_attention through XLA, for
+    tests) force one; None (or the environment variable HYBRID_JAX_PREFILL_ATTN=off, for ablations) keeps
+    model.attention."""
+    if mode != "auto":
+        if mode not in model.FUSED_ATTENTION:
+            raise ValueError(f"prefill_attention must be 'auto', 'cudnn', 'xla' or None, got {mode!r}")
+        if mode == "cudnn" and mesh is not None:
+            raise ValueError("prefill_attention='cudnn' runs on one device; use None with tensor_parallel > 1")
+        return mode
+    env = os.environ.get("HYBRID_JAX_PREFILL_ATTN", "").strip().lower()
+    if env not in ("", "auto", "off"):
+        raise ValueError(f"HYBRID_JAX_PREFILL_ATTN must be off or auto, got {env!r}")
+    if env == "off" or mesh is not None or not all(d.platform in ("gpu", "cuda") for d in devices):
+        return None
+    ok = cfg.dtype in ("bfloat16", "float16") and cfg.hd % 8 == 0 and cfg.hd <= 128
+    return "cudnn" if ok else None
 
 
 def _sampling_scalars(temperature, top_k, top_p) -> tuple[np.float32, np.int32, np.float32]:

@@ -126,3 +126,39 @@ def test_kv_len_window_equals_full_cache():
     full, _ = model.forward(cfg, p, kv_cache.zeros(cfg, 64), ids, jnp.arange(T, dtype=jnp.int32))
     win, _ = model.forward(cfg, p, kv_cache.zeros(cfg, 64), ids, jnp.arange(T, dtype=jnp.int32), kv_len=32)
     assert rel_err(win, full) < 1e-6
+
+
+def test_fused_attention_equals_model_attention():
+    """model.fused_attention (jax.nn.dot_product_attention, here through XLA; cuDNN's kernel on the GPU)
+    computes what model.attention computes over a cache holding exactly the chunk's keys (GQA, causal)."""
+    _, cfg, _ = setup("gqa")
+    K, G, h = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
+    rng = np.random.RandomState(3)
+    q, k, v = (jnp.asarray(rng.randn(*s), jnp.float32) for s in ((T, K, G, h), (T, K, h), (T, K, h)))
+    ref = model.attention(cfg, q, k, v, jnp.arange(T, dtype=jnp.int32))
+    assert rel_err(model.fused_attention(q, k, v, "xla"), ref) < 1e-6
+    assert model.fused_attention(q, k, v, "xla").shape == q.shape
+    # the first query sees only the first key: its output is v[0] (per kv head)
+    assert np.allclose(np.asarray(model.fused_attention(q, k, v, "xla"))[0], np.asarray(v)[0][:, None], atol=1e-6)
+
+
+def test_fused_attention_prefill_equals_hf(variant, monkeypatch):
+    """A prompt in its own bucket (kv_len = T, from position 0) through the fused attention equals HF; a
+    chunk after it (kv_len > T) keeps model.attention over the cache."""
+    m, cfg, p = setup(variant)
+    ids = np.random.RandomState(4).randint(0, cfg.vocab_size, size=T)
+    ref = m(torch.tensor(ids)[None]).logits[0].detach().numpy()
+    calls = []
+    real = model.fused_attention
+    monkeypatch.setattr(model, "fused_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    got, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 40), jnp.asarray(ids, jnp.int32),
+                               jnp.arange(T, dtype=jnp.int32), kv_len=T, fused="xla")
+    assert rel_err(got, ref) < TOL and len(calls) == cfg.n_layers
+    calls.clear()
+    ids2 = np.random.RandomState(5).randint(0, cfg.vocab_size, size=8)
+    ref2 = m(torch.tensor(np.concatenate([ids, ids2]))[None]).logits[0, T:].detach().numpy()
+    got2, _ = model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(T, T + 8, dtype=jnp.int32),
+                            kv_len=40, fused="xla")
+    assert rel_err(got2, ref2) < TOL and calls == []  # attends over the cache: not the fused path
+    with pytest.raises(ValueError, match="fused must be one of"):
+        model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(8, dtype=jnp.int32), fused="flash")

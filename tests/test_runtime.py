@@ -169,3 +169,56 @@ def test_warm_cache_in_fresh_process_compiles_nothing_and_corrupt_entry_is_rebui
     assert fixed["tokens"] == fixed["ref"]
     again = run_child(tmp_path)  # rebuilt entries are trusted again
     assert again["stats"]["compiles"] == 0 and again["stats"]["cache_rejected"] == 0
+
+
+def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
+    """The prompt's own bucket through model.fused_attention (here through XLA, cuDNN's kernel on a GPU);
+    chunks through the smallest bucket keep the attention over the cache: greedy ids equal HF's both ways."""
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_attention="xla")
+    try:
+        assert e.stats()["prefill_attention"] == "xla"
+        ids = prompt(40, seed=11)
+        r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+        assert r.timings.prefill_chunks == 3 and r.token_ids == hf_greedy(m, ids, NEW)
+        e.runtime.wait_background()
+        for n in (5, 16, 40):
+            ids = prompt(n, seed=12)
+            r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+            assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
+        pre = ("prefill", 16, 16)
+        key = e.runtime._key(pre)
+        dec = e.runtime._key(e.runtime.decode_spec(1, False))
+        e.runtime.fused = None
+        assert e.runtime._key(pre) != key  # its own executables on disk
+        assert e.runtime._key(e.runtime.decode_spec(1, False)) == dec  # decode steps shared
+    finally:
+        e.close()
+
+
+def test_resolve_prefill_attention(monkeypatch):
+    import types
+
+    import jax
+
+    from hybrid_jax.runtime import resolve_prefill_attention as resolve
+    monkeypatch.delenv("HYBRID_JAX_PREFILL_ATTN", raising=False)
+    gpu = [types.SimpleNamespace(platform="gpu")]
+    cpu = jax.devices("cpu")[:1]
+    bf16 = LlamaConfig(vocab_size=64, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)  # head dim 128
+    assert resolve("auto", bf16, gpu, None) == "cudnn"
+    assert resolve("auto", bf16, cpu, None) is None  # XLA's attention off the GPU
+    assert resolve("auto", bf16.replace(dtype="float32"), gpu, None) is None  # cuDNN's kernel: 16-bit only
+    assert resolve("auto", bf16.replace(n_heads=1), gpu, None) is None  # head dim 256: not taken
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    assert resolve("auto", bf16, gpu, mesh) is None
+    assert resolve("xla", bf16, cpu, None) == "xla" and resolve(None, bf16, gpu, None) is None
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve("cudnn", bf16, gpu, mesh)
+    with pytest.raises(ValueError, match="prefill_attention must be"):
+        resolve("flash", bf16, gpu, None)
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "off")
+    assert resolve("auto", bf16, gpu, None) is None
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "fast")
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
+        resolve("auto", bf16, gpu, None)
