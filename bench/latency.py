@@ -28,11 +28,22 @@ from . import report
 from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
-ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "plainjit", "hf_eager", "hf_compile")
+ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_vmm", "plainjit", "hf_eager",
+               "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
 QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
 NOCB = "--xla_gpu_enable_command_buffer="
+# The hybrid ablations and settings: system -> (XLA_FLAGS appended, environment). hybrid_vmm: the CUDA VMM
+# allocator with the prefill's temp buffer at a fixed virtual address, so its command buffer is not re-pointed
+# when the allocator moves it (docs/ENGINEERING_LOG.md, run 24).
+HYBRID_VARIANTS = {
+    "hybrid": ("", ()),
+    "hybrid_nocb": (NOCB, ()),
+    "hybrid_xlagemv": ("", (("HYBRID_JAX_GEMV", "xla"),)),
+    "hybrid_nofused": ("", (("HYBRID_JAX_PREFILL_ATTN", "off"),)),
+    "hybrid_vmm": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", (("XLA_PYTHON_CLIENT_ALLOCATOR", "vmm"),)),
+}
 UNSUPPORTED = ("Unknown flag in XLA_FLAGS", "Flag parsing failed", "Unknown command line flag")
 
 
@@ -333,6 +344,13 @@ def _record_outcome(rc: int, part: Path, log: Path, spec: Spec, run: str) -> Non
                         "xla_flags": spec.xla_flags}], mode="a")
 
 
+def system_specs(systems: list[str], coldstart: bool = True) -> list[Spec]:
+    """One worker spec per system: a hybrid variant's XLA_FLAGS and environment from HYBRID_VARIANTS."""
+    return [Spec(s, s, xla_flags=HYBRID_VARIANTS.get(s, ("", ()))[0],
+                 coldstart=coldstart and s in ("hybrid", "hybrid_nocb"),
+                 env=HYBRID_VARIANTS.get(s, ("", ()))[1]) for s in systems]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = finalize_args(parser().parse_args(argv))
@@ -345,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [s for s in systems if s not in ALL_SYSTEMS]
     if bad:
         raise SystemExit(f"unknown system(s) {bad}; known: {', '.join(ALL_SYSTEMS)}")
-    specs = [Spec(s, s, xla_flags=NOCB if s == "hybrid_nocb" else "",
-                  coldstart=not args.no_coldstart and s in ("hybrid", "hybrid_nocb"),
-                  env=(("HYBRID_JAX_GEMV", "xla"),) if s == "hybrid_xlagemv" else ()) for s in systems]
+    specs = system_specs(systems, coldstart=not args.no_coldstart)
     run_suite(args, specs, "latency", ["python", "-m", "bench.latency", *argv])
     return 0
 

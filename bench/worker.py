@@ -4,7 +4,8 @@ XLA_FLAGS are read once per process, so the parent runs every system (and every 
 of its own and merges the JSON lines. Systems:
   floors      copy bandwidth and matmul rate on jax.devices()[0]
   hybrid      hybrid_jax as designed (hybrid_nocb: the same, the parent sets XLA_FLAGS; hybrid_xlagemv: the
-              same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla)
+              same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla;
+              hybrid_nofused: XLA's attention in the prefill; hybrid_vmm: the VMM allocator; latency.HYBRID_VARIANTS)
   coldstart   a second process building the hybrid engine again from the same (now warm) executable cache
   plainjit    bench/plainjit.py
   hf_eager    HF transformers generate, dynamic cache; hf_compile: static cache, compiled by transformers
@@ -29,7 +30,8 @@ TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
                    max_position_embeddings=2048)
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
 HF_SYSTEMS = ("hf_eager", "hf_compile")
-JAX_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "plainjit")
+HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_vmm")
+JAX_SYSTEMS = HYBRID_SYSTEMS + ("plainjit",)
 
 
 class Skip(Exception):
@@ -250,7 +252,7 @@ def main_worker(args) -> int:
     try:
         if system == "floors":
             run_floors(args, emit)
-        elif system in ("hybrid", "hybrid_nocb", "hybrid_xlagemv"):
+        elif system in HYBRID_SYSTEMS:
             run_hybrid(args, emit)
         elif system == "coldstart":
             run_hybrid(args, emit, cold_only=True)

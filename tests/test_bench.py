@@ -304,3 +304,23 @@ def test_latency_smoke_converted_checkpoint(tmp_path):
     for rep, by in heads.items():
         assert by["hybrid"] == by["plainjit"] == by["hf_eager"] and len(by["hybrid"]) == 6, (rep, by)
     assert "checkpoint `" in (d / "results.md").read_text()
+
+
+def test_hybrid_variant_specs(monkeypatch):
+    """Every hybrid variant is a system the parent accepts and the worker runs, with its settings in the
+    worker's environment (and nothing else changed)."""
+    from bench.latency import ALL_SYSTEMS, HYBRID_VARIANTS, system_specs, worker_env
+    from bench.worker import HYBRID_SYSTEMS
+    assert set(HYBRID_VARIANTS) == set(HYBRID_SYSTEMS) and set(HYBRID_SYSTEMS) <= set(ALL_SYSTEMS)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_a=1")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    env = {s.system: worker_env(s) for s in system_specs(list(HYBRID_SYSTEMS) + ["hf_eager"])}
+    assert env["hybrid"]["XLA_FLAGS"] == "--xla_a=1" and "HYBRID_JAX_PREFILL_ATTN" not in env["hybrid"]
+    assert env["hybrid_vmm"]["XLA_PYTHON_CLIENT_ALLOCATOR"] == "vmm"
+    assert env["hybrid_vmm"]["XLA_FLAGS"] == "--xla_a=1 --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+    assert env["hybrid_nofused"]["HYBRID_JAX_PREFILL_ATTN"] == "off"
+    assert env["hybrid_xlagemv"]["HYBRID_JAX_GEMV"] == "xla"
+    assert env["hybrid_nocb"]["XLA_FLAGS"].endswith("--xla_gpu_enable_command_buffer=")
+    assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]
+    specs = {s.system: s for s in system_specs(["hybrid", "hybrid_vmm"], coldstart=True)}
+    assert specs["hybrid"].coldstart and not specs["hybrid_vmm"].coldstart

@@ -1,0 +1,180 @@
+"""Where does the prefill call's host time go (~0.8-1.0 ms before its graph starts, run 20), and is it the
+command buffer's update when buffer addresses move between calls? Run once per XLA setting, each in its own
+process (XLA_FLAGS and the allocator are read once):
+
+  PYTHONPATH=. python3 scripts/gpu_prefill_host.py --tag default
+  XLA_PYTHON_CLIENT_ALLOCATOR=vmm XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP \
+      PYTHONPATH=. python3 scripts/gpu_prefill_host.py --tag vmm_skip_temp
+
+Per prompt length (10 / 100 / 500 tokens, the suite's prompts, one per rep): generate()'s TTFT, and a
+request done by hand (prefill call, first decode step enqueued, first token read) with the host time of the
+prefill call itself. Then the pipelined decode step (a setting must not slow it), and a profiler trace of a
+few requests at 100 tokens, copied to $OUT with a summary of the host events inside the prefill calls.
+Writes prefill_host_<tag>.json (and with --keep-trace trace_<tag>.json.gz) under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax  # noqa: E402
+
+
+def host_summary(trace_path: str, marker: str = "hj_prefill_call") -> dict:
+    """Host events that lie inside the `marker` annotations, by name: total us per call and count per call;
+    and per call the delay from the marker's start to the first device kernel that starts after it."""
+    with gzip.open(trace_path) as f:
+        tr = json.load(f)
+    ev = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname = {e["pid"]: e["args"]["name"] for e in ev if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, n in pname.items() if "gpu" in n.lower()}
+    xs = [e for e in ev if e.get("ph") == "X"]
+    calls = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in xs if e["name"] == marker)
+    by = collections.defaultdict(lambda: [0.0, 0])
+    for e in xs:
+        if e["pid"] in gpu or e["name"] == marker:
+            continue
+        a = float(e["ts"])
+        if any(s <= a < t for s, t in calls):
+            by[e["name"]][0] += float(e.get("dur", 0))
+            by[e["name"]][1] += 1
+    kstarts = sorted(float(e["ts"]) for e in xs if e["pid"] in gpu)
+    first = []
+    for s, t in calls:
+        k = next((k for k in kstarts if k >= s), None)
+        first.append(None if k is None else round(k - s, 1))
+    offsets = []  # per call: when (us after the call starts) each of these host events first starts
+    keys = ("DevicePut", "Thunks::Initialize", "command_buffer::update", "command_buffer::execute", "cuGraphLaunch")
+    for s, t in calls:
+        inside = sorted((float(e["ts"]) - s, e["name"]) for e in xs
+                        if e["pid"] not in gpu and s <= float(e["ts"]) < t)
+        offsets.append({k: next((round(o, 1) for o, nm in inside if nm.startswith(k)), None) for k in keys})
+    n = max(len(calls), 1)
+    top = sorted(by.items(), key=lambda kv: -kv[1][0])[:40]
+    return {"calls": len(calls), "call_us": [round(t - s, 1) for s, t in calls], "first_kernel_after_us": first,
+            "first_start_after_us": offsets,
+            "top": [{"name": k[:120], "us_per_call": round(v[0] / n, 1), "count_per_call": round(v[1] / n, 2)}
+                    for k, v in top]}
+
+
+def request(rt, ids, new: int = 16):
+    """One request as generate() does it: prefill, first decode step enqueued, first token read."""
+    t0 = time.perf_counter()
+    with jax.profiler.TraceAnnotation("hj_prefill_call"):
+        state, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
+    t1 = time.perf_counter()
+    pos = len(ids)
+    state, nxt = rt.decode(state, rt.decode_spec(pos, False))
+    int(np.asarray(tok))
+    t2 = time.perf_counter()
+    for _ in range(new - 2):
+        pos += 1
+        state, nxt2 = rt.decode(state, rt.decode_spec(pos, False))
+        int(np.asarray(nxt))
+        nxt = nxt2
+    int(np.asarray(nxt))
+    rt.state = state
+    return (t1 - t0) * 1e3, (t2 - t0) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--lengths", default="10,100,500")
+    ap.add_argument("--keep-trace", action="store_true", help="copy the profiler trace to --out")
+    ap.add_argument("--host-only", action="store_true", help="no Python tracer, and device tracer level 0 (meant "
+                    "to drop CUPTI, which inflates graph launches; jax 0.11.2 still traced the device, run 28)")
+    args = ap.parse_args()
+    from bench.worker import prompt_ids
+    from hybrid_jax import weights
+    from hybrid_jax.config import PRESETS, LlamaConfig
+    from hybrid_jax.generate import Engine, generate
+    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
+                                                 ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
+    lengths = [int(x) for x in args.lengths.split(",")]
+    params = weights.init_random(cfg, jax.random.PRNGKey(0))
+    jax.block_until_ready(params)
+    eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), compile_sampling=False)
+    rt = eng.runtime
+    for n in lengths:
+        rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
+    out = {"tag": args.tag, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "compiles_s": rt.stats()["compile_seconds"],
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "allocator": os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "")}
+    path = os.path.join(args.out, f"prefill_host_{args.tag}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+    for n in lengths:  # warm each bucket
+        for rep in range(3):
+            request(rt, prompt_ids(cfg.vocab_size, n, rep, 0))
+    rows = {}
+    for n in lengths:
+        gen, call, ttft = [], [], []
+        for rep in range(args.reps):
+            ids = prompt_ids(cfg.vocab_size, n, rep, 0)
+            gen.append(generate(eng, ids, max_new_tokens=32, ignore_eos=True).timings.ttft_s * 1e3)
+            c, t = request(rt, ids, 32)
+            call.append(c)
+            ttft.append(t)
+        rows[n] = {"generate_ttft_ms": [round(v, 3) for v in gen], "call_ms": [round(v, 3) for v in call],
+                   "request_ttft_ms": [round(v, 3) for v in ttft],
+                   "p50": {"generate_ttft_ms": float(np.median(gen)), "call_ms": float(np.median(call)),
+                           "request_ttft_ms": float(np.median(ttft))}}
+        print(f"[{args.tag}] {n:4d} tok: generate TTFT p50 {np.median(gen):.2f} ms (min {min(gen):.2f} max "
+              f"{max(gen):.2f}); prefill call p50 {np.median(call):.2f} ms; request TTFT p50 {np.median(ttft):.2f}",
+              flush=True)
+        out["ttft"] = rows
+        save()
+    out["step_ms"] = eng.pipelined_step_seconds(100) * 1e3
+    print(f"[{args.tag}] pipelined decode step {out['step_ms']:.3f} ms", flush=True)
+    save()
+    d = tempfile.mkdtemp()
+    n = 100 if 100 in lengths else lengths[0]
+    kw = {}
+    if args.host_only:
+        opts = jax.profiler.ProfileOptions()
+        opts.device_tracer_level = 0
+        opts.python_tracer_level = 0
+        kw["profiler_options"] = opts
+    with jax.profiler.trace(d, create_perfetto_trace=True, **kw):
+        for rep in range(4):
+            request(rt, prompt_ids(cfg.vocab_size, n, rep, 0), 8)
+        time.sleep(0.1)
+    paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if paths:
+        if args.keep_trace:
+            shutil.copy(paths[0], os.path.join(args.out, f"trace_{args.tag}.json.gz"))
+        try:
+            out["host"] = host_summary(paths[0])
+            h = out["host"]
+            print(f"[{args.tag}] traced prefill calls (us): {h['call_us']}; first kernel after the call starts: "
+                  f"{h['first_kernel_after_us']}", flush=True)
+            print(f"[{args.tag}] first start of (us after the call starts): {h['first_start_after_us']}", flush=True)
+            for r in h["top"][:25]:
+                print(f"   {r['us_per_call']:8.1f} us x{r['count_per_call']:6.2f}  {r['name']}")
+        except Exception as e:  # noqa: BLE001
+            out["host_error"] = f"{type(e).__name__}: {e}"
+    save()
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()
