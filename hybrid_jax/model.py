@@ -10,6 +10,7 @@ transformers' `LlamaForCausalLM` computes.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -22,6 +23,8 @@ from . import kv_cache
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .weights import Weights
+
+log = logging.getLogger(__name__)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -114,8 +117,12 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     """Causal attention of T queries over the same T keys (positions 0..T-1): q [T, K, G, h], k, v [T, K, h]
     -> [T, K, G, h], as `attention` computes it over a cache holding exactly these keys."""
     T, K, G, h = q.shape
-    o = jax.nn.dot_product_attention(q.reshape(1, T, K * G, h), k[None], v[None], is_causal=True,
-                                     implementation=implementation)  # query head k*G+g reads kv head k
+    args = (q.reshape(1, T, K * G, h), k[None], v[None])  # query head k*G+g reads kv head k
+    try:
+        o = jax.nn.dot_product_attention(*args, is_causal=True, implementation=implementation)
+    except (NotImplementedError, RuntimeError) as e:  # no cuDNN, or it refuses this shape, dtype, card, version
+        log.warning("cuDNN attention unavailable (%s); the prefill uses XLA's implementation", e)
+        o = jax.nn.dot_product_attention(*args, is_causal=True, implementation="xla")
     return o.reshape(q.shape).astype(q.dtype)
 
 

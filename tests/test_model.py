@@ -162,3 +162,16 @@ def test_fused_attention_prefill_equals_hf(variant, monkeypatch):
     assert rel_err(got2, ref2) < TOL and calls == []  # attends over the cache: not the fused path
     with pytest.raises(ValueError, match="fused must be one of"):
         model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(8, dtype=jnp.int32), fused="flash")
+
+
+def test_fused_attention_falls_back_where_cudnn_refuses(caplog):
+    """Where cuDNN's kernel is unavailable (here: no GPU, float32) the same function runs through XLA, with a
+    warning, instead of failing the prefill's compile."""
+    _, cfg, _ = setup("gqa")
+    rng = np.random.RandomState(6)
+    q = jnp.asarray(rng.randn(8, cfg.n_kv_heads, cfg.q_per_kv, cfg.hd), jnp.float32)
+    k, v = (jnp.asarray(rng.randn(8, cfg.n_kv_heads, cfg.hd), jnp.float32) for _ in range(2))
+    with caplog.at_level("WARNING", logger="hybrid_jax.model"):
+        got = model.fused_attention(q, k, v, "cudnn")
+    assert "cuDNN attention unavailable" in caplog.text
+    assert rel_err(got, model.attention(cfg, q, k, v, jnp.arange(8, dtype=jnp.int32))) < 1e-6
