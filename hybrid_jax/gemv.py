@@ -100,35 +100,39 @@ def supported(kd: int, n: int, transposed: bool = False) -> bool:
     return default_config(kd, n, transposed) is not None
 
 
-def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float):
-    if norm:
-        x_ref, nw_ref, w_ref, o_ref = refs
-    else:
-        x_ref, w_ref, o_ref = refs
+def _tile(refs, norm: bool, cfg: GemvConfig, rows: int):
+    """A program's refs (x, the norm weight or None, w, out) and its tile of the (N / bn, splits) grid: the
+    split s, its first output column n0 and its first reduction row k_start."""
+    x_ref, nw_ref, w_ref, o_ref = refs if norm else (refs[0], None, *refs[1:])
     j = pl.program_id(0)
     s = pl.program_id(1)
-    bn, bk = cfg.bn, cfg.bk
-    n0 = pl.multiple_of(j * bn, bn)
-    k_start = s * rows
-    lead = () if layer is None else (layer,)
+    return x_ref, nw_ref, w_ref, o_ref, s, pl.multiple_of(j * cfg.bn, cfg.bn), s * rows
+
+
+def _mean_square_scale(x_ref, nb: int, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over x's last axis (one per row), x read in slices of nb: every program reads
+    all of x (a few KB, from L2)."""
     f32 = jnp.float32
-    if norm:
-        nlead = () if norm_layer is None else (norm_layer,)
+    kd = x_ref.shape[-1]
+    rows = (slice(None),) * (x_ref.ndim - 1)
 
-    def mean_square_scale():  # rsqrt(mean(x^2) + eps): every program reads all of x (a few KB, from L2)
-        kd = x_ref.shape[0]
-        nb = _pow2_divisor(kd, 4096)
+    def sq(i, a):
+        xs = x_ref[rows + (pl.ds(pl.multiple_of(i * nb, nb), nb),)].astype(f32)
+        return a + jnp.sum(xs * xs, axis=-1)
 
-        def sq(i, a):
-            xs = x_ref[pl.ds(pl.multiple_of(i * nb, nb), nb)].astype(f32)
-            return a + jnp.sum(xs * xs)
+    return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros(x_ref.shape[:-1], f32)) / kd + eps)
 
-        return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((), f32)) / kd + eps)
 
+def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float):
+    x_ref, nw_ref, w_ref, o_ref, s, n0, k_start = _tile(refs, norm, cfg, rows)
+    bn, bk = cfg.bn, cfg.bk
+    lead = () if layer is None else (layer,)
+    nlead = () if norm_layer is None else (norm_layer,)
+    f32 = jnp.float32
     # RMSNorm as a prologue: x is scaled and rounded to its dtype before the product, as `model.rms_norm`
     # does. (Scaling the product instead, so that the weight loads need not wait for the mean square, made
     # the 7B step slower on an H200: 4.38 vs 4.07 ms, run 21.)
-    r = mean_square_scale() if norm else None
+    r = _mean_square_scale(x_ref, _pow2_divisor(x_ref.shape[0], 4096), eps) if norm else None
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
@@ -262,27 +266,14 @@ def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int
 
 
 def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, eps: float):
-    if norm:
-        x_ref, nw_ref, w_ref, o_ref = refs
-    else:
-        x_ref, w_ref, o_ref = refs
-    j = pl.program_id(0)
-    s = pl.program_id(1)
+    x_ref, nw_ref, w_ref, o_ref, s, n0, k_start = _tile(refs, norm, cfg, rows)
     bn, bk = cfg.bn, cfg.bk
     t, kd = x_ref.shape
-    n0 = pl.multiple_of(j * bn, bn)
-    k_start = s * rows
     lead = () if layer is None else (layer,)
+    nlead = () if norm_layer is None else (norm_layer,)
     f32 = jnp.float32
-    if norm:  # rsqrt(mean(x^2) + eps) per row, every program reads all of x (T x Kd, from L2)
-        nlead = () if norm_layer is None else (norm_layer,)
-        nb = _pow2_divisor(kd, max(16, 8192 // t))
-
-        def sq(i, a):
-            xs = x_ref[:, pl.ds(pl.multiple_of(i * nb, nb), nb)].astype(f32)
-            return a + jnp.sum(xs * xs, axis=1)
-
-        r = jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros((t,), f32)) / kd + eps)
+    if norm:  # per row; every program reads all of x (T x Kd, from L2)
+        r = _mean_square_scale(x_ref, _pow2_divisor(kd, max(16, 8192 // t)), eps)
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
