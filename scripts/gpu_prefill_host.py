@@ -88,6 +88,33 @@ def request(rt, ids, new: int = 16):
     return (t1 - t0) * 1e3, (t2 - t0) * 1e3
 
 
+def reset_then_prefill(rt, ids):
+    """A request as before session 4's packed request: a separate state reset, the prefill, the read.
+    (host seconds of the reset, host seconds of the prefill call, seconds to the token read)"""
+    a = time.perf_counter()
+    st = rt.reset_state(rt.state.cache)
+    b = time.perf_counter()
+    st, tok = rt.prefill(st, ids)
+    c = time.perf_counter()
+    int(np.asarray(tok))
+    d = time.perf_counter()
+    rt.state = st
+    return b - a, c - b, d - a
+
+
+def back_to_back(rt, ids, k: int) -> float:
+    """Seconds per prefill with k fresh requests queued back to back and one read at the end: the device's
+    time per prefill (the host's work overlaps it)."""
+    st = rt.state
+    jax.block_until_ready(st)
+    t0 = time.perf_counter()
+    for _ in range(k):
+        st, tok = rt.prefill(st, ids, request=(0, 0.0, None, None))
+    tok.block_until_ready()
+    rt.state = st
+    return (time.perf_counter() - t0) / k
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

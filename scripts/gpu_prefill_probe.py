@@ -36,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gpu_gemv_tune import timed  # noqa: E402  (this folder: wall clock over calls queued on the device)
+from gpu_prefill_host import back_to_back, reset_then_prefill  # noqa: E402  (this folder)
 from hybrid_jax import gemv as G  # noqa: E402
 
 ROWS = (16, 32, 64, 128, 256)
@@ -182,16 +183,8 @@ def engine_phase(cfg, out_dir, results, modes, reps=12):
                 for _ in range(3):
                     generate(eng, ids, max_new_tokens=4, ignore_eos=True)
                 ttft = [generate(eng, ids, max_new_tokens=8, ignore_eos=True).timings.ttft_s for _ in range(reps)]
-                host, packed = [], []
-                for _ in range(reps):  # a separate state reset, then the prefill (sessions 1-3)
-                    a = time.perf_counter()
-                    st = rt.reset_state(rt.state.cache)
-                    b = time.perf_counter()
-                    st, tok = rt.prefill(st, ids)
-                    c = time.perf_counter()
-                    int(np.asarray(tok))
-                    rt.state = st
-                    host.append((b - a, c - b, time.perf_counter() - a))
+                packed = []
+                host = [reset_then_prefill(rt, ids) for _ in range(reps)]  # a separate reset (sessions 1-3)
                 for _ in range(reps):  # the request packed into the prefill's one argument (generate's path)
                     a = time.perf_counter()
                     st, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
@@ -199,21 +192,14 @@ def engine_phase(cfg, out_dir, results, modes, reps=12):
                     int(np.asarray(tok))
                     rt.state = st
                     packed.append((c - a, time.perf_counter() - a))
-                st = rt.state
-                jax.block_until_ready(st)
-                k = 10
-                t0 = time.perf_counter()
-                for _ in range(k):  # back to back: the device's time per prefill (host work overlaps)
-                    st, tok = rt.prefill(st, ids, request=(0, 0.0, None, None))
-                tok.block_until_ready()
-                rt.state = st
+                b2b = back_to_back(rt, ids, 10)  # the device's time per prefill (host work overlaps)
                 r[str(n)] = {"ttft_p50_ms": float(np.median(ttft) * 1e3), "ttft_p99_ms": float(np.percentile(ttft, 99) * 1e3),
                              "host_reset_ms": float(np.median([h[0] for h in host]) * 1e3),
                              "host_prefill_call_ms": float(np.median([h[1] for h in host]) * 1e3),
                              "prefill_and_read_ms": float(np.median([h[2] for h in host]) * 1e3),
                              "host_packed_call_ms": float(np.median([h[0] for h in packed]) * 1e3),
                              "packed_prefill_and_read_ms": float(np.median([h[1] for h in packed]) * 1e3),
-                             "prefill_back_to_back_ms": (time.perf_counter() - t0) / k * 1e3,
+                             "prefill_back_to_back_ms": b2b * 1e3,
                              "tokens": generate(eng, ids, max_new_tokens=8, ignore_eos=True).token_ids}
                 print(mode, n, {k_: v for k_, v in r[str(n)].items() if k_ != "tokens"}, flush=True)
             eng.close()

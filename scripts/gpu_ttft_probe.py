@@ -14,6 +14,7 @@ import jax  # noqa: E402
 from hybrid_jax import weights  # noqa: E402
 from hybrid_jax.config import PRESETS  # noqa: E402
 from hybrid_jax.generate import Engine, generate  # noqa: E402
+from gpu_prefill_host import reset_then_prefill  # noqa: E402  (this folder)
 
 from hybrid_jax.config import LlamaConfig  # noqa: E402
 cfg = PRESETS.get(sys.argv[1] if len(sys.argv) > 1 else "llama2-7b") or LlamaConfig(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512)
@@ -43,19 +44,8 @@ for n in lengths:
             r = generate(eng, ids, max_new_tokens=4, ignore_eos=True)
             ts.append(r.timings.ttft_s)
         row.setdefault(mode, []).append(float(np.median(ts[2:]) * 1e3))
-    ts, th = [], []
-    for _ in range(12):
-        a = time.perf_counter()
-        st = rt.reset_state(rt.state.cache)
-        b = time.perf_counter()
-        st, tok = rt.prefill(st, ids)
-        c = time.perf_counter()
-        int(np.asarray(tok))
-        d = time.perf_counter()
-        rt.state = st
-        ts.append(d - a)
-        th.append((b - a, c - b))
-    row["prefill_only_ms"] = float(np.median(ts[2:]) * 1e3)
+    th = [reset_then_prefill(rt, ids) for _ in range(12)]
+    row["prefill_only_ms"] = float(np.median([x[2] for x in th[2:]]) * 1e3)
     row["host_reset_ms"] = float(np.median([x[0] for x in th[2:]]) * 1e3)
     row["host_prefill_enqueue_ms"] = float(np.median([x[1] for x in th[2:]]) * 1e3)
     res[n] = row
