@@ -111,6 +111,7 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
 # with this implementation ("cudnn": one cuDNN flash-attention kernel on the GPU; "xla": the same function
 # through XLA, for tests off the GPU).
 FUSED_ATTENTION = (None, "cudnn", "xla")
+_CUDNN_REFUSED: set[str] = set()  # the reasons cuDNN gave for refusing, already logged
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
@@ -121,7 +122,9 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     try:
         o = jax.nn.dot_product_attention(*args, is_causal=True, implementation=implementation)
     except (NotImplementedError, RuntimeError) as e:  # no cuDNN, or it refuses this shape, dtype, card, version
-        log.warning("cuDNN attention unavailable (%s); the prefill uses XLA's implementation", e)
+        if str(e) not in _CUDNN_REFUSED:  # once per reason, not once per layer of every executable
+            _CUDNN_REFUSED.add(str(e))
+            log.warning("cuDNN attention unavailable (%s); the prefill uses XLA's implementation", e)
         o = jax.nn.dot_product_attention(*args, is_causal=True, implementation="xla")
     return o.reshape(q.shape).astype(q.dtype)
 

@@ -164,14 +164,17 @@ def test_fused_attention_prefill_equals_hf(variant, monkeypatch):
         model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(8, dtype=jnp.int32), fused="flash")
 
 
-def test_fused_attention_falls_back_where_cudnn_refuses(caplog):
+def test_fused_attention_falls_back_where_cudnn_refuses(caplog, monkeypatch):
     """Where cuDNN's kernel is unavailable (here: no GPU, float32) the same function runs through XLA, with a
-    warning, instead of failing the prefill's compile."""
+    warning (once per reason, not per layer), instead of failing the prefill's compile."""
+    monkeypatch.setattr(model, "_CUDNN_REFUSED", set())
     _, cfg, _ = setup("gqa")
     rng = np.random.RandomState(6)
     q = jnp.asarray(rng.randn(8, cfg.n_kv_heads, cfg.q_per_kv, cfg.hd), jnp.float32)
     k, v = (jnp.asarray(rng.randn(8, cfg.n_kv_heads, cfg.hd), jnp.float32) for _ in range(2))
     with caplog.at_level("WARNING", logger="hybrid_jax.model"):
         got = model.fused_attention(q, k, v, "cudnn")
+        model.fused_attention(q, k, v, "cudnn")  # the next layer: no second warning
     assert "cuDNN attention unavailable" in caplog.text
+    assert sum("cuDNN attention unavailable" in r.getMessage() for r in caplog.records) == 1
     assert rel_err(got, model.attention(cfg, q, k, v, jnp.arange(8, dtype=jnp.int32))) < 1e-6
