@@ -30,7 +30,7 @@ TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
                    max_position_embeddings=2048)
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
 HF_SYSTEMS = ("hf_eager", "hf_compile")
-HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_vmm")
+HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_xlawo", "hybrid_vmm")
 JAX_SYSTEMS = HYBRID_SYSTEMS + ("plainjit",)
 
 

@@ -221,9 +221,15 @@ def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tu
 # matmuls, which reach the matrix rate where the product stops being bound by the weight reads.
 ROWS_MAX = 128
 
-# The fastest tiling per (Kd, N, T) for bf16, measured by scripts/gpu_prefill_probe.py; others get
-# `rows_config`. Empty: the kernel is opt-in and its tuning was not finished (docs/ENGINEERING_LOG.md, run 19).
-TUNED_ROWS: dict[tuple[int, int, int], GemvConfig] = {}
+# The fastest tiling per (Kd, N, T) for bf16, measured on an H200 by scripts/gpu_prefill_probe.py's tune
+# (here: run 37, scripts/gpu_prefill_wo.py); others get `rows_config`. Only the 7B's output projection is
+# tuned: it is the one product the prefill runs through `gemm` by default (runtime.resolve_prefill_wo).
+TUNED_ROWS: dict[tuple[int, int, int], GemvConfig] = {
+    (4096, 4096, 16): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 11.7 us (XLA: 11.8 + a 16 us copy)
+    (4096, 4096, 32): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),
+    (4096, 4096, 64): GemvConfig(bn=128, bk=128, splits=4, warps=8, stages=3),
+    (4096, 4096, 128): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.1 us (XLA: 16.5 + copy)
+}
 
 
 def rows_padded(t: int) -> int:

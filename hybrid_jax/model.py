@@ -132,7 +132,7 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
                     positions: jax.Array, cos, sin, kv_len: int | None,
                     gemv: str | None = None, attn: str | None = None,
-                    fused: str | None = None) -> tuple[jax.Array, KVCache]:
+                    fused: str | None = None, wo: str | None = None) -> tuple[jax.Array, KVCache]:
     lw = params.layers
     G = cfg.q_per_kv
     if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
@@ -158,7 +158,7 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
             o = fused_attention(q, k.astype(cache.k.dtype), v.astype(cache.v.dtype), fused)
         else:
             o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
-    return _project(gemv, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
+    return _project(gemv or wo, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
 
 
 def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None) -> jax.Array:
@@ -170,7 +170,7 @@ def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str
 
 def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
           kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
-          fused: str | None = None) -> tuple[jax.Array, KVCache]:
+          fused: str | None = None, wo: str | None = None) -> tuple[jax.Array, KVCache]:
     """The residual stream after the last layer [T, D] (before the final norm) and the updated cache.
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
@@ -180,7 +180,10 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache
     write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
     attention of a chunk whose attended rows are exactly its own (kv_len = T, so positions start at 0)
-    with `fused_attention`.
+    with `fused_attention`. `wo` (GEMV_MODES) takes the output projection alone through gemv.py's kernels
+    where `gemv` is None: XLA's cuBLAS matmul for it at 16-128 rows first copies the layer's slice of the
+    stacked wo into a buffer of its own (32 MB per layer for the 7B, ~0.5 ms per prefill on an H200: run
+    32, docs/ENGINEERING_LOG.md), while the kernel reads the stacked weight in place.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
@@ -188,10 +191,12 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
         raise ValueError(f"attn must be one of {GEMV_MODES}, got {attn!r}")
     if fused not in FUSED_ATTENTION:
         raise ValueError(f"fused must be one of {FUSED_ATTENTION}, got {fused!r}")
+    if wo not in GEMV_MODES:
+        raise ValueError(f"wo must be one of {GEMV_MODES}, got {wo!r}")
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
-    for l in range(cfg.n_layers):  # unrolled: static weight slices, no copies
-        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn, fused)
+    for l in range(cfg.n_layers):  # unrolled: static weight slices (which Triton's GEMM fusions read in place)
+        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn, fused, wo)
         x = x + a
         x = x + mlp_block(cfg, params, l, x, gemv)
     return x, cache

@@ -101,12 +101,13 @@ def pack_request(tokens: np.ndarray, T: int, request: tuple | None) -> np.ndarra
 
 
 def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: DecodeState, req: jax.Array,
-                  gemv: str | None = None, gemm: str | None = None, fused: str | None = None):
+                  gemv: str | None = None, gemm: str | None = None, fused: str | None = None,
+                  wo: str | None = None):
     """Write the chunk's n tokens at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the
     next token; `req` as `pack_request` makes it (a fresh request starts at position 0 with its own key
     and sampling parameters). `gemm`: the projections of short chunks (T <= gemv.ROWS_MAX) through the
     kernels of gemv.py; `fused`: the attention of a prompt's own bucket (kv_len = T) as one fused kernel
-    (model.fused_attention)."""
+    (model.fused_attention); `wo`: the output projection alone through gemv.py's kernels (model.trunk)."""
     T = req.shape[0] - REQ_FIELDS
     tokens, meta = req[:T], req[T:]
     n, fresh = meta[0], meta[1] != 0
@@ -118,7 +119,7 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
                           top_k=jnp.where(fresh, meta[5], state.sp.top_k),
                           top_p=jnp.where(fresh, f32(meta[6]), state.sp.top_p)))
     positions = state.pos + jnp.arange(T, dtype=jnp.int32)
-    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, gemm, fused=fused)
+    x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, gemm, fused=fused, wo=wo)
     last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=0, keepdims=False)  # final norm on this row only
     logits = model.logits_from_hidden(cfg, params, last, gemv, normed=False)
     key, sub = jax.random.split(state.key)
@@ -145,7 +146,7 @@ class Runtime:
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
                  gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto",
-                 prefill_attention: str | None = "auto"):
+                 prefill_attention: str | None = "auto", prefill_wo: str | None = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -181,6 +182,7 @@ class Runtime:
         self.attn = resolve_attention(decode_attention, self.gemv, mesh)
         self.gemm = resolve_prefill_gemm(prefill_gemm, self.gemv, mesh)
         self.fused = resolve_prefill_attention(prefill_attention, cfg, self._devices, mesh)
+        self.wo = resolve_prefill_wo(prefill_wo, self.gemv, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -224,7 +226,7 @@ class Runtime:
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
-                "gemm": [self.gemm, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
+                "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
                 # the attention kernel's switch, read when the step is traced (not in the source digest)
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
@@ -242,7 +244,7 @@ class Runtime:
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         def prefill_step(p, s, req):
-            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm, self.fused)
+            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm, self.fused, self.wo)
         return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
                                                                       self._small((T + REQ_FIELDS,), jnp.int32))
 
@@ -402,6 +404,7 @@ class Runtime:
                 "gemv": self.gemv,
                 "decode_attention": self.attn,
                 "prefill_gemm": self.gemm,
+                "prefill_wo": self.wo,
                 "prefill_attention": self.fused,
             }
 
@@ -462,6 +465,18 @@ def resolve_prefill_gemm(mode: str | None, gemv: str | None, mesh) -> str | None
     if mode != "auto":
         return _explicit_mode(mode, "prefill_gemm", mesh)
     return gemv if _env_mode("HYBRID_JAX_PREFILL_GEMM") == "pallas" else None
+
+
+def resolve_prefill_wo(mode: str | None, gemv: str | None, mesh) -> str | None:
+    """The prefill's output projection alone through `gemv.gemm` for chunks of up to gemv.ROWS_MAX tokens
+    (model.trunk's `wo`; longer chunks and the other projections keep XLA's matmuls unless `prefill_gemm`
+    says otherwise). "auto" takes it where the decode kernels run (one GPU): there XLA runs this product
+    through cuBLAS at 16-128 rows and first copies the layer's slice of the stacked wo, 32 MB a layer for the
+    7B (run 32, docs/ENGINEERING_LOG.md). The environment variable HYBRID_JAX_PREFILL_WO=xla turns it off,
+    for ablations."""
+    if mode != "auto":
+        return _explicit_mode(mode, "prefill_wo", mesh)
+    return None if _env_mode("HYBRID_JAX_PREFILL_WO") == "xla" else gemv
 
 
 def resolve_prefill_attention(mode: str | None, cfg: LlamaConfig, devices, mesh) -> str | None:

@@ -68,6 +68,26 @@ def host_summary(trace_path: str, marker: str = "hj_prefill_call") -> dict:
                     for k, v in top]}
 
 
+def random_engine(shape: str, lengths, params=None, cache_dir=None, **engine_kw):
+    """(cfg, params, engine) for a preset shape ("tiny": a 2-layer dry run for the CPU) with random weights
+    (or `params`), max_seq_len 1024, an executable cache in `cache_dir` (default a fresh folder), and each
+    length's own prefill bucket compiled."""
+    from hybrid_jax import weights
+    from hybrid_jax.config import PRESETS, LlamaConfig
+    from hybrid_jax.generate import Engine
+    cfg = PRESETS.get(shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
+                                            ffn_dim=512, dtype="bfloat16")
+    if params is None:
+        params = weights.init_random(cfg, jax.random.PRNGKey(0))
+        jax.block_until_ready(params)
+    eng = Engine(cfg, params, max_seq_len=1024, cache_dir=cache_dir or tempfile.mkdtemp(), compile_sampling=False,
+                 **engine_kw)
+    rt = eng.runtime
+    for n in lengths:
+        rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
+    return cfg, params, eng
+
+
 def request(rt, ids, new: int = 16):
     """One request as generate() does it: prefill, first decode step enqueued, first token read."""
     t0 = time.perf_counter()
@@ -127,18 +147,10 @@ def main():
                     "to drop CUPTI, which inflates graph launches; jax 0.11.2 still traced the device, run 28)")
     args = ap.parse_args()
     from bench.worker import prompt_ids
-    from hybrid_jax import weights
-    from hybrid_jax.config import PRESETS, LlamaConfig
-    from hybrid_jax.generate import Engine, generate
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
+    from hybrid_jax.generate import generate
     lengths = [int(x) for x in args.lengths.split(",")]
-    params = weights.init_random(cfg, jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
-    eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), compile_sampling=False)
+    cfg, _, eng = random_engine(args.shape, lengths)
     rt = eng.runtime
-    for n in lengths:
-        rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
     out = {"tag": args.tag, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
            "compiles_s": rt.stats()["compile_seconds"],
            "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -64,9 +64,9 @@ def _save(out_dir, results):
         json.dump(results, f, indent=1, default=str)
 
 
-def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6):
+def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=None):
     table, tuned = [], {}
-    for (name, kd, n), t in itertools.product(shapes(cfg), rows):
+    for (name, kd, n), t in itertools.product([s for s in shapes(cfg) if matrices is None or s[0] in matrices], rows):
         mat_bytes = kd * n * 2
         Lw = min(32, max(2, math.ceil(set_bytes / mat_bytes)))
         k1, k2 = jax.random.split(jax.random.PRNGKey(kd + n + t))

@@ -319,6 +319,7 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hybrid_vmm"]["XLA_PYTHON_CLIENT_ALLOCATOR"] == "vmm"
     assert env["hybrid_vmm"]["XLA_FLAGS"] == "--xla_a=1 --xla_gpu_command_buffer_update_mode=SKIP_TEMP"
     assert env["hybrid_nofused"]["HYBRID_JAX_PREFILL_ATTN"] == "off"
+    assert env["hybrid_xlawo"]["HYBRID_JAX_PREFILL_WO"] == "xla" and "HYBRID_JAX_PREFILL_WO" not in env["hybrid"]
     assert env["hybrid_xlagemv"]["HYBRID_JAX_GEMV"] == "xla"
     assert env["hybrid_nocb"]["XLA_FLAGS"].endswith("--xla_gpu_enable_command_buffer=")
     assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]

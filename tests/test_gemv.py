@@ -14,7 +14,7 @@ from hybrid_jax import gemv as G
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.generate import Engine, generate
-from hybrid_jax.runtime import resolve_attention, resolve_gemv, resolve_prefill_gemm
+from hybrid_jax.runtime import resolve_attention, resolve_gemv, resolve_prefill_gemm, resolve_prefill_wo
 
 
 def ref_product(x, w, layer, transposed):
@@ -184,6 +184,91 @@ def test_prefill_with_kernels_equals_hf(variant):
     assert rel_err(cache.k, cache_x.k) < 1e-5 and rel_err(cache.v, cache_x.v) < 1e-5
     # the four projections per layer went through the kernel (the LM head of 11 rows stays XLA's)
     assert str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, 16))).count("pallas_call") == 4 * cfg.n_layers
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
+def test_prefill_wo_kernel_equals_hf(variant):
+    """trunk(wo=...): the output projection alone through `gemm` (the prefill's default on one GPU), the other
+    projections XLA's: every row's logits equal HF's, and the kernel runs once per layer and only there."""
+    m = make_hf_model(variant)
+    m.config._attn_implementation = "eager"
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    p = hf_params(m, cfg)
+    ids = [int(t) for t in np.random.RandomState(4).randint(3, cfg.vocab_size, size=11)]
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+
+    def f(p, c, ids, wo="interpret"):
+        x, c = model.trunk(cfg, p, c, ids, jnp.arange(ids.shape[0], dtype=jnp.int32), wo=wo)
+        return model.logits_from_hidden(cfg, p, x, normed=False), c
+    tok = jnp.asarray(ids, jnp.int32)
+    lg, cache = jax.jit(f)(p, kv_cache.zeros(cfg, 16), tok)
+    assert rel_err(lg, ref) < 1e-4
+    _, cache_x = f(p, kv_cache.zeros(cfg, 16), tok, wo=None)
+    assert rel_err(cache.k, cache_x.k) < 1e-6 and rel_err(cache.v, cache_x.v) < 1e-6
+    assert str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, 16), tok)).count("pallas_call") == cfg.n_layers
+    long = jnp.zeros((G.ROWS_MAX + 1,), jnp.int32)  # longer chunks keep XLA's matmul
+    assert "pallas_call" not in str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, G.ROWS_MAX + 1), long))
+    with pytest.raises(ValueError, match="wo must be one of"):
+        f(p, kv_cache.zeros(cfg, 16), tok, wo="cublas")
+
+
+def test_tuned_rows_tilings():
+    """Every tuned tiling tiles its own shape, is what rows_config returns for it, and computes the product
+    (checked on a smaller matrix with the same tiling: the interpreter runs every program)."""
+    assert G.TUNED_ROWS, "the 7B's output projection is tuned (run 37)"
+    rng = np.random.default_rng(5)
+    for (kd, n, t), c in G.TUNED_ROWS.items():
+        assert G.rows_padded(t) == t and n % c.bn == 0 and kd % (c.bk * c.splits) == 0, (kd, n, t, c)
+        assert G.rows_config(kd, n, t) == c and G.rows_config(kd, n, t, itemsize=4) != c
+        small_kd, small_n = 2 * c.bk * c.splits, 2 * c.bn
+        w = jnp.asarray(rng.standard_normal((2, small_kd, small_n)) / 16, jnp.bfloat16)
+        x = jnp.asarray(rng.standard_normal((t - 3, small_kd)), jnp.bfloat16)
+        got = G.gemm(x, w, 1, cfg=c, interpret=True)
+        assert rel_err(got, np.asarray(x, np.float64) @ np.asarray(w[1], np.float64)) < 1e-6, c
+
+
+def test_resolve_prefill_wo(monkeypatch):
+    monkeypatch.delenv("HYBRID_JAX_PREFILL_WO", raising=False)
+    assert resolve_prefill_wo("auto", "pallas", None) == "pallas"  # where the decode kernels run (one GPU)
+    assert resolve_prefill_wo("auto", None, None) is None  # CPU, mesh: XLA's
+    assert resolve_prefill_wo("interpret", None, None) == "interpret"
+    assert resolve_prefill_wo("xla", "pallas", None) is None and resolve_prefill_wo(None, "pallas", None) is None
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_WO", "xla")  # the ablation
+    assert resolve_prefill_wo("auto", "pallas", None) is None
+    assert resolve_prefill_wo("pallas", None, None) == "pallas"  # an explicit choice wins
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_WO", "cublas")
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_WO"):
+        resolve_prefill_wo("auto", "pallas", None)
+    with pytest.raises(ValueError, match="prefill_wo must be"):
+        resolve_prefill_wo("triton", None, None)
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve_prefill_wo("pallas", None, mesh)
+
+
+def test_runtime_prefill_wo_greedy_equals_hf(tmp_path, monkeypatch):
+    """The runtime with only the prefill's output projection through the kernel (the decode steps XLA's):
+    greedy tokens equal HF's, for a prompt in its own bucket and one served in chunks; the choice is in the
+    prefill executables' key and not in the decode steps'."""
+    m = make_hf_model("gqa", seed=7)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
+                 compile_sampling=False, gemv="xla", decode_attention="xla", prefill_wo="interpret")
+    try:
+        st = eng.stats()
+        assert st["prefill_wo"] == "interpret" and st["gemv"] is None and st["prefill_gemm"] is None
+        for n in (5, 21):  # 21: chunks through the universal 16-row bucket while 40 compiles, then its own
+            ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
+            ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)[0, n:].tolist()
+            assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref, n
+        pre, dec = ("prefill", 16, 16), eng.runtime.decode_spec(1, False)
+        pkey, dkey = eng.runtime._key(pre), eng.runtime._key(dec)
+        monkeypatch.setattr(eng.runtime, "wo", None)
+        assert eng.runtime._key(pre) != pkey and eng.runtime._key(dec) == dkey
+    finally:
+        eng.close()
 
 
 def test_resolve_prefill_gemm(monkeypatch):

@@ -1,0 +1,125 @@
+"""The prefill's output projection through `gemv.gemm` instead of XLA's cuBLAS matmul (run 37).
+
+Run 32's profile of the LLaMA-2-7B prefill at 16 and 128 rows: XLA runs wo's product through cuBLAS and
+first copies the layer's 32 MB slice of the stacked wo (one copy a layer, ~16 us each, ~0.5 ms a prefill);
+no XLA option tried removed it (runs 33-36). The kernel reads the stacked weight in place. This script:
+
+1. tunes `gemm`'s tiling for wo at 16-128 rows (scripts/gpu_prefill_probe.py's tune, wo only) unless
+   --no-tune, and uses the best tilings below;
+2. builds two engines over the same random weights in one process, wo through XLA (prefill_wo="xla") and
+   through the kernel (prefill_wo="pallas"), and reports per prefill executable the slice copies and cuBLAS
+   calls left in its HLO, and per prompt length generate()'s TTFT, the prefill's device time (back to back)
+   and the first generated tokens, the engines alternated rep by rep.
+
+  PYTHONPATH=. python3 scripts/gpu_prefill_wo.py --out $OUT [--shape llama2-7b|tiny] [--no-tune]
+
+Writes prefill_wo.json (and prefill_probe.json from the tuning).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax  # noqa: E402
+
+from gpu_prefill_host import back_to_back, random_engine  # noqa: E402
+
+
+def hlo_counts(txt: str) -> dict:
+    entry = txt[txt.find("\nENTRY"):]
+    return {"slice_copies": len(re.findall(r"= \S+ fusion\(%p_layers_\w+(\.\d+)?\), kind=kLoop", entry)),
+            "cublas_calls": len(re.findall(r'custom_call_target="__cublas', entry)),
+            "triton_gemms": len(re.findall(r"kind=kCustom, calls=%gemm_fusion", entry))}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--lengths", default="10,100,500")
+    ap.add_argument("--rows", default="16,32,64,128")
+    ap.add_argument("--no-tune", action="store_true")
+    ap.add_argument("--reps", type=int, default=12)
+    args = ap.parse_args()
+    from bench.worker import prompt_ids
+    from hybrid_jax import gemv as G
+    from hybrid_jax.config import PRESETS
+    from hybrid_jax.generate import generate
+    cfg = PRESETS.get(args.shape)  # None: "tiny", random_engine's dry run
+    gpu = jax.devices()[0].platform == "gpu"
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tuned_rows_before": {
+        f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in G.TUNED_ROWS.items()}}
+    path = os.path.join(args.out, "prefill_wo.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+    if not args.no_tune and gpu and cfg is not None:
+        from gpu_prefill_probe import tune
+        res = {"tune": []}
+        G.TUNED_ROWS.update(tune(cfg, args.out, res, rows=tuple(int(r) for r in args.rows.split(",")),
+                                 matrices=("wo",)))
+        out["tune_table_md"] = res.get("tune_table_md")
+        print("\n".join(res.get("tune_table_md") or []), flush=True)
+    out["tuned_rows"] = {f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in G.TUNED_ROWS.items()}
+    save()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    cache_dir = tempfile.mkdtemp()  # the decode step is shared (its key omits the prefill's choices)
+    mode = "pallas" if gpu else "interpret"
+    t0 = time.perf_counter()
+    engs, hlo, params = {}, {}, None
+    for name, wo in (("xla", "xla"), (mode, mode)):
+        cfg, params, e = random_engine(args.shape, lengths, params, cache_dir, prefill_wo=wo)
+        rt = e.runtime
+        hlo[name] = {rt.bucket_for(n): hlo_counts(rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n))).as_text())
+                     for n in lengths}
+        engs[name] = e
+        print(f"[{name}] prefill_wo={rt.stats()['prefill_wo']} {hlo[name]}", flush=True)
+    out["compile_s"] = time.perf_counter() - t0
+    out["hlo"] = hlo
+    save()
+    for e in engs.values():  # warm
+        for n in lengths:
+            for rep in range(2):
+                generate(e, prompt_ids(cfg.vocab_size, n, rep, 0), max_new_tokens=4, ignore_eos=True)
+    res = {k: {} for k in engs}
+    names = list(engs)
+    for n in lengths:
+        acc = {k: {"ttft": [], "device": [], "tokens": []} for k in names}
+        for rep in range(args.reps):
+            ids = prompt_ids(cfg.vocab_size, n, rep, 0)
+            for k in (names if rep % 2 == 0 else names[::-1]):
+                r = generate(engs[k], ids, max_new_tokens=8, ignore_eos=True)
+                acc[k]["ttft"].append(r.timings.ttft_s * 1e3)
+                if rep < 3:
+                    acc[k]["tokens"].append([int(t) for t in r.token_ids])
+                acc[k]["device"].append(back_to_back(engs[k].runtime, ids, 5) * 1e3)
+        for k in names:
+            a = acc[k]
+            res[k][n] = {"ttft_p50": float(np.median(a["ttft"])), "ttft_max": float(max(a["ttft"])),
+                         "device_p50": float(np.median(a["device"])), "tokens": a["tokens"],
+                         "tokens_equal_xla": [x == y for x, y in zip(a["tokens"], acc["xla"]["tokens"])],
+                         "ttft_all": [round(v, 3) for v in a["ttft"]]}
+            print(f"[{k:6s}] {n:4d} tok: TTFT p50 {res[k][n]['ttft_p50']:.2f} ms (max {res[k][n]['ttft_max']:.2f}), "
+                  f"prefill device {res[k][n]['device_p50']:.2f} ms, tokens = xla's: {res[k][n]['tokens_equal_xla']}",
+                  flush=True)
+        out["engine"] = res
+        save()
+    print("\nwo via   " + "  ".join(f"{n:>5d} tok TTFT/dev" for n in lengths))
+    for k in names:
+        print(f"{k:8s} " + "  ".join(f"{res[k][n]['ttft_p50']:7.2f}/{res[k][n]['device_p50']:5.2f}" for n in lengths))
+    for e in engs.values():
+        e.close()
+
+
+if __name__ == "__main__":
+    main()
