@@ -2,14 +2,16 @@
 
 1. device: the prefill's kernels (JAX profiler, CUPTI, command buffers kept on) per prompt length, summed per
    kernel name per prefill (prefills back to back, so the host's work overlaps);
-2. host: a loop of requests (prefill call, first decode step, first token read) inside `host_loop`, meant
-   to run under a native sampling profiler (py-spy, whose stacks name this function):
+2. host: a loop of requests (prefill call, first decode step, first token read) inside `host_loop`, with
+   py-spy (native stacks) attached to this process for the loop only (`--spy`: its executable, e.g. from
+   the py-spy wheel on PyPI, unpacked; the GPU machines have no perf). The summary keeps the stacks through
+   `host_loop` and splits out those inside the prefill call. Sampling slows the process several times
+   over: the shares are what to read, not the times.
 
-  py-spy record --native --idle -r 1000 -f raw -o $OUT/spy.txt -- \\
-      env PYTHONPATH=. python3 scripts/gpu_prefill_profile.py --out $OUT
-  python3 scripts/gpu_prefill_profile.py --summarise-spy $OUT/spy.txt    # the host loop's stacks only
+  PYTHONPATH=. python3 scripts/gpu_prefill_profile.py --out $OUT [--spy /path/to/py-spy --spy-rate 400]
+  python3 scripts/gpu_prefill_profile.py --summarise-spy $OUT/spy.txt    # again, from the raw stacks
 
-Writes prefill_profile.json.
+Writes prefill_profile.json, prefill_<bucket>.hlo.txt (the optimised HLO) and spy.txt.
 """
 from __future__ import annotations
 
