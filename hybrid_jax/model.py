@@ -204,9 +204,9 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
            kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
-           fused: str | None = None) -> tuple[jax.Array, KVCache]:
+           fused: str | None = None, wo: str | None = None) -> tuple[jax.Array, KVCache]:
     """Final-normed hidden states [T, D] and the updated cache (arguments as `trunk`)."""
-    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused)
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused, wo)
     return rms_norm(x, params.final_norm, cfg.norm_eps), cache
 
 
@@ -230,7 +230,7 @@ def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, gemv: st
 
 def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
             kv_len: int | None = None, gemv: str | None = None, attn: str | None = None,
-            fused: str | None = None) -> tuple[jax.Array, KVCache]:
-    """Logits [T, V] (float32) and the updated cache."""
-    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused)
+            fused: str | None = None, wo: str | None = None) -> tuple[jax.Array, KVCache]:
+    """Logits [T, V] (float32) and the updated cache (arguments as `trunk`)."""
+    x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, gemv, attn, fused, wo)
     return logits_from_hidden(cfg, params, x, gemv, normed=False), cache

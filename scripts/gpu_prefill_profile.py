@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from gpu_decode_profile import kernel_table  # noqa: E402
-from gpu_prefill_host import random_engine, request  # noqa: E402
+from gpu_prefill_host import back_to_back, random_engine, request  # noqa: E402
 
 
 def host_loop(rt, ids, reps: int) -> list[float]:
@@ -72,6 +72,14 @@ def summarise_spy(path: str, top: int = 40) -> dict:
             "prefill_call_inclusive": rows(call_incl), "prefill_call_self": rows(call_self)}
 
 
+def report_spy(s: dict, keys=("prefill_call_inclusive", "prefill_call_self", "self"), top: int = 30):
+    print(f"py-spy: {s['samples']} samples in host_loop, {s['in_prefill_call']} inside the prefill call")
+    for key in keys:
+        print(f"-- {key}")
+        for r in s[key][:top]:
+            print(f"  {r['samples']:7d}  {r['frame']}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -85,11 +93,7 @@ def main():
     args = ap.parse_args()
     if args.summarise_spy:
         s = summarise_spy(args.summarise_spy)
-        print(f"{s['samples']} samples in host_loop, {s['in_prefill_call']} inside the prefill call")
-        for key in ("prefill_call_inclusive", "prefill_call_self", "self"):
-            print(f"-- {key}")
-            for r in s[key][:30]:
-                print(f"  {r['samples']:7d}  {r['frame']}")
+        report_spy(s)
         with open(args.summarise_spy + ".summary.json", "w") as f:
             json.dump(s, f, indent=1)
         return
@@ -110,16 +114,10 @@ def main():
         ids = prompt_ids(cfg.vocab_size, n, 0, 0)
         for _ in range(3):
             request(rt, ids, 2)
-        st = rt.state
-        jax.block_until_ready(st)
         d = tempfile.mkdtemp()
-        t0 = time.perf_counter()
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(args.prefills):
-                st, tok = rt.prefill(st, ids, request=(0, 0.0, None, None))
-            tok.block_until_ready()
+            back_to_back(rt, ids, args.prefills)
             time.sleep(0.1)
-        rt.state = st
         paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
         try:
             res = kernel_table(paths[0], args.prefills)
@@ -152,9 +150,7 @@ def main():
             s = summarise_spy(spy_out)
             out["spy"] = {k: s[k] for k in ("samples", "in_prefill_call")} | {
                 "prefill_call_self": s["prefill_call_self"][:25], "prefill_call_inclusive": s["prefill_call_inclusive"][:40]}
-            print(f"py-spy: {s['samples']} samples in host_loop, {s['in_prefill_call']} inside the prefill call")
-            for r in s["prefill_call_self"][:20]:
-                print(f"  {r['samples']:7d}  {r['frame']}")
+            report_spy(s, ("prefill_call_self",), 20)
         except Exception as e:  # noqa: BLE001
             out["spy"] = {"error": f"{type(e).__name__}: {e}"}
     out["host_loop"] = {"prompt": n, "reps": args.host_reps, "seconds": time.perf_counter() - t0,

@@ -53,7 +53,7 @@ def main():
     from hybrid_jax import gemv as G
     from hybrid_jax.config import PRESETS
     from hybrid_jax.generate import generate
-    cfg = PRESETS.get(args.shape)  # None: "tiny", random_engine's dry run
+    preset = PRESETS.get(args.shape)  # None: "tiny", random_engine's dry run (no tuning)
     gpu = jax.devices()[0].platform == "gpu"
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tuned_rows_before": {
         f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in G.TUNED_ROWS.items()}}
@@ -63,10 +63,10 @@ def main():
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
 
-    if not args.no_tune and gpu and cfg is not None:
+    if not args.no_tune and gpu and preset is not None:
         from gpu_prefill_probe import tune
         res = {"tune": []}
-        G.TUNED_ROWS.update(tune(cfg, args.out, res, rows=tuple(int(r) for r in args.rows.split(",")),
+        G.TUNED_ROWS.update(tune(preset, args.out, res, rows=tuple(int(r) for r in args.rows.split(",")),
                                  matrices=("wo",)))
         out["tune_table_md"] = res.get("tune_table_md")
         print("\n".join(res.get("tune_table_md") or []), flush=True)

@@ -188,7 +188,7 @@ def test_prefill_with_kernels_equals_hf(variant):
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 def test_prefill_wo_kernel_equals_hf(variant):
-    """trunk(wo=...): the output projection alone through `gemm` (the prefill's default on one GPU), the other
+    """forward(wo=...): the output projection alone through `gemm` (the prefill's default on one GPU), the other
     projections XLA's: every row's logits equal HF's, and the kernel runs once per layer and only there."""
     m = make_hf_model(variant)
     m.config._attn_implementation = "eager"
@@ -199,8 +199,7 @@ def test_prefill_wo_kernel_equals_hf(variant):
         ref = m(torch.tensor([ids])).logits[0].numpy()
 
     def f(p, c, ids, wo="interpret"):
-        x, c = model.trunk(cfg, p, c, ids, jnp.arange(ids.shape[0], dtype=jnp.int32), wo=wo)
-        return model.logits_from_hidden(cfg, p, x, normed=False), c
+        return model.forward(cfg, p, c, ids, jnp.arange(ids.shape[0], dtype=jnp.int32), wo=wo)
     tok = jnp.asarray(ids, jnp.int32)
     lg, cache = jax.jit(f)(p, kv_cache.zeros(cfg, 16), tok)
     assert rel_err(lg, ref) < 1e-4
