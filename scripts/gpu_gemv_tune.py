@@ -37,12 +37,26 @@ import jax.numpy as jnp  # noqa: E402
 from hybrid_jax import gemv as G  # noqa: E402
 
 
-def model_shapes(cfg):
-    """(name, kd, n, transposed) of every matrix the decode step multiplies by."""
+def model_shapes(cfg, transposed_layers=False):
+    """(name, kd, n, transposed) of every matrix the decode step multiplies by; with `transposed_layers`, the
+    four layer matrices stored [N, Kd] instead (a layout question: no split of the reduction is needed there,
+    so a product's consumer could run in its kernel's epilogue), without the LM head."""
     K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
     out = [("wqkv", cfg.dim, K * (Gq + 2) * Dh, False), ("wo", cfg.n_heads * Dh, cfg.dim, False),
            ("w13", cfg.dim, 2 * cfg.ffn_dim, False), ("w2", cfg.ffn_dim, cfg.dim, False)]
+    if transposed_layers:
+        return [(name + "_T", kd, n, True) for name, kd, n, _ in out]
     out.append(("lm_head", cfg.dim, cfg.vocab_size, cfg.tie_embeddings))
+    return out
+
+
+def unsplit_candidates(kd, n):
+    """Tilings of a transposed matrix [N, Kd] whose programs each walk a whole row block (splits = 1)."""
+    out = []
+    for bn, bk in itertools.product((2, 4, 8, 16, 32), (128, 256, 512, 1024)):
+        if kd % bk or n % bn or not 1024 <= bn * bk <= 16384 or n // bn < 128:
+            continue
+        out.append(G.GemvConfig(bn, bk, 1, warps=4 if bn * bk <= 4096 else 8, stages=3))
     return out
 
 
@@ -77,10 +91,10 @@ def timed(f, args, iters=30):
     return (time.perf_counter() - t0) / iters
 
 
-def tune(cfg, out_dir, results, set_bytes=512e6):
+def tune(cfg, out_dir, results, set_bytes=512e6, transposed_layers=False):
     tuned = {}
     table = []
-    for name, kd, n, tr in model_shapes(cfg):
+    for name, kd, n, tr in model_shapes(cfg, transposed_layers):
         mat_bytes = kd * n * 2
         Lw = min(64, max(2, math.ceil(set_bytes / mat_bytes)))
         shape = (Lw, n, kd) if tr else (Lw, kd, n)
@@ -94,7 +108,7 @@ def tune(cfg, out_dir, results, set_bytes=512e6):
         def xla_fn(x, w):
             return [jnp.dot(x[None], (w[l].T if tr else w[l]))[0] for l in range(Lw)]
 
-        cands = candidates(kd, n, tr)
+        cands = unsplit_candidates(kd, n) if transposed_layers else candidates(kd, n, tr)
 
         def make(c):
             fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c) for l in range(Lw)])
@@ -131,6 +145,15 @@ def tune(cfg, out_dir, results, set_bytes=512e6):
         ok = measure(refine)
         torch_s = _torch_gemv(kd, n, tr, Lw)
         best = ok[0] if ok else None
+        if transposed_layers and (kd, n, False) in G.TUNED:  # today's kernel on today's layout, same run
+            w_now = jnp.swapaxes(w, 1, 2)
+            fn_now = jax.jit(lambda x, w: [G.gemv(x, w, l) for l in range(Lw)])
+            entry_now = timed(fn_now, (x, w_now)) / Lw
+            del w_now
+            print(f"{name}: the current layout's tuned kernel {entry_now * 1e6:.1f} us "
+                  f"({mat_bytes / entry_now / 1e12:.2f} TB/s)", flush=True)
+            results.setdefault("current_layout", {})[name] = {"s": entry_now, "TBps": mat_bytes / entry_now / 1e12,
+                                                              "cfg": G.TUNED[(kd, n, False)].__dict__}
         entry = {"name": name, "kd": kd, "n": n, "transposed": tr, "Lw": Lw, "mat_bytes": mat_bytes,
                  "xla_s": t_xla, "xla_TBps": mat_bytes / t_xla / 1e12, "torch_s": torch_s,
                  "torch_TBps": mat_bytes / torch_s / 1e12 if torch_s else None,
@@ -313,6 +336,8 @@ def main():
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
     ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
+    ap.add_argument("--transposed-layers", action="store_true",
+                    help="tune phase: the layer matrices stored [N, Kd], whole rows per program (no split)")
     args = ap.parse_args()
     from hybrid_jax.config import PRESETS, LlamaConfig
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
@@ -337,7 +362,8 @@ def main():
             tuned = {tuple(json.loads(f"[{k.split(',')[0]},{k.split(',')[1]}]")) + (k.split(",")[2] == "True",):
                      G.GemvConfig(**v) for k, v in json.load(f)["tuned_table"].items()}
     if "tune" in phases:
-        tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6)
+        tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6,
+                     transposed_layers=args.transposed_layers)
     if "engine" in phases:
         engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
     print("\n".join(results.get("tune_table_md", [])))

@@ -135,6 +135,47 @@ def back_to_back(rt, ids, k: int) -> float:
     return (time.perf_counter() - t0) / k
 
 
+def engine_ab(engines: dict, vocab: int, lengths, reps: int, on_length=None) -> dict:
+    """Same-process A/B of prefill variants: per prompt length, generate()'s TTFT and the prefill's device
+    time (back to back) of every engine, the engines alternated rep by rep (the suite's prompts, one per rep),
+    and the first 8 generated tokens of the first 3 reps compared with the first engine's. Calls
+    on_length(results) after each length. Returns {name: {length: row}}."""
+    from bench.worker import prompt_ids
+    from hybrid_jax.generate import generate
+    names = list(engines)
+    for e in engines.values():  # warm
+        for n in lengths:
+            for rep in range(2):
+                generate(e, prompt_ids(vocab, n, rep, 0), max_new_tokens=4, ignore_eos=True)
+    res = {k: {} for k in names}
+    for n in lengths:
+        acc = {k: {"ttft": [], "device": [], "tokens": []} for k in names}
+        for rep in range(reps):
+            ids = prompt_ids(vocab, n, rep, 0)
+            for k in (names if rep % 2 == 0 else names[::-1]):
+                r = generate(engines[k], ids, max_new_tokens=8, ignore_eos=True)
+                acc[k]["ttft"].append(r.timings.ttft_s * 1e3)
+                if rep < 3:
+                    acc[k]["tokens"].append([int(t) for t in r.token_ids])
+                acc[k]["device"].append(back_to_back(engines[k].runtime, ids, 5) * 1e3)
+        base = acc[names[0]]["tokens"]
+        for k in names:
+            a = acc[k]
+            res[k][n] = {"ttft_p50": float(np.median(a["ttft"])), "ttft_max": float(max(a["ttft"])),
+                         "device_p50": float(np.median(a["device"])), "tokens": a["tokens"],
+                         f"tokens_equal_{names[0]}": [x == y for x, y in zip(a["tokens"], base)],
+                         "ttft_all": [round(v, 3) for v in a["ttft"]]}
+            print(f"[{k:8s}] {n:4d} tok: TTFT p50 {res[k][n]['ttft_p50']:.2f} ms (max {res[k][n]['ttft_max']:.2f}), "
+                  f"prefill device {res[k][n]['device_p50']:.2f} ms, tokens = {names[0]}'s: "
+                  f"{res[k][n][f'tokens_equal_{names[0]}']}", flush=True)
+        if on_length is not None:
+            on_length(res)
+    print(f"\n{'variant':10s}" + "  ".join(f"{n:>5d} tok TTFT/dev" for n in lengths))
+    for k in names:
+        print(f"{k:10s}" + "  ".join(f"{res[k][n]['ttft_p50']:7.2f}/{res[k][n]['device_p50']:5.2f}" for n in lengths))
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))

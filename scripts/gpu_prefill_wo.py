@@ -25,19 +25,21 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
-from gpu_prefill_host import back_to_back, random_engine  # noqa: E402
+from gpu_prefill_host import engine_ab, random_engine  # noqa: E402
 
 
 def hlo_counts(txt: str) -> dict:
     entry = txt[txt.find("\nENTRY"):]
     return {"slice_copies": len(re.findall(r"= \S+ fusion\(%p_layers_\w+(\.\d+)?\), kind=kLoop", entry)),
             "cublas_calls": len(re.findall(r'custom_call_target="__cublas', entry)),
-            "triton_gemms": len(re.findall(r"kind=kCustom, calls=%gemm_fusion", entry))}
+            "triton_gemms": len(re.findall(r"kind=kCustom, calls=%gemm_fusion", entry)),
+            # launches outside the command buffers' bookkeeping: XLA fusions and custom calls (Pallas, cuDNN, sort)
+            "fusions": len(re.findall(r"= \S+ fusion\(", entry)),
+            "custom_calls": len(re.findall(r"= \S+ custom-call\(", entry))}
 
 
 def main():
@@ -49,14 +51,12 @@ def main():
     ap.add_argument("--no-tune", action="store_true")
     ap.add_argument("--reps", type=int, default=12)
     args = ap.parse_args()
-    from bench.worker import prompt_ids
     from hybrid_jax import gemv as G
     from hybrid_jax.config import PRESETS
-    from hybrid_jax.generate import generate
     preset = PRESETS.get(args.shape)  # None: "tiny", random_engine's dry run (no tuning)
     gpu = jax.devices()[0].platform == "gpu"
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "tuned_rows_before": {
-        f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in G.TUNED_ROWS.items()}}
+        ",".join(map(str, k)): v.__dict__ for k, v in G.TUNED_ROWS.items()}}
     path = os.path.join(args.out, "prefill_wo.json")
 
     def save():
@@ -70,7 +70,7 @@ def main():
                                  matrices=("wo",)))
         out["tune_table_md"] = res.get("tune_table_md")
         print("\n".join(res.get("tune_table_md") or []), flush=True)
-    out["tuned_rows"] = {f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in G.TUNED_ROWS.items()}
+    out["tuned_rows"] = {",".join(map(str, k)): v.__dict__ for k, v in G.TUNED_ROWS.items()}
     save()
     lengths = [int(x) for x in args.lengths.split(",")]
     cache_dir = tempfile.mkdtemp()  # the decode step is shared (its key omits the prefill's choices)
@@ -87,36 +87,11 @@ def main():
     out["compile_s"] = time.perf_counter() - t0
     out["hlo"] = hlo
     save()
-    for e in engs.values():  # warm
-        for n in lengths:
-            for rep in range(2):
-                generate(e, prompt_ids(cfg.vocab_size, n, rep, 0), max_new_tokens=4, ignore_eos=True)
-    res = {k: {} for k in engs}
-    names = list(engs)
-    for n in lengths:
-        acc = {k: {"ttft": [], "device": [], "tokens": []} for k in names}
-        for rep in range(args.reps):
-            ids = prompt_ids(cfg.vocab_size, n, rep, 0)
-            for k in (names if rep % 2 == 0 else names[::-1]):
-                r = generate(engs[k], ids, max_new_tokens=8, ignore_eos=True)
-                acc[k]["ttft"].append(r.timings.ttft_s * 1e3)
-                if rep < 3:
-                    acc[k]["tokens"].append([int(t) for t in r.token_ids])
-                acc[k]["device"].append(back_to_back(engs[k].runtime, ids, 5) * 1e3)
-        for k in names:
-            a = acc[k]
-            res[k][n] = {"ttft_p50": float(np.median(a["ttft"])), "ttft_max": float(max(a["ttft"])),
-                         "device_p50": float(np.median(a["device"])), "tokens": a["tokens"],
-                         "tokens_equal_xla": [x == y for x, y in zip(a["tokens"], acc["xla"]["tokens"])],
-                         "ttft_all": [round(v, 3) for v in a["ttft"]]}
-            print(f"[{k:6s}] {n:4d} tok: TTFT p50 {res[k][n]['ttft_p50']:.2f} ms (max {res[k][n]['ttft_max']:.2f}), "
-                  f"prefill device {res[k][n]['device_p50']:.2f} ms, tokens = xla's: {res[k][n]['tokens_equal_xla']}",
-                  flush=True)
+
+    def on_length(res):
         out["engine"] = res
         save()
-    print("\nwo via   " + "  ".join(f"{n:>5d} tok TTFT/dev" for n in lengths))
-    for k in names:
-        print(f"{k:8s} " + "  ".join(f"{res[k][n]['ttft_p50']:7.2f}/{res[k][n]['device_p50']:5.2f}" for n in lengths))
+    engine_ab(engs, cfg.vocab_size, lengths, args.reps, on_length)
     for e in engs.values():
         e.close()
 
