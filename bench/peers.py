@@ -43,15 +43,15 @@ def to_hf_layers(cfg: LlamaConfig, d: dict) -> dict[str, np.ndarray]:
     out = {"model.embed_tokens.weight": np.asarray(d["embed"]), "model.norm.weight": np.asarray(d["final_norm"])}
     for i in range(L):
         p = f"model.layers.{i}."
-        qkv = np.asarray(lay["wqkv"][i])  # [D, K, G+2, Dh]
-        out[p + "self_attn.q_proj.weight"] = qkv[:, :, :G].reshape(D, H * Dh).T
-        out[p + "self_attn.k_proj.weight"] = qkv[:, :, G].reshape(D, K * Dh).T
-        out[p + "self_attn.v_proj.weight"] = qkv[:, :, G + 1].reshape(D, K * Dh).T
-        out[p + "self_attn.o_proj.weight"] = np.asarray(lay["wo"][i]).reshape(H * Dh, D).T
-        w13 = np.asarray(lay["w13"][i])  # [D, 2, F]
-        out[p + "mlp.gate_proj.weight"] = w13[:, 0].T
-        out[p + "mlp.up_proj.weight"] = w13[:, 1].T
-        out[p + "mlp.down_proj.weight"] = np.asarray(lay["w2"][i]).T
+        qkv = np.asarray(lay["wqkv"][i])  # [K, G+2, Dh, D]
+        out[p + "self_attn.q_proj.weight"] = qkv[:, :G].reshape(H * Dh, D)
+        out[p + "self_attn.k_proj.weight"] = qkv[:, G].reshape(K * Dh, D)
+        out[p + "self_attn.v_proj.weight"] = qkv[:, G + 1].reshape(K * Dh, D)
+        out[p + "self_attn.o_proj.weight"] = np.asarray(lay["wo"][i]).reshape(D, H * Dh)
+        w13 = np.asarray(lay["w13"][i])  # [2, F, D]
+        out[p + "mlp.gate_proj.weight"] = w13[0]
+        out[p + "mlp.up_proj.weight"] = w13[1]
+        out[p + "mlp.down_proj.weight"] = np.asarray(lay["w2"][i])
         out[p + "input_layernorm.weight"] = np.asarray(lay["attn_norm"][i])
         out[p + "post_attention_layernorm.weight"] = np.asarray(lay["mlp_norm"][i])
     if d.get("lm_head") is not None:

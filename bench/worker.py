@@ -138,7 +138,7 @@ def _build_engine(args, cfg):
 
     import hybrid_jax
     from hybrid_jax import weights as W
-    from hybrid_jax.generate import Engine
+    from hybrid_jax.engine import Engine
 
     kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir)
     if args.lean:
@@ -160,7 +160,7 @@ def _build_engine(args, cfg):
 
 
 def run_hybrid(args, emit, cold_only: bool = False):
-    from hybrid_jax.generate import generate
+    from hybrid_jax.engine import generate
 
     _, args.dtype_resolved = _jax_dtype(args)
     cfg = resolve_cfg(args)

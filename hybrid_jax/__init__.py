@@ -7,6 +7,7 @@ __all__ = ["LlamaConfig", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "load", "gene
 
 def __getattr__(name):  # lazy: keep `import hybrid_jax` light
     if name in ("load", "generate", "Engine", "GenerationResult"):
-        from . import generate as _g
-        return getattr(_g, name)
+        # (the submodule is `engine`: a submodule named `generate` would shadow the function once imported)
+        from . import engine as _engine
+        return getattr(_engine, name)
     raise AttributeError(name)

@@ -19,7 +19,9 @@ from . import weights as W
 from .config import LlamaConfig
 
 FORMAT = "hybrid_jax"
-FORMAT_VERSION = 1
+# 2: layer matrices stored output-major ([out dims..., in dims...], weights.py); version 1 stored them
+# input-major. A version-1 checkpoint is refused with the command that converts its source again.
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 WEIGHTS_DIR = "weights"
 
@@ -29,14 +31,25 @@ def _checkpointer():
     return ocp.StandardCheckpointer()
 
 
-def is_checkpoint(path: str | os.PathLike) -> bool:
+def _meta(path: str | os.PathLike) -> dict | None:
     p = Path(path) / CONFIG_FILE
     if not p.is_file():
-        return False
+        return None
     try:
-        return json.loads(p.read_text()).get("format") == FORMAT
+        meta = json.loads(p.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return _meta(path) is not None
+
+
+def is_current(path: str | os.PathLike) -> bool:
+    """A checkpoint of this version of the format (one this code restores)."""
+    meta = _meta(path)
+    return meta is not None and meta.get("format_version") == FORMAT_VERSION
 
 
 def save(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict, write_tokenizer: Callable[[Path], None] | None = None,
@@ -80,6 +93,12 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
         raise ValueError(f"{p} is not a hybrid_jax checkpoint (no config.json with format {FORMAT!r}); "
                          f"convert it first with `python -m convert --src {p} --out DIR`")
     meta = json.loads((p / CONFIG_FILE).read_text())
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        src = (meta.get("converted_from") or {}).get("path") or "SRC"
+        raise ValueError(f"{p} is a hybrid_jax checkpoint of format version {version}; this version of hybrid_jax "
+                         f"reads version {FORMAT_VERSION} (the layer matrices' layout changed): convert the source "
+                         f"again with `python -m convert --src {src} --out {p} --force`")
     return LlamaConfig.from_dict(meta["model"])
 
 

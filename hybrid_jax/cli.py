@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 def _engine(args):
     from .default_model import ensure_default_model
-    from .generate import load
+    from .engine import load
 
     path = args.model or ensure_default_model()
     return load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp)
@@ -47,7 +47,7 @@ def _print_stats(res, engine):
 
 
 def cmd_generate(args) -> int:
-    from .generate import generate
+    from .engine import generate
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
@@ -63,7 +63,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .generate import generate
+    from .engine import generate
 
     engine = _engine(args)
     if engine.tokenizer is None or not engine.tokenizer.has_chat_template:

@@ -39,8 +39,8 @@ def ensure_default_model(dtype: str = "float32", progress: bool = True) -> Path:
     from . import checkpoint
 
     out = default_model_dir()
-    if checkpoint.is_checkpoint(out):
-        return out
+    if checkpoint.is_current(out):
+        return out  # (one converted by an older format version is converted again)
     from convert.api import convert
 
     convert(smollm2_gguf(), out, dtype=dtype, force=out.exists(), progress=progress)

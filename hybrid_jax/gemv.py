@@ -3,10 +3,16 @@
 At batch 1 the decode step is a chain of matrix-vector products that read every weight once: its time is
 the weight bytes over the rate they are read. XLA's own fusions for these products read at ~2.7 TB/s on an
 H200 whose copy bandwidth is ~4.2 TB/s (docs/ENGINEERING_LOG.md). These kernels are written for that one
-job: each program reads a [bk, bn] tile of the weight per iteration (rows of bn contiguous elements, 16-byte
-loads), multiplies by the matching slice of x in float32 and accumulates; the reduction dimension is
-split over `splits` programs so that even a 4096 x 4096 matrix keeps every multiprocessor busy, and the
-float32 partial sums [splits, N] are added by XLA in whatever consumes them.
+job. The model's layer matrices are stored output-major ([N, Kd], `transposed`; weights.py): each program
+owns bn whole rows (outputs) and walks their Kd contiguous elements in [bn, bk] tiles, multiplying by the
+matching slice of x in float32, so no program shares an output with another and the product's consumer
+runs in the kernel's epilogue: the residual add after the output and down projections (`residual=`), and
+silu(gate) x up after the gate/up projection (`gated=True`). On an H200 these unsplit kernels read the
+7B's matrices at 3.2-3.8 TB/s, faster than the input-major layout's split-K kernels (run 40). For an
+input-major matrix ([Kd, N]: the untied LM head) a program reads [bk, bn] tiles (rows of bn contiguous
+elements) and the reduction is split over `splits` programs so that every multiprocessor is busy; the
+float32 partial sums [splits, N] are added by XLA in whatever consumes them (and so is any epilogue where a
+split is needed).
 
 The weights stay stacked ([L, Kd, N]) and are passed whole, with the layer as a static index into the
 kernel: a custom call cannot take a slice of an operand without XLA copying it, and copying a layer's
@@ -47,13 +53,14 @@ class GemvConfig:
     stages: int = 3
 
 
-# The fastest tiling per shape (Kd, N, transposed), measured by scripts/gpu_gemv_tune.py on an H200
-# (bench/results/2026-11-26_NVIDIA-H200_gemv-tune); other shapes get `default_config`'s heuristic.
+# The fastest tiling per shape (Kd, N, transposed), measured by scripts/gpu_gemv_tune.py on an H200: the
+# layer matrices (output-major) in run 40 (bench/results/2026-11-27_NVIDIA-H200_rope-kernel_transposed-gemv),
+# the LM head in bench/results/2026-11-26_NVIDIA-H200_gemv-tune; other shapes get `default_config`'s heuristic.
 TUNED: dict[tuple[int, int, bool], GemvConfig] = {
-    (4096, 12288, False): GemvConfig(bn=256, bk=16, splits=16, warps=4, stages=3),  # 7B wqkv
-    (4096, 4096, False): GemvConfig(bn=64, bk=64, splits=16, warps=4, stages=3),  # 7B wo
-    (4096, 22016, False): GemvConfig(bn=128, bk=16, splits=8, warps=4, stages=4),  # 7B w13
-    (11008, 4096, False): GemvConfig(bn=128, bk=16, splits=43, warps=4, stages=2),  # 7B w2
+    (4096, 12288, True): GemvConfig(bn=16, bk=256, splits=1, warps=4, stages=2),  # 7B wqkv: 26.6 us, 3.78 TB/s
+    (4096, 4096, True): GemvConfig(bn=4, bk=1024, splits=1, warps=4, stages=4),  # 7B wo: 10.6 us, 3.18 TB/s
+    (4096, 22016, True): GemvConfig(bn=8, bk=512, splits=1, warps=4, stages=3),  # 7B w13: 47.0 us, 3.84 TB/s
+    (11008, 4096, True): GemvConfig(bn=4, bk=256, splits=1, warps=8, stages=3),  # 7B w2: 26.4 us, 3.41 TB/s
     (4096, 32000, False): GemvConfig(bn=256, bk=32, splits=4, warps=8, stages=4),  # 7B lm_head
 }
 
@@ -72,6 +79,15 @@ def default_config(kd: int, n: int, transposed: bool = False, target_programs: i
     if tuned is not None:
         return tuned
     if transposed:  # W [N, Kd]: a tile is bn rows of bk contiguous elements
+        # Whole rows per program (no split, so the epilogue runs in the kernel) wherever bn >= 1 leaves enough
+        # programs: bn as large as keeps ~768 of them (run 40's best tilings: 768-2752 programs, tiles of
+        # 4096 elements), bk filling the tile.
+        bn = 16
+        while bn > 1 and (n % bn or n // bn < 768):
+            bn //= 2
+        bk = _pow2_divisor(kd, max(16, 4096 // bn))
+        if n // bn >= 128 and bk >= 16:
+            return GemvConfig(bn=bn, bk=bk, splits=1, warps=4, stages=3)
         bk = _pow2_divisor(kd, 128)
         bn = _pow2_divisor(n, 32)
     else:  # W [Kd, N]: a tile is bk rows of bn contiguous elements
@@ -123,7 +139,28 @@ def _mean_square_scale(x_ref, nb: int, eps: float) -> jax.Array:
     return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros(x_ref.shape[:-1], f32)) / kd + eps)
 
 
-def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float):
+def finish(y: jax.Array, dtype, residual: jax.Array | None = None, up: jax.Array | None = None) -> jax.Array:
+    """A product's consumer as model.py computes it, on the float32 sums y: rounded to `dtype`, then
+    silu(y) * up (`up`: the up projection's float32 sums, for y the gate's) or residual + y, in `dtype`'s
+    arithmetic (each operation's result rounded to it). Shared by the kernels' epilogue and XLA's."""
+    f32 = jnp.float32
+
+    def rnd(a):
+        return a.astype(dtype).astype(f32)
+
+    if up is not None:
+        return (rnd(jax.nn.silu(rnd(y))) * rnd(up)).astype(dtype)
+    return (residual.astype(f32) + rnd(y)).astype(dtype)
+
+
+def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float,
+            residual: bool = False, gate_rows: int | None = None, dtype=None):
+    """Program (column block j, split s). With an epilogue (splits == 1, transposed): `residual` adds the
+    residual ref's slice, `gate_rows` (the up rows' offset) computes silu(gate) x up; the output is then
+    [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N]."""
+    if residual:
+        *refs, r_ref, o_ref = refs
+        refs = (*refs, o_ref)
     x_ref, nw_ref, w_ref, o_ref, s, n0, k_start = _tile(refs, norm, cfg, rows)
     bn, bk = cfg.bn, cfg.bk
     lead = () if layer is None else (layer,)
@@ -133,6 +170,7 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     # does. (Scaling the product instead, so that the weight loads need not wait for the mean square, made
     # the 7B step slower on an H200: 4.38 vs 4.07 ms, run 21.)
     r = _mean_square_scale(x_ref, _pow2_divisor(x_ref.shape[0], 4096), eps) if norm else None
+    gated = gate_rows is not None
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
@@ -142,13 +180,23 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
         xs = xs.astype(f32)
         if transposed:
             w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))].astype(f32)  # [bn, bk]
+            if gated:  # the up rows that pair with these gate rows
+                u = w_ref[lead + (pl.ds(gate_rows + n0, bn), pl.ds(k, bk))].astype(f32)
+                return acc[0] + w * xs[None, :], acc[1] + u * xs[None, :]
             return acc + w * xs[None, :]
         w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(f32)  # [bk, bn]
         return acc + w * xs[:, None]
 
     shape = (bn, bk) if transposed else (bk, bn)
-    acc = jax.lax.fori_loop(0, rows // bk, body, jnp.zeros(shape, f32))
+    zero = jnp.zeros(shape, f32)
+    acc = jax.lax.fori_loop(0, rows // bk, body, (zero, zero) if gated else zero)
+    if gated:
+        o_ref[pl.ds(n0, bn)] = finish(jnp.sum(acc[0], axis=1), dtype, up=jnp.sum(acc[1], axis=1))
+        return
     out = jnp.sum(acc, axis=1 if transposed else 0)
+    if residual:
+        o_ref[pl.ds(n0, bn)] = finish(out, dtype, residual=r_ref[pl.ds(n0, bn)])
+        return
     o_ref[s, pl.ds(n0, bn)] = out
 
 
@@ -177,30 +225,61 @@ def _norm_layer(norm: jax.Array | None, kd: int, layer: int | None) -> int | Non
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
          cfg: GemvConfig | None = None, norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True,
-         interpret: bool = False) -> jax.Array:
-    """float32 [N] = x @ W, or `rms_norm(x) @ W` with `norm` given.
+         residual: jax.Array | None = None, gated: bool = False, interpret: bool = False) -> jax.Array:
+    """float32 [N] = x @ W, or `rms_norm(x) @ W` with `norm` given, or that product's consumer.
 
     x: [Kd]. W: [Kd, N] (or [N, Kd] if `transposed`), or stacked [L, ...] with `layer` the static index of the
     matrix to use. norm: the RMSNorm weight [Kd], or stacked [L, Kd] (its row `layer` is used), applied to x
     inside the kernel as `model.rms_norm(x, norm, eps)` computes it. With `reduce=False` the float32 partial
     sums [splits, N] are returned unsummed (for a consumer that adds them itself). The result equals XLA's
     up to the order of the float32 additions.
+
+    Consumers (`finish`), in x's dtype: `residual` [N] returns residual + the product; `gated` takes W's N
+    rows as [gate; up] halves and returns silu(gate) * up [N / 2]. They run in the kernel's epilogue where
+    its tiling does not split the reduction (transposed W), else in XLA after the partial sums are added.
     """
     mat_shape = _matrix_shape(w, layer)
     n, kd = mat_shape if transposed else mat_shape[::-1]
     if x.shape != (kd,):
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs ({kd},)")
+    if (residual is not None or gated) and not reduce:
+        raise ValueError("residual= and gated= need the reduced product (reduce=True)")
+    if residual is not None and gated:
+        raise ValueError("a product takes one consumer: residual= or gated=, not both")
+    if residual is not None and residual.shape != (n,):
+        raise ValueError(f"residual has shape {residual.shape}, the product has ({n},)")
+    if gated and n % 2:
+        raise ValueError(f"gated=True needs [gate; up] rows, an even N, got {n}")
     norm_layer = _norm_layer(norm, kd, layer)
     cfg = cfg or default_config(kd, n, transposed)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `supported` first)")
+    dtype = x.dtype
+    fused = transposed and cfg.splits == 1 and (residual is not None or (gated and (n // 2) % cfg.bn == 0))
+    name = f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}"
+    args = (x, w) if norm is None else (x, norm, w)
+    if fused:  # the consumer in the epilogue: one [N] (or [N / 2]) output in x's dtype, one program per row block
+        out_n = n // 2 if gated else n
+        kernel = functools.partial(_kernel, layer=layer, rows=kd, cfg=cfg, transposed=True, norm=norm is not None,
+                                   norm_layer=norm_layer, eps=float(eps), residual=residual is not None,
+                                   gate_rows=out_n if gated else None, dtype=dtype)
+        params = {}
+        if plt is not None and not interpret:
+            params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((out_n,), dtype), grid=(out_n // cfg.bn, 1),
+                              interpret=interpret, name=name + ("_silu" if gated else "_residual"),
+                              **params)(*args, *((residual,) if residual is not None else ()))
     kernel = functools.partial(_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, transposed=transposed,
                                norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
-    partial = _launch(kernel, (x, w) if norm is None else (x, norm, w), cfg, kd, n, (n,),
-                      f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}", interpret)
+    partial = _launch(kernel, args, cfg, kd, n, (n,), name, interpret)
     if not reduce:
         return partial
-    return partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
+    y = partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
+    if gated:
+        return finish(y[: n // 2], dtype, up=y[n // 2:])
+    if residual is not None:
+        return finish(y, dtype, residual=residual)
+    return y
 
 
 def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tuple, name: str,
@@ -221,14 +300,19 @@ def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tu
 # matmuls, which reach the matrix rate where the product stops being bound by the weight reads.
 ROWS_MAX = 128
 
-# The fastest tiling per (Kd, N, T) for bf16, measured on an H200 by scripts/gpu_prefill_probe.py's tune
-# (here: run 37, scripts/gpu_prefill_wo.py); others get `rows_config`. Only the 7B's output projection is
-# tuned: it is the one product the prefill runs through `gemm` by default (runtime.resolve_prefill_wo).
-TUNED_ROWS: dict[tuple[int, int, int], GemvConfig] = {
-    (4096, 4096, 16): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 11.7 us (XLA: 11.8 + a 16 us copy)
-    (4096, 4096, 32): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),
-    (4096, 4096, 64): GemvConfig(bn=128, bk=128, splits=4, warps=8, stages=3),
-    (4096, 4096, 128): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.1 us (XLA: 16.5 + copy)
+# The fastest tiling per (Kd, N, T, transposed) for bf16, measured on an H200 by scripts/gpu_prefill_probe.py's
+# tune (run 41 for the output-major layout the model uses; the input-major entries are run 37's, format
+# version 1's layout); others get `rows_config`. Only the 7B's output projection is tuned: it is the one
+# product the prefill runs through `gemm` by default (runtime.resolve_prefill_wo).
+TUNED_ROWS: dict[tuple[int, int, int, bool], GemvConfig] = {
+    (4096, 4096, 16, True): GemvConfig(bn=32, bk=128, splits=4, warps=4, stages=3),  # 12.2 us (XLA's dot: 12.0)
+    (4096, 4096, 32, True): GemvConfig(bn=32, bk=256, splits=2, warps=4, stages=3),  # 13.0 us (13.2)
+    (4096, 4096, 64, True): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 13.7 us (15.8)
+    (4096, 4096, 128, True): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.6 us (20.0)
+    (4096, 4096, 16, False): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 11.7 us (XLA: 11.8 + copy)
+    (4096, 4096, 32, False): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),
+    (4096, 4096, 64, False): GemvConfig(bn=128, bk=128, splits=4, warps=8, stages=3),
+    (4096, 4096, 128, False): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.1 us (XLA: 16.5 + copy)
 }
 
 
@@ -240,9 +324,10 @@ def rows_padded(t: int) -> int:
     return p
 
 
-def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int = 264) -> GemvConfig | None:
+def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int = 264,
+                transposed: bool = False) -> GemvConfig | None:
     """A tiling for `gemm` of t (padded) rows of `itemsize`-byte elements, or None where the shape does not
-    suit the kernel.
+    suit the kernel (the same heuristic for both layouts: a [bk, bn] or [bn, bk] weight tile).
 
     Each program walks bk rows of its [Kd, bn] column tile per iteration and multiplies the matching
     [T, bk] slice of x by it, so per stage it holds (T + bn) x bk elements in shared memory (kept near
@@ -251,8 +336,8 @@ def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int
     read back once), to reach about `target_programs` programs (2 per SM on an H100).
     """
     t = rows_padded(t)
-    if itemsize == 2 and (kd, n, t) in TUNED_ROWS:
-        return TUNED_ROWS[(kd, n, t)]
+    if itemsize == 2 and (kd, n, t, transposed) in TUNED_ROWS:
+        return TUNED_ROWS[(kd, n, t, transposed)]
     bn = _pow2_divisor(n, max(64, t))
     while bn > max(16, t // 2) and (n // bn) < target_programs // 2:  # small matrices: more programs
         bn //= 2
@@ -271,7 +356,7 @@ def rows_config(kd: int, n: int, t: int, itemsize: int = 2, target_programs: int
     return GemvConfig(bn=bn, bk=bk, splits=splits, warps=4 if t * bn <= 4096 else 8, stages=3)
 
 
-def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, eps: float):
+def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, eps: float, transposed: bool):
     x_ref, nw_ref, w_ref, o_ref, s, n0, k_start = _tile(refs, norm, cfg, rows)
     bn, bk = cfg.bn, cfg.bk
     t, kd = x_ref.shape
@@ -286,6 +371,10 @@ def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, ep
         xs = x_ref[:, pl.ds(k, bk)]  # [T, bk]
         if norm:  # as model.rms_norm: scaled in float32, rounded to x's dtype, times the norm weight
             xs = nw_ref[nlead + (pl.ds(k, bk),)][None, :] * (xs.astype(f32) * r[:, None]).astype(xs.dtype)
+        if transposed:
+            w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))]  # [bn, bk]
+            return acc + jax.lax.dot_general(xs.astype(w.dtype), w, (((1,), (1,)), ((), ())),
+                                             preferred_element_type=f32)
         w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))]  # [bk, bn]
         return acc + jnp.dot(xs.astype(w.dtype), w, preferred_element_type=f32)
 
@@ -293,32 +382,37 @@ def _rows_kernel(*refs, layer, rows, cfg: GemvConfig, norm: bool, norm_layer, ep
     o_ref[s, :, pl.ds(n0, bn)] = acc
 
 
-def gemm_supported(kd: int, n: int, t: int, itemsize: int = 2) -> bool:
-    return 1 <= t and rows_padded(t) <= ROWS_MAX and rows_config(kd, n, t, itemsize) is not None
+def gemm_supported(kd: int, n: int, t: int, itemsize: int = 2, transposed: bool = False) -> bool:
+    return (1 <= t and rows_padded(t) <= ROWS_MAX
+            and rows_config(kd, n, t, itemsize, transposed=transposed) is not None)
 
 
-def gemm(x: jax.Array, w: jax.Array, layer: int | None = None, *, cfg: GemvConfig | None = None,
-         norm: jax.Array | None = None, eps: float = 1e-6, interpret: bool = False) -> jax.Array:
+def gemm(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
+         cfg: GemvConfig | None = None, norm: jax.Array | None = None, eps: float = 1e-6,
+         interpret: bool = False) -> jax.Array:
     """float32 [T, N] = x @ W (or `rms_norm(x) @ W` with `norm`) for a few rows x [T, Kd].
 
-    W: [Kd, N], or stacked [L, Kd, N] with `layer` the static index of the matrix to use; norm: the RMSNorm
+    W: [Kd, N] (or [N, Kd] if `transposed`), or stacked [L, ...] with `layer` the static index of the matrix
+    to use; norm: the RMSNorm
     weight [Kd] or stacked [L, Kd], as in `gemv`. x's rows are padded to `rows_padded(T)` (zero rows, whose
     results are dropped). The products run in x's dtype with float32 accumulation, as XLA's do.
     """
-    kd, n = _matrix_shape(w, layer)
+    mat_shape = _matrix_shape(w, layer)
+    n, kd = mat_shape if transposed else mat_shape[::-1]
     if x.ndim != 2 or x.shape[1] != kd:
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs (T, {kd})")
     t = x.shape[0]
     tp = rows_padded(t)
     norm_layer = _norm_layer(norm, kd, layer)
-    cfg = cfg or rows_config(kd, n, tp, jnp.dtype(x.dtype).itemsize)
+    cfg = cfg or rows_config(kd, n, tp, jnp.dtype(x.dtype).itemsize, transposed=transposed)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `gemm_supported` first)")
     if tp != t:
         x = jnp.pad(x, ((0, tp - t), (0, 0)))
     kernel = functools.partial(_rows_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, norm=norm is not None,
-                               norm_layer=norm_layer, eps=float(eps))
+                               norm_layer=norm_layer, eps=float(eps), transposed=transposed)
     partial = _launch(kernel, (x, w) if norm is None else (x, norm, w), cfg, kd, n, (tp, n),
-                      f"gemm{tp}_{kd}x{n}{'_norm' if norm is not None else ''}", interpret)
+                      f"gemm{tp}_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}",
+                      interpret)
     out = partial[0] if cfg.splits == 1 else jnp.sum(partial, axis=0)
     return out[:t] if tp != t else out

@@ -81,30 +81,40 @@ GEMV_MODES = (None, "pallas", "interpret")
 
 
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
-             norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False) -> jax.Array:
-    """x @ layer l of a stacked weight [L, (in dims), (out dims)], x first RMS-normed by layer l of the
-    stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the Pallas
-    kernel (norm inside it) where the mode is on and the shape suits it: `gemv` for one token, `gemm` for
-    up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token), float32
-    partial sums [splits, *out_shape] for a consumer that adds them (XLA's einsum gives one, in x's dtype's
-    values)."""
+             norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
+             residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
+    """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l
+    of the stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the
+    Pallas kernel (norm inside it) where the mode is on and the shape suits it: `gemv` for one token, `gemm`
+    for up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token),
+    float32 partial sums [splits, *out_shape] for a consumer that adds them (XLA's einsum gives one, in x's
+    dtype's values). The product's consumer, computed as model.py always has (gemv.finish), in the kernel's
+    epilogue where the kernel runs one token: `residual` [T, *out_shape] returns residual + the product;
+    `gated` (out_shape (2, F): gate and up) returns silu(gate) * up [T, F]."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
     t = x.shape[0]
-    if mode is not None and t > 1 and not partials and gemv_lib.gemm_supported(kd, n, t, x.dtype.itemsize):
+    dt = x.dtype
+    w = stacked.reshape(stacked.shape[0], n, kd)  # a bitcast of the stacked parameter: no copy
+    if mode is not None and t == 1 and gemv_lib.supported(kd, n, transposed=True):
+        res = None if residual is None else residual.reshape(n)
+        y = gemv_lib.gemv(x.reshape(kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
+                          residual=res, gated=gated, interpret=mode == "interpret")
+        if partials:
+            return y.reshape((-1,) + tuple(out_shape))
+        return y.astype(dt).reshape((1,) + (tuple(out_shape[1:]) if gated else tuple(out_shape)))
+    if mode is not None and t > 1 and not partials and gemv_lib.gemm_supported(kd, n, t, dt.itemsize, True):
         # a few tokens (a short prompt's prefill): every row multiplied by each weight tile as it is read
-        w = stacked.reshape(stacked.shape[0], kd, n)
-        y = gemv_lib.gemm(x.reshape(t, kd), w, l, norm=norm, eps=eps, interpret=mode == "interpret")
-        return y.astype(x.dtype).reshape((t,) + tuple(out_shape))
-    if mode is None or t != 1 or not gemv_lib.supported(kd, n):
+        y = gemv_lib.gemm(x.reshape(t, kd), w, l, transposed=True, norm=norm, eps=eps,
+                          interpret=mode == "interpret").astype(dt).reshape((t,) + tuple(out_shape))
+    else:
         h = x if norm is None else rms_norm(x, norm[l], eps)
         y = jnp.einsum(spec, h, stacked[l])
-        return y.astype(jnp.float32) if partials else y
-    w = stacked.reshape(stacked.shape[0], kd, n)  # a bitcast of the stacked parameter: no copy
-    y = gemv_lib.gemv(x.reshape(kd), w, l, norm=norm, eps=eps, reduce=not partials, interpret=mode == "interpret")
-    if partials:
-        return y.reshape((-1,) + tuple(out_shape))
-    return y.astype(x.dtype).reshape((1,) + tuple(out_shape))
+        if partials:
+            return y.astype(jnp.float32)  # [1, *out_shape]: one "split"
+    if gated:
+        return jax.nn.silu(y[:, 0].astype(jnp.float32)).astype(dt) * y[:, 1]
+    return y if residual is None else residual + y
 
 
 # Fused attention for a chunk that is its own whole context (`fused_attention`): jax.nn.dot_product_attention
@@ -132,20 +142,23 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
 def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x: jax.Array,
                     positions: jax.Array, cos, sin, kv_len: int | None,
                     gemv: str | None = None, attn: str | None = None,
-                    fused: str | None = None, wo: str | None = None) -> tuple[jax.Array, KVCache]:
+                    fused: str | None = None, wo: str | None = None,
+                    residual: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """The attention's output for x [T, D] (`residual` + it where given: in the output projection's kernel
+    where the kernels run) and the updated cache."""
     lw = params.layers
     G = cfg.q_per_kv
     if attn is not None and x.shape[0] == 1 and decode_attention.supported(cache.max_seq_len, cfg.hd):
         # One token: norm + QKV projection (partial sums) -> one attention kernel that adds them, applies
         # rope, writes the cache row and attends over the filled rows only.
-        parts = _project(gemv, "td,dkgh->tkgh", x, lw.wqkv, l, lw.wqkv.shape[2:], norm=lw.attn_norm,
+        parts = _project(gemv, "td,kghd->tkgh", x, lw.wqkv, l, lw.wqkv.shape[1:4], norm=lw.attn_norm,
                          eps=cfg.norm_eps, partials=True)  # [splits, K, G+2, h]
         o, kc, vc = decode_attention.attend(parts, cos[0], sin[0], cache.k, cache.v, l, positions[:1],
                                             dtype=x.dtype, interpret=attn == "interpret")
         cache = KVCache(k=kc, v=vc)
         o = o[None]
     else:
-        qkv = _project(gemv, "td,dkgh->tkgh", x, lw.wqkv, l, lw.wqkv.shape[2:],
+        qkv = _project(gemv, "td,kghd->tkgh", x, lw.wqkv, l, lw.wqkv.shape[1:4],
                        norm=lw.attn_norm, eps=cfg.norm_eps)  # [T, K, G+2, h]
         q = apply_rope(qkv[:, :, :G], cos, sin)
         k = apply_rope(qkv[:, :, G], cos, sin)
@@ -158,14 +171,17 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
             o = fused_attention(q, k.astype(cache.k.dtype), v.astype(cache.v.dtype), fused)
         else:
             o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
-    return _project(gemv or wo, "tkgh,kghd->td", o, lw.wo, l, (cfg.dim,)), cache
+    return _project(gemv or wo, "tkgh,dkgh->td", o, lw.wo, l, (cfg.dim,), residual=residual), cache
 
 
-def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None) -> jax.Array:
+def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str | None = None,
+              residual: jax.Array | None = None) -> jax.Array:
+    """The MLP's output for x [T, D] (`residual` + it where given: in the down projection's kernel where
+    the kernels run)."""
     lw = params.layers
-    gu = _project(gemv, "td,dcf->tcf", x, lw.w13, l, lw.w13.shape[2:], norm=lw.mlp_norm, eps=cfg.norm_eps)
-    a = jax.nn.silu(gu[:, 0].astype(jnp.float32)).astype(x.dtype) * gu[:, 1]  # [T, F]
-    return _project(gemv, "tf,fd->td", a, lw.w2, l, (cfg.dim,))
+    a = _project(gemv, "td,cfd->tcf", x, lw.w13, l, lw.w13.shape[1:3], norm=lw.mlp_norm, eps=cfg.norm_eps,
+                 gated=True)  # silu(gate) * up [T, F]
+    return _project(gemv, "tf,df->td", a, lw.w2, l, (cfg.dim,), residual=residual)
 
 
 def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
@@ -196,9 +212,9 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):  # unrolled: static weight slices (which Triton's GEMM fusions read in place)
-        a, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn, fused, wo)
-        x = x + a
-        x = x + mlp_block(cfg, params, l, x, gemv)
+        x, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, gemv, attn, fused, wo,
+                                   residual=x)
+        x = mlp_block(cfg, params, l, x, gemv, residual=x)
     return x, cache
 
 

@@ -6,10 +6,10 @@ one after the MLP down projection per layer, plus whatever the vocab-split logit
 
 | tensor                         | spec                      | split on |
 |--------------------------------|---------------------------|----------|
-| wqkv [L, D, K, G+2, Dh]        | P(None, None, tp, ...)    | K: a kv head's queries, key and value stay together |
-| wo   [L, K, G, Dh, D]          | P(None, tp, ...)          | K (partial sums, all-reduced) |
-| w13  [L, D, 2, F]              | P(None, None, None, tp)   | F |
-| w2   [L, F, D]                 | P(None, tp, None)         | F (partial sums, all-reduced) |
+| wqkv [L, K, G+2, Dh, D]        | P(None, tp, ...)          | K: a kv head's queries, key and value stay together |
+| wo   [L, D, K, G, Dh]          | P(None, None, tp, ...)    | K (partial sums, all-reduced) |
+| w13  [L, 2, F, D]              | P(None, None, tp, None)   | F |
+| w2   [L, D, F]                 | P(None, None, tp)         | F (partial sums, all-reduced) |
 | lm_head [D, V]                 | P(None, tp)               | V (replicated where V is not a multiple of N) |
 | embed [V, D], norms            | replicated                |   |
 | KV cache k, v [L, S, K, Dh]    | P(None, None, tp, None)   | K, like wqkv |
@@ -53,10 +53,10 @@ AXIS = "tp"
 
 # Leaf name (as weights.abstract passes it) -> spec; anything not named here is replicated.
 PARAM_SPECS = {
-    "wqkv": P(None, None, AXIS, None, None),
-    "wo": P(None, AXIS, None, None, None),
-    "w13": P(None, None, None, AXIS),
-    "w2": P(None, AXIS, None),
+    "wqkv": P(None, AXIS, None, None, None),
+    "wo": P(None, None, AXIS, None, None),
+    "w13": P(None, None, AXIS, None),
+    "w2": P(None, None, AXIS),
     "lm_head": P(None, AXIS),
 }
 CACHE_SPEC = P(None, None, AXIS, None)

@@ -2,10 +2,14 @@
 
 Layout (chosen for batch-1 decode and for tensor parallelism; see docs/ENGINEERING_LOG.md):
 - layers are stacked on a leading L axis and sliced statically (Python-unrolled), so no weight is copied;
-- Q, K and V are one fused matrix grouped by kv head: `wqkv[l, :, k, g]` is query head k*G+g for g < G,
+- every layer matrix is stored output-major, [out dims..., in dims...] (PyTorch's nn.Linear layout): each
+  output's weights are contiguous, so a batch-1 matrix-vector kernel (gemv.py) gives each program whole
+  rows and needs no split of the reduction, and the product's consumer (the residual add, silu x up) runs
+  in the kernel's epilogue (format version 2; docs/ENGINEERING_LOG.md, session 7);
+- Q, K and V are one fused matrix grouped by kv head: `wqkv[l, k, g]` is query head k*G+g for g < G,
   the key of kv head k for g == G and its value for g == G+1. A split along K keeps each kv head's
   queries, key and value on one device;
-- gate and up are one fused matrix `w13[l, :, 0]` (gate) and `w13[l, :, 1]` (up);
+- gate and up are one fused matrix `w13[l, 0]` (gate) and `w13[l, 1]` (up);
 - rotary q/k use the Hugging Face (rotate-half) layout.
 
 Legend: L layers, D model, K kv heads, G query heads per kv head, Dh head dim, F ffn, V vocab.
@@ -25,11 +29,11 @@ from .config import LlamaConfig
 @struct.dataclass
 class LayerWeights:
     attn_norm: jax.Array  # [L, D]
-    wqkv: jax.Array  # [L, D, K, G+2, Dh]
-    wo: jax.Array  # [L, K, G, Dh, D]
+    wqkv: jax.Array  # [L, K, G+2, Dh, D]
+    wo: jax.Array  # [L, D, K, G, Dh]
     mlp_norm: jax.Array  # [L, D]
-    w13: jax.Array  # [L, D, 2, F]
-    w2: jax.Array  # [L, F, D]
+    w13: jax.Array  # [L, 2, F, D]
+    w2: jax.Array  # [L, D, F]
 
 
 @struct.dataclass
@@ -47,11 +51,11 @@ def shapes(cfg: LlamaConfig) -> dict:
         "embed": (V, D),
         "layers": {
             "attn_norm": (L, D),
-            "wqkv": (L, D, K, G + 2, Dh),
-            "wo": (L, K, G, Dh, D),
+            "wqkv": (L, K, G + 2, Dh, D),
+            "wo": (L, D, K, G, Dh),
             "mlp_norm": (L, D),
-            "w13": (L, D, 2, F),
-            "w2": (L, F, D),
+            "w13": (L, 2, F, D),
+            "w2": (L, D, F),
         },
         "final_norm": (D,),
     }
@@ -162,14 +166,15 @@ def from_hf_layers(cfg: LlamaConfig, get: Callable[[str], np.ndarray], dtype=Non
     out["embed"] = fetch("model.embed_tokens.weight", (V, D)).astype(dtype)
     for i in range(L):
         p = f"model.layers.{i}."
-        q = fetch(p + "self_attn.q_proj.weight", (H * Dh, D)).T.reshape(D, K, G, Dh)
-        k = fetch(p + "self_attn.k_proj.weight", (K * Dh, D)).T.reshape(D, K, 1, Dh)
-        v = fetch(p + "self_attn.v_proj.weight", (K * Dh, D)).T.reshape(D, K, 1, Dh)
-        lay["wqkv"][i] = np.concatenate([q, k, v], axis=2)
-        lay["wo"][i] = fetch(p + "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(K, G, Dh, D)
-        lay["w13"][i, :, 0] = fetch(p + "mlp.gate_proj.weight", (F, D)).T
-        lay["w13"][i, :, 1] = fetch(p + "mlp.up_proj.weight", (F, D)).T
-        lay["w2"][i] = fetch(p + "mlp.down_proj.weight", (D, F)).T
+        # HF's [out, in] matrices are this layout already: only reshaped (query head h = k*G + g)
+        q = fetch(p + "self_attn.q_proj.weight", (H * Dh, D)).reshape(K, G, Dh, D)
+        k = fetch(p + "self_attn.k_proj.weight", (K * Dh, D)).reshape(K, 1, Dh, D)
+        v = fetch(p + "self_attn.v_proj.weight", (K * Dh, D)).reshape(K, 1, Dh, D)
+        lay["wqkv"][i] = np.concatenate([q, k, v], axis=1)
+        lay["wo"][i] = fetch(p + "self_attn.o_proj.weight", (D, H * Dh)).reshape(D, K, G, Dh)
+        lay["w13"][i, 0] = fetch(p + "mlp.gate_proj.weight", (F, D))
+        lay["w13"][i, 1] = fetch(p + "mlp.up_proj.weight", (F, D))
+        lay["w2"][i] = fetch(p + "mlp.down_proj.weight", (D, F))
         lay["attn_norm"][i] = fetch(p + "input_layernorm.weight", (D,))
         lay["mlp_norm"][i] = fetch(p + "post_attention_layernorm.weight", (D,))
         if progress:

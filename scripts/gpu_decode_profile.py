@@ -1,7 +1,10 @@
 """Where does the decode step's time go? Profile N pipelined decode steps (JAX profiler, CUPTI) of the
 LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
 
-  PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas,xla] [--steps 20]
+  PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas+attn,xla] [--steps 20]
+
+Modes: `pallas+attn` is the default step on one GPU (the projection kernels and the attention kernel),
+`pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only.
 
 Writes profile_<gemv>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and
 prints the top kernels. Run it under XLA_FLAGS=--xla_gpu_enable_command_buffer= as well: with command
@@ -62,15 +65,16 @@ def kernel_table(trace_path: str, steps: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--gemv", default="pallas,xla", help="modes: xla, pallas (GEMV kernels), pallas+attn (and "
-                    "the attention kernel)")
+    ap.add_argument("--gemv", default="pallas+attn,xla", help="modes: pallas+attn (the default step: the "
+                    "projection kernels and the attention kernel), pallas (XLA's attention), xla")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     from hybrid_jax import weights
     from hybrid_jax.config import PRESETS, LlamaConfig
-    from hybrid_jax.generate import Engine
+    from hybrid_jax.engine import Engine
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
                                                  ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
     params = weights.init_random(cfg, jax.random.PRNGKey(0))

@@ -62,7 +62,7 @@ def main():
     from bench.worker import SHAPES, prompt_ids
     from hybrid_jax import weights
     from hybrid_jax.config import PRESETS, LlamaConfig
-    from hybrid_jax.generate import Engine, generate
+    from hybrid_jax.engine import Engine, generate
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=2, n_kv_heads=2,
                                                  ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
     gpu = jax.devices()[0].platform == "gpu"

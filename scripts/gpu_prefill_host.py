@@ -74,7 +74,7 @@ def random_engine(shape: str, lengths, params=None, cache_dir=None, **engine_kw)
     length's own prefill bucket compiled."""
     from hybrid_jax import weights
     from hybrid_jax.config import PRESETS, LlamaConfig
-    from hybrid_jax.generate import Engine
+    from hybrid_jax.engine import Engine
     cfg = PRESETS.get(shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
                                             ffn_dim=512, dtype="bfloat16")
     if params is None:
@@ -141,7 +141,7 @@ def engine_ab(engines: dict, vocab: int, lengths, reps: int, on_length=None) -> 
     and the first 8 generated tokens of the first 3 reps compared with the first engine's. Calls
     on_length(results) after each length. Returns {name: {length: row}}."""
     from bench.worker import prompt_ids
-    from hybrid_jax.generate import generate
+    from hybrid_jax.engine import generate
     names = list(engines)
     for e in engines.values():  # warm
         for n in lengths:
@@ -188,7 +188,7 @@ def main():
                     "to drop CUPTI, which inflates graph launches; jax 0.11.2 still traced the device, run 28)")
     args = ap.parse_args()
     from bench.worker import prompt_ids
-    from hybrid_jax.generate import generate
+    from hybrid_jax.engine import generate
     lengths = [int(x) for x in args.lengths.split(",")]
     cfg, _, eng = random_engine(args.shape, lengths)
     rt = eng.runtime

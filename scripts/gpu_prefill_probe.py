@@ -6,11 +6,12 @@ matmuls, per matrix and in the engine, LLaMA-2-7B shape, random bf16 weights.
 Phase `check`: model.forward of 16 and 100 tokens with the projections through `gemm` against XLA's, on the
 device (f32 and bf16, a 2-layer model with the 7B's matrices): logits' relative error, argmax per row,
 the cache rows written.
-Phase `tune`: for each 7B matrix and T in ROWS (16 ... 256): Lw copies of [Kd, N] bf16 (the set exceeds the
-L2 cache), x [T, Kd]; XLA's product (`jnp.dot`, bf16 out, as the model's einsum) against every candidate
+Phase `tune`: for each 7B matrix and T in ROWS (16 ... 256): Lw copies of [N, Kd] bf16 (the model's
+output-major layout; the set exceeds the L2 cache), x [T, Kd]; XLA's product (x @ W.T, bf16 out, as the
+model's einsum) against every candidate
 tiling of `gemm` (checked first against a float32 product); time = Lw products back to back (wall clock
 over 20 calls after warm-up: the calls queue on the device). Writes prefill_tune.json with the best tiling
-per (Kd, N, T) (the table for gemv.TUNED_ROWS).
+per (Kd, N, T, True) (the table for gemv.TUNED_ROWS).
 Phase `engine`: one Engine per mode (prefill through gemm / XLA's matmuls / gemm with the prefill compiled
 without command buffers), same weights: TTFT p50 at 10 / 100 / 500 tokens as generate() measures it, the
 prefill's device time (back-to-back prefills), the host time of the state reset and of the prefill call,
@@ -49,7 +50,7 @@ def shapes(cfg):
 
 
 def candidates(kd, n, t):
-    out = {G.rows_config(kd, n, t)}
+    out = {G.rows_config(kd, n, t, transposed=True)}
     for bn, bk, s in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (1, 2, 4, 8)):
         if n % bn or kd % (bk * s) or not 4096 <= bn * bk * 2 <= 32768:
             continue
@@ -70,17 +71,17 @@ def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=None):
         mat_bytes = kd * n * 2
         Lw = min(32, max(2, math.ceil(set_bytes / mat_bytes)))
         k1, k2 = jax.random.split(jax.random.PRNGKey(kd + n + t))
-        w = jax.random.normal(k1, (Lw, kd, n), jnp.bfloat16)
+        w = jax.random.normal(k1, (Lw, n, kd), jnp.bfloat16)
         x = jax.random.normal(k2, (t, kd), jnp.bfloat16)
-        ref = np.asarray(jnp.dot(x.astype(jnp.float32), w[Lw - 1].astype(jnp.float32),
+        ref = np.asarray(jnp.dot(x.astype(jnp.float32), w[Lw - 1].astype(jnp.float32).T,
                                  precision=jax.lax.Precision.HIGHEST))
         # one x per product: with a shared x XLA merges the dots into one fusion that can exceed shared memory
         xs = jnp.stack([x + jnp.asarray(l, x.dtype) for l in range(Lw)])
-        t_xla = timed(jax.jit(lambda xs, w: [jnp.dot(xs[l], w[l]) for l in range(Lw)]), (xs, w)) / Lw
+        t_xla = timed(jax.jit(lambda xs, w: [jnp.einsum("td,nd->tn", xs[l], w[l]) for l in range(Lw)]), (xs, w)) / Lw
 
         def make(c):
             try:
-                fn = jax.jit(lambda x, w: [G.gemm(x, w, l, cfg=c) for l in range(Lw)])
+                fn = jax.jit(lambda x, w: [G.gemm(x, w, l, transposed=True, cfg=c) for l in range(Lw)])
                 fn.lower(x, w).compile()
                 return c, fn, None
             except Exception as e:  # noqa: BLE001  (a tiling Triton rejects)
@@ -100,7 +101,7 @@ def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=None):
             s = timed(fn, (x, w)) / Lw
             cand.append({"cfg": c.__dict__, "rel_err": e, "s": s, "TBps": mat_bytes / s / 1e12})
         ok = sorted([r for r in cand if "s" in r and r["rel_err"] < 1e-3], key=lambda r: r["s"])
-        default = G.rows_config(kd, n, t).__dict__
+        default = G.rows_config(kd, n, t, transposed=True).__dict__
         d = next((r for r in cand if r["cfg"] == default and "s" in r), None)
         best = ok[0] if ok else None
         entry = {"name": name, "kd": kd, "n": n, "T": t, "Lw": Lw, "xla_s": t_xla, "xla_TBps": mat_bytes / t_xla / 1e12,
@@ -108,12 +109,12 @@ def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=None):
                  "n_errors": sum("error" in r for r in cand), "rows": cand}
         results["tune"].append(entry)
         if best:
-            tuned[(kd, n, t)] = G.GemvConfig(**best["cfg"])
+            tuned[(kd, n, t, True)] = G.GemvConfig(**best["cfg"])
         f = lambda r: f"{r['s']*1e6:.1f} ({r['TBps']:.2f})" if r else "-"
         table.append(f"| {name} | {kd}x{n} | {t} | {t_xla*1e6:.1f} ({entry['xla_TBps']:.2f}) | {f(d)} | {f(best)} | "
                      f"{best['cfg'] if best else entry['n_errors']} |")
         print(table[-1], flush=True)
-        results["tuned_rows"] = {f"{k[0]},{k[1]},{k[2]}": v.__dict__ for k, v in tuned.items()}
+        results["tuned_rows"] = {",".join(map(str, k)): v.__dict__ for k, v in tuned.items()}
         _save(out_dir, results)
         del w
     results["tune_table_md"] = ["| matrix | shape | T | XLA us (TB/s) | gemm default us (TB/s) | gemm best | best tiling |",
@@ -151,7 +152,7 @@ def check(results):
 def engine_phase(cfg, out_dir, results, modes, reps=12):
     from hybrid_jax import runtime as R
     from hybrid_jax import sampling, weights
-    from hybrid_jax.generate import Engine, generate
+    from hybrid_jax.engine import Engine, generate
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     rng = np.random.RandomState(0)
@@ -227,6 +228,7 @@ def main():
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--matrices", default="wqkv,wo,w13,w2", help="tune phase: which of the layer matrices")
     ap.add_argument("--tuned", help="prefill_probe.json of an earlier run: use its tuned_rows")
     ap.add_argument("--modes", default="gemm,xla,gemm_nocb")
     args = ap.parse_args()
@@ -245,14 +247,15 @@ def main():
     phases = args.phase.split(",")
     if args.tuned:
         with open(args.tuned) as f:
-            G.TUNED_ROWS.update({tuple(int(v) for v in k.split(",")): G.GemvConfig(**c)
+            G.TUNED_ROWS.update({tuple(int(v) for v in k.split(",")[:3]) + (True,): G.GemvConfig(**c)
                                  for k, c in json.load(f)["tuned_rows"].items()})
     if "check" in phases:
         check(results)
         _save(args.out, results)
     if "tune" in phases:
         G.TUNED_ROWS.update(tune(cfg, args.out, results, rows=tuple(int(r) for r in args.rows.split(",")),
-                                 set_bytes=512e6 if jax.default_backend() != "cpu" else 1e6))
+                                 set_bytes=512e6 if jax.default_backend() != "cpu" else 1e6,
+                                 matrices=tuple(args.matrices.split(","))))
     if "engine" in phases:
         engine_phase(cfg, args.out, results, args.modes.split(","))
     print("\n".join(results.get("tune_table_md", [])))

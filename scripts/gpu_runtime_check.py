@@ -39,7 +39,7 @@ def config_for(shape):
 def build_engine(shape, max_seq_len, cache_dir, extra=None):
     import jax
     from hybrid_jax import weights
-    from hybrid_jax.generate import Engine
+    from hybrid_jax.engine import Engine
     cfg = config_for(shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
@@ -50,7 +50,7 @@ def build_engine(shape, max_seq_len, cache_dir, extra=None):
 
 
 def time_hybrid(eng, lengths, reps, new_tokens, events):
-    from hybrid_jax.generate import generate
+    from hybrid_jax.engine import generate
     rng = np.random.RandomState(0)
     out = {}
     for n in lengths:
@@ -143,7 +143,7 @@ def worker(args):
 def correctness():
     """Tiny fp32 model on the device: the runtime's greedy tokens equal the argmax of a full forward."""
     import jax
-    from hybrid_jax.generate import generate
+    from hybrid_jax.engine import generate
     cfg, eng, _ = build_engine("tiny", 256, tempfile.mkdtemp())
     rng = np.random.RandomState(1)
     ok = True

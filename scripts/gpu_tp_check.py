@@ -167,9 +167,9 @@ def sharded_random(cfg, n, key, scale=0.02, chunk_elems=2**24):
     """Random weights (init_random's distributions) made in place in their TP=n shards (n=1: one device).
 
     One jit with sharding.py's out_shardings; every matrix is drawn in blocks of at most about `chunk_elems`
-    elements (whole rows of axis 0, or of axis 1 within one layer; neither axis is split over the devices,
-    except axis 1 of wo and w2, whose layers are then one block) written into the output in a loop, each
-    block constrained to the output's sharding, so a device's peak is its weights plus about one block.
+    elements (whole rows of axis 0, or, within one layer, rows of the first later axis that is not split
+    over the devices, whole along the split axes before it) written into the output in a loop, each block
+    constrained to the output's sharding, so a device's peak is its weights plus about one block.
     """
     import jax
     import jax.numpy as jnp
@@ -196,17 +196,24 @@ def sharded_random(cfg, n, key, scale=0.02, chunk_elems=2**24):
             return draw(k, a.shape, norm)
         sh = getattr(a, "sharding", None)
         spec = tuple(sharding.PARAM_SPECS.get(name.split(".")[-1], ()))  # the blocks do not depend on n
-        split1 = len(spec) > 1 and spec[1] is not None
-        if math.prod(a.shape[1:]) <= chunk_elems or a.ndim < 3 or split1:  # blocks of whole rows of axis 0
+        spec += (None,) * (a.ndim - len(spec))
+        b = 0  # the axis whose rows make the blocks
+        if math.prod(a.shape[1:]) > chunk_elems and a.ndim >= 3:
+            b = next((i for i in range(1, a.ndim) if spec[i] is None), 0)
+        if b == 0:  # blocks of whole rows of axis 0
             block = (fit(a.shape[0], math.prod(a.shape[1:])),) + a.shape[1:]
-        else:  # one index of axis 0 (a layer), blocks of rows of axis 1 (never split)
-            block = (1, fit(a.shape[1], math.prod(a.shape[2:]))) + a.shape[2:]
-        per0 = a.shape[1] // block[1]
+        else:  # one index of axis 0 (a layer), the split axes before b whole, rows of axis b
+            block = (1,) + a.shape[1:b] + (fit(a.shape[b], math.prod(a.shape[1:b]) * math.prod(a.shape[b + 1:])),) \
+                + a.shape[b + 1:]
+        per0 = a.shape[b] // block[b] if b else 1
 
         def body(j, buf):
             x = constrain(draw(jax.random.fold_in(k, j), block, norm), sh)
-            start = (j // per0 * block[0], j % per0 * block[1]) + (0,) * (a.ndim - 2)
-            return jax.lax.dynamic_update_slice(buf, x, start)
+            start = [0] * a.ndim
+            start[0] = j // per0 * block[0]
+            if b:
+                start[b] = j % per0 * block[b]
+            return jax.lax.dynamic_update_slice(buf, x, tuple(start))
         n_blocks = a.shape[0] // block[0] * per0
         return jax.lax.fori_loop(0, n_blocks, body, constrain(jnp.zeros(a.shape, dtype), sh))
 
@@ -279,7 +286,7 @@ def tp_worker(args):
 def _tp_worker(args, n, rec, save):
     import jax
     from hybrid_jax import sharding
-    from hybrid_jax.generate import Engine, generate
+    from hybrid_jax.engine import Engine, generate
 
     events = {"n": 0}
     jax.monitoring.register_event_duration_secs_listener(

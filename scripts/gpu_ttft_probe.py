@@ -13,7 +13,7 @@ import jax  # noqa: E402
 
 from hybrid_jax import weights  # noqa: E402
 from hybrid_jax.config import PRESETS  # noqa: E402
-from hybrid_jax.generate import Engine, generate  # noqa: E402
+from hybrid_jax.engine import Engine, generate  # noqa: E402
 from gpu_prefill_host import reset_then_prefill  # noqa: E402  (this folder)
 
 from hybrid_jax.config import LlamaConfig  # noqa: E402

@@ -190,7 +190,7 @@ def test_plainjit_and_hf_peer_match_hybrid(tmp_path):
     from bench.plainjit import PlainJit
     from bench.worker import TINY, prompt_ids
     from hybrid_jax import weights as W
-    from hybrid_jax.generate import Engine, generate
+    from hybrid_jax.engine import Engine, generate
 
     cfg = TINY.replace(dtype="float32")
     params = W.init_random(cfg, jax.random.PRNGKey(0), scale=0.2)

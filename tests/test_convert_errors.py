@@ -193,3 +193,34 @@ def test_real_cli_one_line_and_status_1(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_of_an_older_format_is_refused_with_the_command(hf_src, tmp_path, monkeypatch):
+    """A checkpoint written by format version 1 (the layer matrices input-major) is not restored as if it were
+    version 2: loading it names the version and the command that converts its source again; the default
+    model's cached conversion is redone instead of used."""
+    import hybrid_jax
+    from hybrid_jax import checkpoint, default_model
+
+    out = tmp_path / "ckpt"
+    main(["--src", str(hf_src), "--out", str(out), "--dtype", "float32"])
+    assert checkpoint.is_current(out) and checkpoint.load_config(out).n_layers == 2
+    meta = json.loads((out / "config.json").read_text())
+    meta["format_version"] = 1
+    (out / "config.json").write_text(json.dumps(meta))
+    assert checkpoint.is_checkpoint(out) and not checkpoint.is_current(out)
+    for load in (checkpoint.load_config, lambda p: checkpoint.restore(p), lambda p: hybrid_jax.load(p)):
+        with pytest.raises(ValueError, match=r"format version 1.*reads version 2.*python -m convert --src .*hf"):
+            load(out)
+    # the default model: an old conversion in the cache is converted again (force), a current one is used
+    monkeypatch.setattr(default_model, "default_model_dir", lambda: out)
+    monkeypatch.setattr(default_model, "smollm2_gguf", lambda: hf_src)
+    calls = []
+    import convert.api
+    monkeypatch.setattr(convert.api, "convert", lambda src, dst, **kw: calls.append((src, dst, kw)) or dst)
+    assert default_model.ensure_default_model(progress=False) == out
+    assert calls and calls[0][2]["force"] is True
+    meta["format_version"] = checkpoint.FORMAT_VERSION
+    (out / "config.json").write_text(json.dumps(meta))
+    calls.clear()
+    assert default_model.ensure_default_model(progress=False) == out and not calls

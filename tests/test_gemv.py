@@ -13,7 +13,7 @@ from conftest import TINY_VARIANTS, hf_params, make_hf_model, rel_err
 from hybrid_jax import gemv as G
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
-from hybrid_jax.generate import Engine, generate
+from hybrid_jax.engine import Engine, generate
 from hybrid_jax.runtime import resolve_attention, resolve_gemv, resolve_prefill_gemm, resolve_prefill_wo
 
 
@@ -29,6 +29,8 @@ CASES = [  # (layers or None, kd, n, transposed, config or None for the default)
     (None, 128, 512, True, None),
     (None, 512, 96, True, G.GemvConfig(bn=32, bk=64, splits=8)),
     (None, 64, 160, False, None),  # n = 32 * 5
+    (2, 512, 384, True, None),  # the layers' layout: whole rows per program (the default tiling: no split)
+    (3, 1376, 192, True, G.GemvConfig(bn=4, bk=32, splits=1)),  # 43 chunks a row
 ]
 
 
@@ -81,9 +83,73 @@ def test_default_configs_tile_llama_shapes():
                   (13824, 5120), (576, 960), (1536, 576), (576, 3072)]:
         c = G.default_config(kd, n)
         assert c is not None and n % c.bn == 0 and kd % (c.splits * c.bk) == 0, (kd, n, c)
+    # the layer matrices (output-major) of the 7B (tuned), 13B, 70B and SmolLM2: whole rows, no split, so
+    # the consumer runs in the kernel; gate/up's halves are whole row blocks (the gated epilogue)
+    for kd, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5120, 15360), (5120, 5120),
+                  (5120, 27648), (13824, 5120), (8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192),
+                  (576, 960), (576, 576), (576, 3072), (1536, 576)]:
+        c = G.default_config(kd, n, transposed=True)
+        assert c.splits == 1 and n % c.bn == 0 and kd % c.bk == 0 and (n // 2) % c.bn == 0, (kd, n, c)
+        assert n // c.bn >= 128, (kd, n, c)  # programs enough to fill the GPU
     c = G.default_config(576, 49152, transposed=True)  # SmolLM2's tied LM head
     assert c is not None and 49152 % c.bn == 0 and 576 % (c.splits * c.bk) == 0
     assert not G.supported(4096, 32001)  # odd vocabulary: XLA's fusion instead
+
+
+EPILOGUE_CASES = [  # (layers or None, kd, n, config or None): transposed W, or input-major with a split
+    (2, 256, 384, True, None),  # in the kernel's epilogue
+    (None, 512, 192, True, G.GemvConfig(bn=8, bk=64, splits=1)),
+    (2, 256, 384, True, G.GemvConfig(bn=32, bk=64, splits=2)),  # split: XLA adds the partials, then finishes
+    (2, 256, 384, False, None),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1]}x{c[2]}{'t' if c[3] else ''}-{i}"
+                                                      for i, c in enumerate(EPILOGUE_CASES)])
+def test_epilogues_compute_the_consumer(case, dtype):
+    """`residual=` returns residual + the product, `gated=True` silu(gate) * up over W's [gate; up] rows, each
+    rounded as model.py's XLA ops round them (the residual add and mlp_block's silu x up), with a norm or
+    without, whether in the kernel's epilogue or after XLA adds split partial sums."""
+    layers, kd, n, transposed, cfg = case
+    rng = np.random.default_rng(kd + 7 * n)
+    shape = (n, kd) if transposed else (kd, n)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape) / np.sqrt(kd), dtype)
+    x = jnp.asarray(rng.standard_normal(kd), dtype)
+    res = jnp.asarray(rng.standard_normal(n), dtype)
+    nw = jnp.asarray(1 + 0.1 * rng.standard_normal(kd), dtype)
+    layer = None if layers is None else layers - 1
+    for norm in (None, nw):
+        h = x if norm is None else model.rms_norm(x, norm, 1e-5)
+        y = jnp.asarray(ref_product(np.asarray(h, np.float32), np.asarray(w, np.float32), layer, transposed),
+                        jnp.float32).astype(dtype)  # the product in the model's dtype, as XLA's einsum gives it
+        kw = dict(transposed=transposed, cfg=cfg, norm=norm, eps=1e-5, interpret=True)
+        got = G.gemv(x, w, layer, residual=res, **kw)
+        assert got.dtype == x.dtype and got.shape == (n,)
+        tol = 1e-6 if dtype == "float32" else 1e-2  # bf16: a sum's rounding may differ by one unit
+        assert rel_err(got, res + y) < tol
+        got = G.gemv(x, w, layer, gated=True, **kw)
+        want = jax.nn.silu(y[: n // 2].astype(jnp.float32)).astype(dtype) * y[n // 2:]
+        assert got.dtype == x.dtype and got.shape == (n // 2,)
+        assert rel_err(got, want) < tol
+    with pytest.raises(ValueError, match="residual has shape"):
+        G.gemv(x, w, layer, transposed=transposed, residual=res[:-1], interpret=True)
+    with pytest.raises(ValueError, match="not both"):
+        G.gemv(x, w, layer, transposed=transposed, residual=res, gated=True, interpret=True)
+    with pytest.raises(ValueError, match="reduce=True"):
+        G.gemv(x, w, layer, transposed=transposed, gated=True, reduce=False, interpret=True)
+
+
+def test_epilogue_runs_in_the_kernel():
+    """An unsplit tiling of a transposed W computes the consumer in the kernel: one pallas_call, whose output
+    is the consumer's (in x's dtype), and nothing after it."""
+    w = jnp.ones((2, 256, 128), jnp.bfloat16)
+    x = jnp.ones((128,), jnp.bfloat16)
+    assert G.default_config(128, 256, transposed=True).splits == 1
+    for kw in (dict(residual=jnp.ones((256,), jnp.bfloat16)), dict(gated=True)):
+        jaxpr = jax.make_jaxpr(lambda x, w: G.gemv(x, w, 1, transposed=True, interpret=True, **kw))(x, w)
+        assert len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive.name == "pallas_call", jaxpr
+        assert jaxpr.out_avals[0].dtype == jnp.bfloat16
 
 
 def test_errors_name_the_problem():
@@ -98,33 +164,37 @@ def test_errors_name_the_problem():
         G.gemv(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
 
 
-ROW_CASES = [  # (layers or None, kd, n, rows, config or None for the default)
-    (3, 256, 384, 16, None),
-    (3, 256, 384, 5, G.GemvConfig(bn=32, bk=64, splits=2)),  # padded to 16 rows, split reduction
-    (2, 1376, 256, 23, G.GemvConfig(bn=16, bk=32, splits=43)),  # padded to 32, odd chunk counts
-    (None, 64, 160, 2, None),
-    (None, 512, 96, 64, G.GemvConfig(bn=32, bk=128, splits=4)),
+ROW_CASES = [  # (layers or None, kd, n, rows, transposed, config or None for the default)
+    (3, 256, 384, 16, False, None),
+    (3, 256, 384, 5, False, G.GemvConfig(bn=32, bk=64, splits=2)),  # padded to 16 rows, split reduction
+    (2, 1376, 256, 23, False, G.GemvConfig(bn=16, bk=32, splits=43)),  # padded to 32, odd chunk counts
+    (None, 64, 160, 2, False, None),
+    (None, 512, 96, 64, False, G.GemvConfig(bn=32, bk=128, splits=4)),
+    (3, 256, 384, 11, True, None),  # the layers' layout (output-major)
+    (2, 1376, 256, 23, True, G.GemvConfig(bn=16, bk=32, splits=43)),
 ]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", ROW_CASES, ids=[f"{c[1]}x{c[2]}x{c[3]}-{i}" for i, c in enumerate(ROW_CASES)])
+@pytest.mark.parametrize("case", ROW_CASES, ids=[f"{c[1]}x{c[2]}x{c[3]}{'t' if c[4] else ''}-{i}"
+                                                 for i, c in enumerate(ROW_CASES)])
 def test_gemm_matches_float64(case, dtype):
     """A few rows at once (prefill): every row equals its own product, padded rows are dropped."""
-    layers, kd, n, t, cfg = case
+    layers, kd, n, t, transposed, cfg = case
     rng = np.random.default_rng(kd * n + t)
-    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + (kd, n)), dtype)
+    shape = (n, kd) if transposed else (kd, n)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape), dtype)
     x = jnp.asarray(rng.standard_normal((t, kd)), dtype)
     layer = None if layers is None else layers - 1
-    got = G.gemm(x, w, layer, cfg=cfg, interpret=True)
+    got = G.gemm(x, w, layer, transposed=transposed, cfg=cfg, interpret=True)
     assert got.dtype == jnp.float32 and got.shape == (t, n)
-    ref = np.asarray(x, np.float64) @ np.asarray(w if layer is None else w[layer], np.float64)
+    ref = ref_product(x, w, layer, transposed)
     # bf16 products on the tensor cores are exact in float32; float32 inputs too in the interpreter
     assert rel_err(got, ref) < 1e-6
     assert rel_err(got[t - 1], ref[t - 1]) < 1e-6  # the last row (next to the padding) as well
     if layers:
-        ref0 = np.asarray(x, np.float64) @ np.asarray(w[0], np.float64)
-        assert rel_err(G.gemm(x, w, 0, cfg=cfg, interpret=True), ref0) < 1e-6
+        got0 = G.gemm(x, w, 0, transposed=transposed, cfg=cfg, interpret=True)
+        assert rel_err(got0, ref_product(x, w, 0, transposed)) < 1e-6
 
 
 @pytest.mark.parametrize("stacked", [True, False])
@@ -151,9 +221,10 @@ def test_gemm_configs_and_errors():
     for kd, n in [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (5120, 15360), (13824, 5120),
                   (576, 960), (1536, 576), (576, 3072)]:
         for t in (2, 16, 33, 128):
-            c = G.rows_config(kd, n, t)
-            assert c is not None and n % c.bn == 0 and kd % (c.splits * c.bk) == 0, (kd, n, t, c)
-            assert G.gemm_supported(kd, n, t)
+            for transposed in (False, True):
+                c = G.rows_config(kd, n, t, transposed=transposed)
+                assert c is not None and n % c.bn == 0 and kd % (c.splits * c.bk) == 0, (kd, n, t, c)
+                assert G.gemm_supported(kd, n, t, transposed=transposed)
         assert not G.gemm_supported(kd, n, G.ROWS_MAX + 1)  # longer chunks: XLA's matmuls
     assert G.rows_padded(1) == 16 and G.rows_padded(17) == 32 and G.rows_padded(128) == 128
     x = jnp.ones((4, 64), jnp.float32)
@@ -217,14 +288,15 @@ def test_tuned_rows_tilings():
     (checked on a smaller matrix with the same tiling: the interpreter runs every program)."""
     assert G.TUNED_ROWS, "the 7B's output projection is tuned (run 37)"
     rng = np.random.default_rng(5)
-    for (kd, n, t), c in G.TUNED_ROWS.items():
+    for (kd, n, t, tr), c in G.TUNED_ROWS.items():
         assert G.rows_padded(t) == t and n % c.bn == 0 and kd % (c.bk * c.splits) == 0, (kd, n, t, c)
-        assert G.rows_config(kd, n, t) == c and G.rows_config(kd, n, t, itemsize=4) != c
+        assert G.rows_config(kd, n, t, transposed=tr) == c and G.rows_config(kd, n, t, itemsize=4, transposed=tr) != c
         small_kd, small_n = 2 * c.bk * c.splits, 2 * c.bn
-        w = jnp.asarray(rng.standard_normal((2, small_kd, small_n)) / 16, jnp.bfloat16)
+        w = jnp.asarray(rng.standard_normal((2,) + ((small_n, small_kd) if tr else (small_kd, small_n))) / 16,
+                        jnp.bfloat16)
         x = jnp.asarray(rng.standard_normal((t - 3, small_kd)), jnp.bfloat16)
-        got = G.gemm(x, w, 1, cfg=c, interpret=True)
-        assert rel_err(got, np.asarray(x, np.float64) @ np.asarray(w[1], np.float64)) < 1e-6, c
+        got = G.gemm(x, w, 1, transposed=tr, cfg=c, interpret=True)
+        assert rel_err(got, ref_product(x, w, 1, tr)) < 1e-6, c
 
 
 def test_resolve_prefill_wo(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import hf_params, make_hf_model
 from hybrid_jax.config import LlamaConfig
-from hybrid_jax.generate import Engine, generate
+from hybrid_jax.engine import Engine, generate
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,23 @@ def test_stream_flushes_text_held_back_for_a_stop_string_that_never_completes(en
     finally:
         engine.tokenizer = old
     assert isinstance(old, (Tokenizer, type(None)))
+
+
+def test_package_api_in_a_fresh_process():
+    """The README's API: `hybrid_jax.load` and `hybrid_jax.generate` are the functions in a fresh process, first
+    thing, and stay so after the engine module is imported by name (a submodule named `generate` used to shadow
+    the function, and the lazy import of `load` recursed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import hybrid_jax, inspect\n"
+            "assert inspect.isfunction(hybrid_jax.load) and inspect.isfunction(hybrid_jax.generate)\n"
+            "from hybrid_jax.engine import Engine\n"
+            "from hybrid_jax import generate, load\n"
+            "assert inspect.isfunction(hybrid_jax.generate) and generate is hybrid_jax.generate\n"
+            "assert hybrid_jax.Engine is Engine\n")
+    root = Path(__file__).resolve().parents[1]
+    for first in ("", "import hybrid_jax.engine\n"):
+        r = subprocess.run([sys.executable, "-c", first + code], cwd=root, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]

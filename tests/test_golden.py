@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hybrid_jax
-from hybrid_jax.generate import generate
+from hybrid_jax.engine import generate
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three prime numbers.",
            "Explain what a transformer is in one sentence."]

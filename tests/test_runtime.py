@@ -15,7 +15,7 @@ import torch
 
 from conftest import hf_params, make_hf_model
 from hybrid_jax.config import LlamaConfig
-from hybrid_jax.generate import Engine, generate
+from hybrid_jax.engine import Engine, generate
 
 MAX = 72  # max_seq_len; buckets 16, 32, 64, 72
 NEW = 8
