@@ -97,10 +97,12 @@ def timed(f, args, iters=30):
     return (time.perf_counter() - t0) / iters
 
 
-def tune(cfg, out_dir, results, set_bytes=512e6):
+def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
     tuned = {}
     table = []
     for name, kd, n, tr in model_shapes(cfg):
+        if matrices is not None and name not in matrices:
+            continue
         mat_bytes = kd * n * 2
         Lw = min(64, max(2, math.ceil(set_bytes / mat_bytes)))
         shape = (Lw, n, kd) if tr else (Lw, kd, n)
@@ -301,6 +303,7 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
     results["greedy_tokens_agree_prefix"] = {
         r["mode"]: next((i for i, (a, b) in enumerate(zip(e[0]["tokens"], r["tokens"])) if a != b), len(r["tokens"]))
         for r in e[1:]}
+    _save(out_dir, results)
 
 
 def small_check(results):
@@ -350,6 +353,7 @@ def main():
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
     ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
+    ap.add_argument("--matrices", help="tune phase: only these (of wqkv, wo, w13, w2, lm_head)")
     args = ap.parse_args()
     from hybrid_jax.config import PRESETS, LlamaConfig
     cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
@@ -374,7 +378,8 @@ def main():
             tuned = {tuple(json.loads(f"[{k.split(',')[0]},{k.split(',')[1]}]")) + (k.split(",")[2] == "True",):
                      G.GemvConfig(**v) for k, v in json.load(f)["tuned_table"].items()}
     if "tune" in phases:
-        tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6)
+        tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6,
+                     matrices=args.matrices.split(",") if args.matrices else None)
     if "engine" in phases:
         engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
     print("\n".join(results.get("tune_table_md", [])))
