@@ -89,10 +89,10 @@ def load_config(path: str | os.PathLike) -> LlamaConfig:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"model folder {p} does not exist")
-    if not is_checkpoint(p):
+    meta = _meta(p)
+    if meta is None:
         raise ValueError(f"{p} is not a hybrid_jax checkpoint (no config.json with format {FORMAT!r}); "
                          f"convert it first with `python -m convert --src {p} --out DIR`")
-    meta = json.loads((p / CONFIG_FILE).read_text())
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         src = (meta.get("converted_from") or {}).get("path") or "SRC"

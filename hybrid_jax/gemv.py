@@ -263,12 +263,8 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
         kernel = functools.partial(_kernel, layer=layer, rows=kd, cfg=cfg, transposed=True, norm=norm is not None,
                                    norm_layer=norm_layer, eps=float(eps), residual=residual is not None,
                                    gate_rows=out_n if gated else None, dtype=dtype)
-        params = {}
-        if plt is not None and not interpret:
-            params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
-        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((out_n,), dtype), grid=(out_n // cfg.bn, 1),
-                              interpret=interpret, name=name + ("_silu" if gated else "_residual"),
-                              **params)(*args, *((residual,) if residual is not None else ()))
+        return _launch(kernel, args + ((residual,) if residual is not None else ()), cfg, kd, n, (out_n,),
+                       name + ("_silu" if gated else "_residual"), interpret, finished=dtype)
     kernel = functools.partial(_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, transposed=transposed,
                                norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
     partial = _launch(kernel, args, cfg, kd, n, (n,), name, interpret)
@@ -283,15 +279,20 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
 
 
 def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tuple, name: str,
-            interpret: bool) -> jax.Array:
-    """Run a projection kernel over its (N / bn, splits) grid: float32 partial sums [splits, *out_shape]."""
+            interpret: bool, finished=None) -> jax.Array:
+    """Run a projection kernel over its (N / bn, splits) grid: float32 partial sums [splits, *out_shape]; or,
+    with `finished` (a dtype), a kernel that finishes its own rows (unsplit, the consumer in its epilogue):
+    out_shape [N'] in that dtype, one program per bn of its N' rows."""
     if n % cfg.bn or kd % (cfg.splits * cfg.bk):
         raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
     params = {}
     if plt is not None and not interpret:
         params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((cfg.splits,) + out_shape, jnp.float32),
-                          grid=(n // cfg.bn, cfg.splits), interpret=interpret, name=name, **params)(*args)
+    if finished is not None:
+        out, grid = jax.ShapeDtypeStruct(out_shape, finished), (out_shape[0] // cfg.bn, 1)
+    else:
+        out, grid = jax.ShapeDtypeStruct((cfg.splits,) + out_shape, jnp.float32), (n // cfg.bn, cfg.splits)
+    return pl.pallas_call(kernel, out_shape=out, grid=grid, interpret=interpret, name=name, **params)(*args)
 
 
 # ---- a few rows at once (prefill of short prompts) ----------------------------------------------------

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from gpu_prefill_wo import hlo_counts  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
 
 
@@ -231,13 +231,11 @@ def hlo_summary(runtime):
     # a copy of the stacked cache per step would double the attention's bytes (the kernel writes in place)
     cache_copies = sum(1 for ln in txt.splitlines() if cache in ln.split("=", 1)[-1][:80] and
                        (" copy(" in ln or "copy-start(" in ln))
-    entry = txt[txt.find("\nENTRY"):]
-    # a copy of a weight's layer slice (a kLoop fusion of a stacked parameter), as XLA made for cuBLAS in the
-    # prefill (run 32): would add the weight's bytes again
-    slice_copies = len(re.findall(r"= \S+ fusion\(%p_layers_\w+(\.\d+)?\), kind=kLoop", entry))
+    # copies of a weight's layer slice, as XLA makes for cuBLAS (run 32): each adds the weight's bytes again
+    counts = hlo_counts(txt)
     return {"command_buffer_calls": txt.count("command_buffer"), "triton_custom_calls": txt.count("__gpu$xla.gpu.triton"),
             "custom_calls": txt.count("custom-call("), "fusions": txt.count(" fusion("), "cache_copies": cache_copies,
-            "weight_slice_copies": slice_copies, "cublas_calls": len(re.findall(r'custom_call_target="__cublas', entry)),
+            "weight_slice_copies": counts["slice_copies"], "cublas_calls": counts["cublas_calls"],
             "hlo_chars": len(txt)}
 
 

@@ -162,6 +162,9 @@ def test_errors_name_the_problem():
         G.gemv(x, jnp.ones((32, 64)), interpret=True)
     with pytest.raises(ValueError, match="does not tile"):
         G.gemv(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
+    with pytest.raises(ValueError, match="does not tile"):  # the unsplit kernel with an epilogue checks it too
+        G.gemv(x, jnp.ones((96, 64)), transposed=True, cfg=G.GemvConfig(bn=64, bk=64, splits=1),
+               residual=jnp.ones((96,)), interpret=True)
 
 
 ROW_CASES = [  # (layers or None, kd, n, rows, transposed, config or None for the default)
