@@ -1,4 +1,4 @@
-"""`hybrid-jax` command line: generate (streaming), chat, convert, bench."""
+"""`hybrid-jax` command line: generate (streaming), chat, warmup, convert, bench."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,23 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def cmd_warmup(args) -> int:
+    """Compile every executable the engine can use into the disk cache (or check that it is there), so that
+    later processes load them instead of compiling beside their first requests."""
+    import time
+
+    t0 = time.perf_counter()
+    engine = _engine(args)
+    engine.warmup(progress=not args.no_progress and sys.stderr.isatty())
+    st = engine.stats()
+    where = engine.runtime.exec_cache.dir if engine.runtime.exec_cache is not None else "no disk cache"
+    print(f"{st['compiles'] + st['cache_hits']} executables ready in {time.perf_counter() - t0:.1f} s: "
+          f"{st['compiles']} compiled, {st['cache_hits']} loaded from the cache ({where}); "
+          f"prefill buckets {st['buckets_compiled']}")
+    engine.close()
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="hybrid-jax", description=__doc__)
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -102,6 +119,12 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="multi-turn conversation on stdin/stdout")
     _add_model_args(c)
     c.add_argument("--system", default=None)
+    w = sub.add_parser("warmup", help="compile every prefill bucket and decode step into the disk cache")
+    w.add_argument("--model", default=None, help="converted model folder (default: the embedded SmolLM2)")
+    w.add_argument("--max-seq-len", type=int, default=None)
+    w.add_argument("--cache-dir", default=None, help="compiled-executable cache folder")
+    w.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel degree, as it will be served")
+    w.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stderr is no terminal)")
     sub.add_parser("convert", help="convert a checkpoint (see `python -m convert --help`)", add_help=False)
     sub.add_parser("bench", help="latency suite / XLA-flag sweep (`hybrid-jax bench latency|sweep ...`)",
                    add_help=False)
@@ -115,7 +138,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"generate": cmd_generate, "chat": cmd_chat}[args.cmd](args)
+        return {"generate": cmd_generate, "chat": cmd_chat, "warmup": cmd_warmup}[args.cmd](args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

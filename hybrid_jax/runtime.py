@@ -308,12 +308,17 @@ class Runtime:
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def warmup(self, background: bool = False) -> list[cf.Future]:
-        """Compile every prefill bucket (prompt from position 0) and the sampling decode steps."""
+    def warmup(self, background: bool = False, progress: bool = False) -> list[cf.Future]:
+        """Compile (or load from the disk cache) every prefill bucket (prompt from position 0) and the sampling
+        decode steps; in the foreground with a progress bar where `progress`."""
         specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
         if background:
             return [f for f in (self._get_async(s) for s in specs) if f is not None]
-        for s in specs:
+        from tqdm import tqdm
+
+        bar = tqdm(specs, desc="executables", unit="exe", disable=not progress)
+        for s in bar:
+            bar.set_postfix_str(f"{s[0]} {s[1]}")
             self._get(s)
         return []
 

@@ -2,6 +2,7 @@
 LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
 
   PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas+attn,xla] [--steps 20]
+      [--tuned gemv_tune.json]
 
 Modes: `pallas+attn` is the default step on one GPU (the projection kernels and the attention kernel),
 `pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only.
@@ -70,8 +71,13 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--tuned", help="gemv_tune.json of scripts/gpu_gemv_tune.py: its tilings over gemv.TUNED")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.tuned:
+        from gpu_gemv_tune import load_tuned  # scripts/ is this script's folder
+        from hybrid_jax import gemv as G
+        G.TUNED.update(load_tuned(args.tuned))
     from hybrid_jax import weights
     from hybrid_jax.config import PRESETS, LlamaConfig
     from hybrid_jax.engine import Engine
@@ -79,13 +85,16 @@ def main():
                                                  ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
-    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "tuned": args.tuned}
     for mode in args.gemv.split(","):
         gemv, _, attn = mode.partition("+")
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
                      compile_sampling=False, gemv=gemv, decode_attention="pallas" if attn else "xla")
         eng.wait_background()  # background compiles autotune on the GPU: never time beside them
         rt = eng.runtime
+        eng.pipelined_step_seconds(10)  # its prefill queues the bucket's own compile (run 44's 13.75 ms step)
+        eng.wait_background()
         step = eng.pipelined_step_seconds(100)
         state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1, 2, 3])
         spec = rt.decode_spec(200, False)

@@ -7,10 +7,12 @@ with the tuned kernels against XLA's fusions, same process, same weights.
 Phase `tune`: for each matrix shape of the model, Lw copies of bf16 random weights (the layer matrices
 output-major [Lw, N, Kd], the untied LM head [Lw, Kd, N]; Lw so that the set exceeds the L2 cache), x
 random; time Lw products back to back (jit, wall clock over 30 calls after warm-up; the calls queue on the
-device, so the time is the device's), each layer matrix with its consumer in the epilogue as the model
-runs it (EPILOGUES); bandwidth = bytes / time. Every candidate tiling is checked against a float32
+device, so the time is the device's), each layer matrix as the model runs it (EPILOGUES: its RMSNorm in
+the prologue, its consumer in the epilogue); bandwidth = bytes / time. Every candidate tiling is checked against a float32
 HIGHEST-precision product first (its consumer computed from it). Writes gemv_tune.json with the best
 tiling per shape (the table for gemv.TUNED).
+Phase `ab`: the decode step with gemv.TUNED as in the code against `--ab-base`'s tilings over it, two
+engines, one process, alternated.
 Phase `engine`: Engine(gemv="pallas") with the tuned table, then Engine(gemv="xla"), same random weights:
 decode step time (pipelined, no host reads), streaming TPOT p50/p99, TTFT at 10 tokens, the first 32
 greedy tokens of each (they may part where two logits nearly tie in bf16), and the decode executable's
@@ -38,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpu_prefill_wo import hlo_counts  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
+from hybrid_jax.model import rms_norm  # noqa: E402
 
 
 def model_shapes(cfg):
@@ -49,8 +52,11 @@ def model_shapes(cfg):
             ("lm_head", cfg.dim, cfg.vocab_size, cfg.tie_embeddings)]
 
 
-# The consumer each layer matrix's product has in the model (model.mlp_block, trunk): gemv's epilogue.
-EPILOGUES = {"w13": {"gated": True}, "wo": {"residual": True}, "w2": {"residual": True}}
+# Each layer matrix's product as the model runs it (model.attention_block, mlp_block): the RMSNorm before
+# it in the kernel's prologue (`norm`) and its consumer in the epilogue (`gated`, `residual`).
+EPILOGUES = {"wqkv": {"norm": True}, "w13": {"norm": True, "gated": True}, "wo": {"residual": True},
+             "w2": {"residual": True}}
+NORM_EPS = 1e-5
 
 
 def unsplit_candidates(kd, n):
@@ -109,14 +115,17 @@ def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
         k1, k2 = jax.random.split(jax.random.PRNGKey(kd + n))
         w = jax.random.normal(k1, shape, jnp.bfloat16)
         x = jax.random.normal(k2, (kd,), jnp.bfloat16)
-        ref = jnp.stack([jnp.dot(x.astype(jnp.float32), (w[l].T if tr else w[l]).astype(jnp.float32),
-                                 precision=jax.lax.Precision.HIGHEST) for l in range(Lw)])
-        # each layer matrix is timed as the model runs it: with its consumer (the epilogue; run 44 found the
-        # gate/up kernel 5 us slower with its silu epilogue than the plain kernel's tuning predicted)
+        # each layer matrix is timed as the model runs it: with its norm and its consumer (run 44 found the
+        # gate/up kernel 5 us slower in the step than the plain kernel's tuning predicted)
         epi = EPILOGUES.get(name, {}) if tr else {}
         res = jnp.zeros((n,), jnp.bfloat16) if epi.get("residual") else None
-        tol = 1e-4
-        if epi:  # the consumer of the float32 reference, rounded as the kernels round it (bf16 steps)
+        nw = (1 + 0.1 * jax.random.normal(jax.random.PRNGKey(n), (Lw, kd))).astype(jnp.bfloat16) \
+            if epi.get("norm") else None
+        xs = [x if nw is None else rms_norm(x, nw[l], NORM_EPS) for l in range(Lw)]
+        ref = jnp.stack([jnp.dot(xs[l].astype(jnp.float32), (w[l].T if tr else w[l]).astype(jnp.float32),
+                                 precision=jax.lax.Precision.HIGHEST) for l in range(Lw)])
+        tol = 1e-4 if nw is None else 2e-3  # the norm's float32 mean may round x's bf16 scaling differently
+        if epi.get("gated") or epi.get("residual"):  # the consumer of the float32 reference, rounded as the kernels round it (bf16 steps)
             y = jnp.asarray(ref)
             ref = G.finish(y[:, : n // 2], jnp.bfloat16, up=y[:, n // 2:]) if epi.get("gated") else \
                 G.finish(y, jnp.bfloat16, residual=jnp.zeros_like(y))
@@ -130,7 +139,7 @@ def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
         cands = (unsplit_candidates(kd, n) if tr else []) + candidates(kd, n, tr)
 
         def make(c):
-            fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c, residual=res,
+            fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c, residual=res, norm=nw, eps=NORM_EPS,
                                               gated=epi.get("gated", False)) for l in range(Lw)])
             return fn, fn.lower(x, w).compile()
 
@@ -185,6 +194,17 @@ def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
                                 "|---|---|---|---|---|---|"] + table
     _save(out_dir, results)
     return tuned
+
+
+def load_tuned(path: str) -> dict:
+    """The tuned table of an earlier run's gemv_tune.json: {(kd, n, transposed): GemvConfig} for gemv.TUNED."""
+    with open(path) as f:
+        table = json.load(f)["tuned_table"]
+    out = {}
+    for k, v in table.items():
+        kd, n, tr = k.split(",")
+        out[(int(kd), int(n), tr == "True")] = G.GemvConfig(**v)
+    return out
 
 
 def _try(make, c):
@@ -304,6 +324,39 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
     _save(out_dir, results)
 
 
+def ab_phase(cfg, base_path, out_dir, results, rounds=5, steps=200):
+    """The decode step with gemv.TUNED as in the code (A) against the tilings of `base_path`'s tuned table
+    laid over it (B): two engines on the same weights, one process, pipelined steps alternated."""
+    from hybrid_jax import weights
+    from hybrid_jax.engine import Engine
+    params = weights.init_random(cfg, jax.random.PRNGKey(0))
+    jax.block_until_ready(params)
+    code = dict(G.TUNED)
+    engines = {}
+    for name, table in (("code", code), ("base", {**code, **load_tuned(base_path)})):
+        G.TUNED.clear()
+        G.TUNED.update(table)
+        e = engines[name] = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16,),
+                                   compile_sampling=False)
+        # the first prefill queues its bucket's compile in the background: XLA's autotuning on the device and
+        # the tracing's host time slow the steps beside it (runs 44 and 46), so wait for it before timing
+        e.pipelined_step_seconds(10)
+        e.wait_background()
+    G.TUNED.clear()
+    G.TUNED.update(code)
+    times = {n: [] for n in engines}
+    for _ in range(rounds):
+        for n, e in engines.items():
+            times[n].append(e.pipelined_step_seconds(steps))
+    results["ab"] = {"base": base_path, "code_table": {str(k): v.__dict__ for k, v in code.items()},
+                     "step_ms": {n: [t * 1e3 for t in v] for n, v in times.items()}}
+    _save(out_dir, results)
+    for n, v in times.items():
+        print(f"ab {n}: step min {min(v) * 1e3:.3f} ms, median {np.median(v) * 1e3:.3f} ms", flush=True)
+    for e in engines.values():
+        e.close()
+
+
 def small_check(results):
     """Model-level check on the device: decode logits with the kernels equal XLA's (f32 and bf16)."""
     from hybrid_jax import kv_cache, model, weights
@@ -351,6 +404,7 @@ def main():
     ap.add_argument("--phase", default="check,tune,engine")
     ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
     ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
+    ap.add_argument("--ab-base", help="phase ab: a gemv_tune.json whose tuned table is B against the code's A")
     ap.add_argument("--matrices", help="tune phase: only these (of wqkv, wo, w13, w2, lm_head)")
     args = ap.parse_args()
     from hybrid_jax.config import PRESETS, LlamaConfig
@@ -370,14 +424,12 @@ def main():
         results["check_skip_empty_partitions"] = A.SKIP_EMPTY_PARTITIONS
         small_check(results)
         _save(args.out, results)
-    tuned = {}
-    if args.tuned:
-        with open(args.tuned) as f:
-            tuned = {tuple(json.loads(f"[{k.split(',')[0]},{k.split(',')[1]}]")) + (k.split(",")[2] == "True",):
-                     G.GemvConfig(**v) for k, v in json.load(f)["tuned_table"].items()}
+    tuned = load_tuned(args.tuned) if args.tuned else {}
     if "tune" in phases:
         tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6,
                      matrices=args.matrices.split(",") if args.matrices else None)
+    if "ab" in phases:
+        ab_phase(cfg, args.ab_base, args.out, results)
     if "engine" in phases:
         engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
     print("\n".join(results.get("tune_table_md", [])))

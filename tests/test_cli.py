@@ -1,0 +1,38 @@
+"""The `hybrid-jax` command line: `warmup` fills the disk cache that later processes load from."""
+from __future__ import annotations
+
+import re
+
+from conftest import make_hf_model
+from convert.api import convert
+from convert_fixtures import save_hf, spm_dir, tiny_tokenizer_dir  # noqa: F401  (fixtures)
+from hybrid_jax.cli import main
+
+
+def _counts(text: str) -> tuple[int, int, int]:
+    m = re.search(r"(\d+) executables ready in [\d.]+ s: (\d+) compiled, (\d+) loaded from the cache", text)
+    assert m, text
+    return tuple(int(x) for x in m.groups())
+
+
+def test_warmup_compiles_every_bucket_once_then_loads_them(tmp_path, capsys, tiny_tokenizer_dir):
+    m = make_hf_model("gqa", seed=7)
+    model = convert(save_hf(m, tmp_path / "hf", tiny_tokenizer_dir), tmp_path / "model", dtype="float32",
+                    progress=False)
+    args = ["warmup", "--model", str(model), "--max-seq-len", "48", "--cache-dir", str(tmp_path / "xc"),
+            "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    n, compiled, loaded = _counts(out)
+    # the greedy decode step and the universal prefill at load; buckets 16, 32, 48 and the sampling step
+    assert (n, compiled, loaded) == (6, 6, 0)
+    assert "prefill buckets [16, 32, 48]" in out
+    assert len(list((tmp_path / "xc").glob("*.xla"))) == 6
+    assert main(args) == 0  # a second process (here: a second engine) compiles nothing
+    assert _counts(capsys.readouterr().out) == (6, 0, 6)
+
+
+def test_warmup_bad_model_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["warmup", "--model", str(tmp_path / "missing"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "missing" in err
