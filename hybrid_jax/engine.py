@@ -89,7 +89,7 @@ class Engine:
         """Compile every prefill bucket and the sampling decode step now (or load them from the disk cache).
 
         A bucket compiled while a request decodes slows that request's steps (XLA's autotuning shares the GPU:
-        on an H200 a 7B bucket's compile took 36 s and the steps beside it averaged 4.8 ms instead of 3.8,
+        on an H200 a 7B bucket's compile took 36 s and the steps beside it averaged 4.7 ms instead of 3.8,
         run 48), so a latency-bound server warms up before it takes requests, or once per machine with
         `hybrid-jax warmup` (the executables then load from the disk cache)."""
         return self.runtime.warmup(background=background, progress=progress)

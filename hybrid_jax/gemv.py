@@ -57,7 +57,7 @@ class GemvConfig:
 # layer matrices (output-major) in run 40 (bench/results/2026-11-27_NVIDIA-H200_rope-kernel_transposed-gemv),
 # the LM head in bench/results/2026-11-26_NVIDIA-H200_gemv-tune; other shapes get `default_config`'s heuristic.
 # Run 45 tuned the layer matrices again as the model runs them (the norm in the prologue, the consumer in the
-# epilogue) and found tilings 2.8 us a layer faster on their own, but the decode step with them was 0.023 ms
+# epilogue) and found tilings 2.9 us a layer faster on their own, but the decode step with them was 0.023 ms
 # slower than with these (run 47, same process): a tiling is kept only when the step's A/B says so.
 TUNED: dict[tuple[int, int, bool], GemvConfig] = {
     (4096, 12288, True): GemvConfig(bn=16, bk=256, splits=1, warps=4, stages=2),  # 7B wqkv: 26.6 us, 3.78 TB/s

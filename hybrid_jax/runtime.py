@@ -146,7 +146,8 @@ class Runtime:
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
                  gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto",
-                 prefill_attention: str | None = "auto", prefill_wo: str | None = "auto"):
+                 prefill_attention: str | None = "auto", prefill_wo: str | None = "auto",
+                 prefill_matmuls: str = "auto"):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -183,6 +184,7 @@ class Runtime:
         self.gemm = resolve_prefill_gemm(prefill_gemm, self.gemv, mesh)
         self.fused = resolve_prefill_attention(prefill_attention, cfg, self._devices, mesh)
         self.wo = resolve_prefill_wo(prefill_wo, self.gemv, mesh)
+        self.matmuls = resolve_prefill_matmuls(prefill_matmuls)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -228,6 +230,7 @@ class Runtime:
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
+                "matmuls": self.matmuls if spec[0] == "prefill" else None,
                 # the attention kernel's switch, read when the step is traced (not in the source digest)
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
@@ -255,7 +258,8 @@ class Runtime:
             if ex is not None:
                 return ex
         t0 = time.perf_counter()
-        ex = self._lower(spec).compile()
+        opts = PREFILL_MATMULS[self.matmuls] if spec[0] == "prefill" else None
+        ex = self._lower(spec).compile(compiler_options=opts)
         dt = time.perf_counter() - t0
         with self._lock:
             self.stats_.compiles += 1
@@ -410,6 +414,7 @@ class Runtime:
                 "decode_attention": self.attn,
                 "prefill_gemm": self.gemm,
                 "prefill_wo": self.wo,
+                "prefill_matmuls": self.matmuls,
                 "prefill_attention": self.fused,
             }
 
@@ -482,6 +487,30 @@ def resolve_prefill_wo(mode: str | None, gemv: str | None, mesh) -> str | None:
     if mode != "auto":
         return _explicit_mode(mode, "prefill_wo", mesh)
     return None if _env_mode("HYBRID_JAX_PREFILL_WO") == "xla" else gemv
+
+
+# How XLA compiles the prefill's matmuls (compile options of the prefill executables only; the decode step's
+# products are Pallas kernels on one GPU). "autotune": XLA's default, which times Triton GEMM configurations
+# and cuBLAS algorithms on the GPU while it compiles (a 7B bucket: 36 s, and the decode steps beside it run
+# ~25% slower; runs 48-49). "cublas": every matmul through cuBLAS's own heuristics, nothing timed (run 50, on
+# an H200: the 512-token bucket compiled in 3.6 s and ran in 11.9 ms, against 36.3 s and 13.8 ms autotuned on
+# another machine; not yet compared in one process, so not the default). The options are GPU compiler flags
+# that other backends ignore.
+PREFILL_MATMULS = {"autotune": None,
+                   "cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
+
+
+def resolve_prefill_matmuls(mode: str) -> str:
+    """`prefill_matmuls`: "autotune" or "cublas" (PREFILL_MATMULS); "auto" reads the environment variable
+    HYBRID_JAX_PREFILL_MATMULS (unset: "autotune")."""
+    if mode == "auto":
+        mode = os.environ.get("HYBRID_JAX_PREFILL_MATMULS", "").strip().lower() or "autotune"
+        where = "HYBRID_JAX_PREFILL_MATMULS"
+    else:
+        where = "prefill_matmuls"
+    if mode not in PREFILL_MATMULS:
+        raise ValueError(f"{where} must be one of {', '.join(PREFILL_MATMULS)} (or 'auto'), got {mode!r}")
+    return mode
 
 
 def resolve_prefill_attention(mode: str | None, cfg: LlamaConfig, devices, mesh) -> str | None:

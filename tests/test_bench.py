@@ -321,6 +321,8 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hybrid_nofused"]["HYBRID_JAX_PREFILL_ATTN"] == "off"
     assert env["hybrid_xlawo"]["HYBRID_JAX_PREFILL_WO"] == "xla" and "HYBRID_JAX_PREFILL_WO" not in env["hybrid"]
     assert env["hybrid_xlagemv"]["HYBRID_JAX_GEMV"] == "xla"
+    assert env["hybrid_cublas"]["HYBRID_JAX_PREFILL_MATMULS"] == "cublas"
+    assert "HYBRID_JAX_PREFILL_MATMULS" not in env["hybrid"]
     assert env["hybrid_nocb"]["XLA_FLAGS"].endswith("--xla_gpu_enable_command_buffer=")
     assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]
     specs = {s.system: s for s in system_specs(["hybrid", "hybrid_vmm"], coldstart=True)}

@@ -196,6 +196,59 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
         e.close()
 
 
+def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf(tiny, tmp_path):
+    """prefill_matmuls="cublas": the prefill executables (only) are compiled with PREFILL_MATMULS' options,
+    keyed apart on disk, and the greedy ids still equal HF's (the options are GPU flags the CPU ignores)."""
+    from hybrid_jax.runtime import PREFILL_MATMULS
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_matmuls="cublas")
+    try:
+        rt = e.runtime
+        assert e.stats()["prefill_matmuls"] == "cublas"
+        seen = []
+        lower = rt._lower
+
+        def spy(spec):
+            low = lower(spec)
+
+            class Spy:
+                def compile(self, compiler_options=None):
+                    seen.append((spec[0], compiler_options))
+                    return low.compile(compiler_options=compiler_options)
+            return Spy()
+
+        rt._lower = spy
+        ids = prompt(20, seed=13)
+        r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+        assert r.token_ids == hf_greedy(m, ids, NEW)
+        e.runtime.wait_background()  # the prompt's bucket (32), compiled in the background
+        rt._get(("decode", rt.cache_len, True))
+        assert ("prefill", PREFILL_MATMULS["cublas"]) in seen and ("decode", None) in seen
+        assert all(o == PREFILL_MATMULS["cublas"] for k, o in seen if k == "prefill")
+        r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+        assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
+        pre, dec = ("prefill", 32, 32), rt.decode_spec(1, False)
+        keys = rt._key(pre), rt._key(dec)
+        rt.matmuls = "autotune"
+        assert rt._key(pre) != keys[0] and rt._key(dec) == keys[1]  # its own prefill executables on disk
+    finally:
+        e.close()
+
+
+def test_resolve_prefill_matmuls(monkeypatch):
+    from hybrid_jax.runtime import resolve_prefill_matmuls
+    monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
+    assert resolve_prefill_matmuls("auto") == "autotune"
+    assert resolve_prefill_matmuls("cublas") == "cublas"
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "CUBLAS")
+    assert resolve_prefill_matmuls("auto") == "cublas" and resolve_prefill_matmuls("autotune") == "autotune"
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "fast")
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_MATMULS must be one of autotune, cublas"):
+        resolve_prefill_matmuls("auto")
+    with pytest.raises(ValueError, match="prefill_matmuls must be one of"):
+        resolve_prefill_matmuls("triton")
+
+
 def test_resolve_prefill_attention(monkeypatch):
     import types
 
