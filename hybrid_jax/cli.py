@@ -23,12 +23,12 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--stats", action="store_true", help="print timings and engine stats to stderr")
 
 
-def _engine(args):
+def _engine(args, **runtime_kw):
     from .default_model import ensure_default_model
     from .engine import load
 
     path = args.model or ensure_default_model()
-    return load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp)
+    return load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp, **runtime_kw)
 
 
 def _sampling(args) -> dict:
@@ -51,7 +51,9 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
-    engine = _engine(args)
+    # One request, then the process ends: no executable for later requests is compiled beside it (the
+    # prompt's own bucket, the sampling step before it is needed), since those compiles would only slow it.
+    engine = _engine(args, background_compiles=False, compile_sampling=False)
     st = generate(engine, args.prompt, stream=True, raw=args.raw, system=args.system, **_sampling(args))
     for piece in st:
         sys.stdout.write(piece.text)

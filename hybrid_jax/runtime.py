@@ -147,7 +147,7 @@ class Runtime:
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
                  gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto",
                  prefill_attention: str | None = "auto", prefill_wo: str | None = "auto",
-                 prefill_matmuls: str = "auto"):
+                 prefill_matmuls: str = "auto", background_compiles: bool = True):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -163,6 +163,9 @@ class Runtime:
         kv = sorted(set(int(b) for b in (decode_kv_buckets or ())) | {self.cache_len})
         self.decode_kv_buckets = tuple(b for b in kv if b <= self.cache_len)
         self.exec_cache = ExecCache(cache_dir) if use_disk_cache else None
+        # Queue the bucket of a prompt that has none compiled (for the requests after it). Off for a process
+        # that serves one request (the command line's `generate`): the compile would only compete with it.
+        self.background_compiles = bool(background_compiles)
         self.stats_ = Stats()
         self._lock = threading.Lock()
         self._execs: dict[tuple, object] = {}
@@ -336,7 +339,8 @@ class Runtime:
         """Chunks [(spec, n_valid)] for a prompt of n tokens at position 0, using compiled executables only.
 
         The prompt's own bucket is used when compiled; otherwise it is queued for a background compile
-        and the prompt goes through compiled ones (at worst the smallest bucket over the whole cache).
+        (unless `background_compiles` is off) and the prompt goes through compiled ones (at worst the
+        smallest bucket over the whole cache).
         """
         if n > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
@@ -344,7 +348,7 @@ class Runtime:
         own = ("prefill", b, b) if b is not None else None
         if own is not None and self.compiled(own):
             return [(own, n)]
-        if own is not None:
+        if own is not None and self.background_compiles:
             self._get_async(own)
         with self._lock:
             avail = [s for s in self._execs if s[0] == "prefill"]

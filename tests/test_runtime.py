@@ -235,6 +235,20 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
         e.close()
 
 
+def test_background_compiles_off_serves_through_compiled_buckets(tiny, tmp_path):
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, background_compiles=False)
+    try:
+        started = e.stats()["background_compiles_started"]  # the executables compiled at load
+        for n in (20, 40):
+            ids = prompt(n, seed=14)
+            r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+            assert r.timings.prefill_chunks == -(-n // 16) and r.token_ids == hf_greedy(m, ids, NEW)
+        assert e.stats()["background_compiles_started"] == started and e.stats()["buckets_compiled"] == []
+    finally:
+        e.close()
+
+
 def test_resolve_prefill_matmuls(monkeypatch):
     from hybrid_jax.runtime import resolve_prefill_matmuls
     monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
