@@ -126,7 +126,8 @@ def main(argv=None) -> int:
     w.add_argument("--max-seq-len", type=int, default=None)
     w.add_argument("--cache-dir", default=None, help="compiled-executable cache folder")
     w.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel degree, as it will be served")
-    w.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stderr is no terminal)")
+    w.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the default when stderr is no terminal)")
     sub.add_parser("convert", help="convert a checkpoint (see `python -m convert --help`)", add_help=False)
     sub.add_parser("bench", help="latency suite / XLA-flag sweep (`hybrid-jax bench latency|sweep ...`)",
                    add_help=False)

@@ -41,7 +41,8 @@ PREFILL_OPTIONS = {"autotune": {}, "noautotune": {"xla_gpu_autotune_level": 0},
                    # cuBLAS's own heuristics for every matmul, nothing timed on the device
                    "noautotune_cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
 VARIANTS = {"idle": {}, "bg": {"bg": True}, "bg_switch": {"bg": True, "switch": True},
-            "bg_noautotune": {"bg": True, "noautotune": True}, "bg_both": {"bg": True, "switch": True, "noautotune": True}}
+            "bg_noautotune": {"bg": True, "noautotune": True},
+            "bg_both": {"bg": True, "switch": True, "noautotune": True}}
 
 
 def main():
@@ -145,7 +146,8 @@ def main():
         r = out["variants"][name]
         cs = f"{r['compile_wall_s']:.1f}" if r["compile_wall_s"] is not None else "-"
         tt = f"{r['ttft_T_p50_ms']:.2f}" if "ttft_T_p50_ms" in r else "-"
-        print(f"| {name} | {r['T'] or '-'} | {cs} | {r['generations']} | {r['itl_mean_ms']:.3f} | {r['itl_p50_ms']:.3f} | "
+        print(f"| {name} | {r['T'] or '-'} | {cs} | {r['generations']} | {r['itl_mean_ms']:.3f} | "
+              f"{r['itl_p50_ms']:.3f} | "
               f"{r['itl_p90_ms']:.3f} | {r['itl_p99_ms']:.3f} | {r['itl_max_ms']:.2f} | {tt} |")
     eng.close()
 

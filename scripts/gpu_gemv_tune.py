@@ -8,8 +8,8 @@ Phase `tune`: for each matrix shape of the model, Lw copies of bf16 random weigh
 output-major [Lw, N, Kd], the untied LM head [Lw, Kd, N]; Lw so that the set exceeds the L2 cache), x
 random; time Lw products back to back (jit, wall clock over 30 calls after warm-up; the calls queue on the
 device, so the time is the device's), each layer matrix as the model runs it (EPILOGUES: its RMSNorm in
-the prologue, its consumer in the epilogue); bandwidth = bytes / time. Every candidate tiling is checked against a float32
-HIGHEST-precision product first (its consumer computed from it). Writes gemv_tune.json with the best
+the prologue, its consumer in the epilogue); bandwidth = bytes / time. Every candidate tiling is checked
+against a float32 HIGHEST-precision product first (its consumer computed from it). Writes gemv_tune.json with the best
 tiling per shape (the table for gemv.TUNED).
 Phase `ab`: the decode step with gemv.TUNED as in the code against `--ab-base`'s tilings over it, two
 engines, one process, alternated.
@@ -56,7 +56,6 @@ def model_shapes(cfg):
 # it in the kernel's prologue (`norm`) and its consumer in the epilogue (`gated`, `residual`).
 EPILOGUES = {"wqkv": {"norm": True}, "w13": {"norm": True, "gated": True}, "wo": {"residual": True},
              "w2": {"residual": True}}
-NORM_EPS = 1e-5
 
 
 def unsplit_candidates(kd, n):
@@ -121,11 +120,11 @@ def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
         res = jnp.zeros((n,), jnp.bfloat16) if epi.get("residual") else None
         nw = (1 + 0.1 * jax.random.normal(jax.random.PRNGKey(n), (Lw, kd))).astype(jnp.bfloat16) \
             if epi.get("norm") else None
-        xs = [x if nw is None else rms_norm(x, nw[l], NORM_EPS) for l in range(Lw)]
+        xs = [x if nw is None else rms_norm(x, nw[l], cfg.norm_eps) for l in range(Lw)]
         ref = jnp.stack([jnp.dot(xs[l].astype(jnp.float32), (w[l].T if tr else w[l]).astype(jnp.float32),
                                  precision=jax.lax.Precision.HIGHEST) for l in range(Lw)])
         tol = 1e-4 if nw is None else 2e-3  # the norm's float32 mean may round x's bf16 scaling differently
-        if epi.get("gated") or epi.get("residual"):  # the consumer of the float32 reference, rounded as the kernels round it (bf16 steps)
+        if epi.get("gated") or epi.get("residual"):  # the reference's consumer, rounded as the kernels round it
             y = jnp.asarray(ref)
             ref = G.finish(y[:, : n // 2], jnp.bfloat16, up=y[:, n // 2:]) if epi.get("gated") else \
                 G.finish(y, jnp.bfloat16, residual=jnp.zeros_like(y))
@@ -139,7 +138,7 @@ def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
         cands = (unsplit_candidates(kd, n) if tr else []) + candidates(kd, n, tr)
 
         def make(c):
-            fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c, residual=res, norm=nw, eps=NORM_EPS,
+            fn = jax.jit(lambda x, w: [G.gemv(x, w, l, transposed=tr, cfg=c, residual=res, norm=nw, eps=cfg.norm_eps,
                                               gated=epi.get("gated", False)) for l in range(Lw)])
             return fn, fn.lower(x, w).compile()
 
