@@ -52,8 +52,9 @@ def cmd_generate(args) -> int:
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
     # One request, then the process ends: no executable for later requests is compiled beside it (the
-    # prompt's own bucket, the sampling step before it is needed), since those compiles would only slow it.
-    engine = _engine(args, background_compiles=False, compile_sampling=False)
+    # prompt's own bucket; the sampling step unless this request samples, when it starts at load as usual),
+    # since those compiles would only slow it.
+    engine = _engine(args, background_compiles=False, compile_sampling=args.temperature > 0)
     st = generate(engine, args.prompt, stream=True, raw=args.raw, system=args.system, **_sampling(args))
     for piece in st:
         sys.stdout.write(piece.text)

@@ -265,13 +265,18 @@ def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, 
         pos = len(ids)  # position the next decode step writes
         last = t0
         try:
-            while pending:
-                depth = 2 if (out or engine.lookahead_first) else 1
+            while True:
+                # The first token is read before the next step is enqueued when that step's executable is
+                # still compiling (a first sampled request), so that the compile does not delay it.
+                ahead = out or (engine.lookahead_first and rt.compiled(rt.decode_spec(pos, do_sample)))
+                depth = 2 if ahead else 1
                 while issued < max_new and len(pending) < depth:  # enqueue step n+1 before reading token n
                     state, nxt = rt.decode(state, rt.decode_spec(pos, do_sample))
                     pending.append(nxt)
                     issued += 1
                     pos += 1
+                if not pending:
+                    break
                 t = int(np.asarray(pending.pop(0)))
                 now = time.perf_counter()
                 if not out:

@@ -35,6 +35,26 @@ def test_top_k_1_and_temperature_0_equal_greedy(engine):
     assert generate(engine, IDS, max_new_tokens=20, temperature=0.0, seed=3, ignore_eos=True).token_ids == greedy
 
 
+def test_first_token_read_before_a_compiling_step_and_without_lookahead(engine, tmp_path):
+    """The first decode step is enqueued after the first token is read where its executable is not compiled
+    yet (or with lookahead_first off): the same tokens either way, every requested token produced."""
+    greedy = generate(engine, IDS, max_new_tokens=10, ignore_eos=True).token_ids
+    sampled = generate(engine, IDS, max_new_tokens=10, temperature=1.3, seed=9, ignore_eos=True).token_ids
+    engine.lookahead_first = False
+    try:
+        assert generate(engine, IDS, max_new_tokens=10, ignore_eos=True).token_ids == greedy
+        assert generate(engine, IDS, max_new_tokens=1, ignore_eos=True).token_ids == greedy[:1]
+    finally:
+        engine.lookahead_first = True
+    e = Engine(engine.cfg, engine.runtime.params, max_seq_len=64, cache_dir=tmp_path, compile_sampling=False)
+    try:
+        assert not e.runtime.compiled(e.runtime.decode_spec(len(IDS), True))
+        r = generate(e, IDS, max_new_tokens=10, temperature=1.3, seed=9, ignore_eos=True)
+        assert r.token_ids == sampled and len(r.timings.itl_s) == 9
+    finally:
+        e.close()
+
+
 def test_stop_token_ids_and_eos(engine):
     greedy = generate(engine, IDS, max_new_tokens=20, ignore_eos=True).token_ids
     stop_at = greedy[5]
