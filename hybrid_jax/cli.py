@@ -7,13 +7,18 @@ import logging
 import sys
 
 
-def _add_model_args(p: argparse.ArgumentParser):
+def _add_load_args(p: argparse.ArgumentParser):
+    """What `_engine` loads: the model, its cache length, the executable cache, the tensor-parallel degree."""
     p.add_argument("--model", default=None,
                    help="converted model folder (default: the embedded SmolLM2-135M-Instruct, converted on first use)")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="compiled-executable cache folder")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallel: split the model over the first N devices (must divide n_kv_heads)")
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    _add_load_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=None)
@@ -122,11 +127,9 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="multi-turn conversation on stdin/stdout")
     _add_model_args(c)
     c.add_argument("--system", default=None)
-    w = sub.add_parser("warmup", help="compile every prefill bucket and decode step into the disk cache")
-    w.add_argument("--model", default=None, help="converted model folder (default: the embedded SmolLM2)")
-    w.add_argument("--max-seq-len", type=int, default=None)
-    w.add_argument("--cache-dir", default=None, help="compiled-executable cache folder")
-    w.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallel degree, as it will be served")
+    w = sub.add_parser("warmup", help="compile every prefill bucket and decode step into the disk cache "
+                       "(give the --max-seq-len and --tp it will be served with)")
+    _add_load_args(w)
     w.add_argument("--no-progress", action="store_true",
                    help="no progress bar (the default when stderr is no terminal)")
     sub.add_parser("convert", help="convert a checkpoint (see `python -m convert --help`)", add_help=False)
