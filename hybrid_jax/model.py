@@ -80,6 +80,12 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
 GEMV_MODES = (None, "pallas", "interpret")
 
 
+# The XLA path's projections as one 2-D matmul [T, Kd] x [N, Kd]^T (True) or as the einsum over the weight's
+# several dims (False); None: the 2-D form on the CPU only (read at trace time; scripts/gpu_bg_compile.py's
+# *_2d modes set it for an A/B on the GPU).
+MATMUL_2D: bool | None = None
+
+
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
              residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
@@ -109,7 +115,7 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
                           interpret=mode == "interpret").astype(dt).reshape((t,) + tuple(out_shape))
     else:
         h = x if norm is None else rms_norm(x, norm[l], eps)
-        if jax.default_backend() == "cpu":
+        if MATMUL_2D or (MATMUL_2D is None and jax.default_backend() == "cpu"):
             # the same product as one 2-D matmul [T, Kd] x [N, Kd]^T, which XLA's CPU backend hands to its
             # matmul library; the einsum's several contracted dims it does not (SmolLM2's decode step took
             # 4.2x as long on 2 cores). The GPU's XLA is left the einsum its measured runs used.
