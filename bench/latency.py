@@ -29,7 +29,7 @@ from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
 ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_xlawo", "hybrid_vmm", "hybrid_cublas",
-               "plainjit", "hf_eager", "hf_compile")
+               "hybrid_autotune", "plainjit", "hf_eager", "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
 QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
@@ -44,8 +44,10 @@ HYBRID_VARIANTS = {
     "hybrid_nofused": ("", (("HYBRID_JAX_PREFILL_ATTN", "off"),)),
     "hybrid_xlawo": ("", (("HYBRID_JAX_PREFILL_WO", "xla"),)),  # the prefill's wo through XLA (run 37)
     "hybrid_vmm": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", (("XLA_PYTHON_CLIENT_ALLOCATOR", "vmm"),)),
-    # the prefill's matmuls through cuBLAS's heuristics, no autotuning (runtime.PREFILL_MATMULS, run 50)
+    # the prefill's matmuls through cuBLAS's heuristics at every length (runtime.PREFILL_MATMULS, run 51), or
+    # autotuned at every length (the default before session 9); the default splits them at CUBLAS_MIN_ROWS
     "hybrid_cublas": ("", (("HYBRID_JAX_PREFILL_MATMULS", "cublas"),)),
+    "hybrid_autotune": ("", (("HYBRID_JAX_PREFILL_MATMULS", "autotune"),)),
 }
 UNSUPPORTED = ("Unknown flag in XLA_FLAGS", "Flag parsing failed", "Unknown command line flag")
 

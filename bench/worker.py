@@ -5,8 +5,9 @@ of its own and merges the JSON lines. Systems:
   floors      copy bandwidth and matmul rate on jax.devices()[0]
   hybrid      hybrid_jax as designed (hybrid_nocb: the same, the parent sets XLA_FLAGS; hybrid_xlagemv: the
               same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla;
-              hybrid_nofused: XLA's attention in the prefill; hybrid_vmm: the VMM allocator; hybrid_cublas: the
-              prefill's matmuls through cuBLAS's heuristics, not autotuned; latency.HYBRID_VARIANTS)
+              hybrid_nofused: XLA's attention in the prefill; hybrid_vmm: the VMM allocator; hybrid_cublas /
+              hybrid_autotune: the prefill's matmuls through cuBLAS's heuristics / XLA's autotuning at every
+              length, where the default splits them by length; latency.HYBRID_VARIANTS)
   coldstart   a second process building the hybrid engine again from the same (now warm) executable cache
   plainjit    bench/plainjit.py
   hf_eager    HF transformers generate, dynamic cache; hf_compile: static cache, compiled by transformers
@@ -32,7 +33,7 @@ TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
 HF_SYSTEMS = ("hf_eager", "hf_compile")
 HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_nofused", "hybrid_xlawo", "hybrid_vmm",
-                  "hybrid_cublas")
+                  "hybrid_cublas", "hybrid_autotune")
 JAX_SYSTEMS = HYBRID_SYSTEMS + ("plainjit",)
 
 

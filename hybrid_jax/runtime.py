@@ -233,7 +233,7 @@ class Runtime:
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
-                "matmuls": self.matmuls if spec[0] == "prefill" else None,
+                "matmuls": prefill_matmuls_for(self.matmuls, spec[1], self.mesh) if spec[0] == "prefill" else None,
                 # the attention kernel's switch, read when the step is traced (not in the source digest)
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
@@ -261,7 +261,9 @@ class Runtime:
             if ex is not None:
                 return ex
         t0 = time.perf_counter()
-        opts = PREFILL_MATMULS[self.matmuls] if spec[0] == "prefill" else None
+        opts = None
+        if spec[0] == "prefill":
+            opts = PREFILL_MATMULS[prefill_matmuls_for(self.matmuls, spec[1], self.mesh)]
         ex = self._lower(spec).compile(compiler_options=opts)
         dt = time.perf_counter() - t0
         with self._lock:
@@ -495,25 +497,36 @@ def resolve_prefill_wo(mode: str | None, gemv: str | None, mesh) -> str | None:
 
 # How XLA compiles the prefill's matmuls (compile options of the prefill executables only; the decode step's
 # products are Pallas kernels on one GPU). "autotune": XLA's default, which times Triton GEMM configurations
-# and cuBLAS algorithms on the GPU while it compiles (a 7B bucket: 36 s, and the decode steps beside it run
-# ~25% slower; runs 48-49). "cublas": every matmul through cuBLAS's own heuristics, nothing timed (run 50, on
-# an H200: the 512-token bucket compiled in 3.6 s and ran in 11.9 ms, against 36.3 s and 13.8 ms autotuned on
-# another machine; not yet compared in one process, so not the default). The options are GPU compiler flags
-# that other backends ignore.
+# and cuBLAS algorithms on the GPU while it compiles (a 7B bucket: 30-36 s, and the decode steps beside it run
+# ~25% slower; runs 48-49). "cublas": every matmul through cuBLAS's own heuristics, nothing timed. Run 51 (H200,
+# 7B, one process, docs/ENGINEERING_LOG.md session 9), device time back to back, autotuned -> cuBLAS: 16 rows
+# 4.50 -> 4.58 ms, 128 rows 5.6 -> 5.2-5.5, 256 rows 8.6 -> 6.8, 512 rows 14.0 -> 11.9; TTFT at 16 and 128 rows
+# was 0.7-1.5 ms worse with cuBLAS (host time), at 256 and 512 rows 0.5-1.9 ms better; compiles 30-36 s -> 3-4 s.
+# "split" (the default): cuBLAS for buckets of at least CUBLAS_MIN_ROWS rows, autotuned below; one GPU only
+# (with a mesh it autotunes: unmeasured there). The options are GPU compiler flags that other backends ignore.
 PREFILL_MATMULS = {"autotune": None,
                    "cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
+PREFILL_MATMUL_MODES = ("split",) + tuple(PREFILL_MATMULS)
+CUBLAS_MIN_ROWS = 256
 
 
 def resolve_prefill_matmuls(mode: str) -> str:
-    """`prefill_matmuls`: "autotune" or "cublas" (PREFILL_MATMULS); "auto" reads the environment variable
-    HYBRID_JAX_PREFILL_MATMULS (unset: "autotune")."""
+    """`prefill_matmuls`: "split", "autotune" or "cublas" (PREFILL_MATMULS); "auto" reads the environment
+    variable HYBRID_JAX_PREFILL_MATMULS (unset: "split")."""
     if mode == "auto":
-        mode = os.environ.get("HYBRID_JAX_PREFILL_MATMULS", "").strip().lower() or "autotune"
+        mode = os.environ.get("HYBRID_JAX_PREFILL_MATMULS", "").strip().lower() or "split"
         where = "HYBRID_JAX_PREFILL_MATMULS"
     else:
         where = "prefill_matmuls"
-    if mode not in PREFILL_MATMULS:
-        raise ValueError(f"{where} must be one of {', '.join(PREFILL_MATMULS)} (or 'auto'), got {mode!r}")
+    if mode not in PREFILL_MATMUL_MODES:
+        raise ValueError(f"{where} must be one of {', '.join(PREFILL_MATMUL_MODES)} (or 'auto'), got {mode!r}")
+    return mode
+
+
+def prefill_matmuls_for(mode: str, rows: int, mesh) -> str:
+    """The PREFILL_MATMULS entry a prefill executable of `rows` rows is compiled with under `mode`."""
+    if mode == "split":
+        return "cublas" if rows >= CUBLAS_MIN_ROWS and mesh is None else "autotune"
     return mode
 
 

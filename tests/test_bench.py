@@ -322,6 +322,7 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hybrid_xlawo"]["HYBRID_JAX_PREFILL_WO"] == "xla" and "HYBRID_JAX_PREFILL_WO" not in env["hybrid"]
     assert env["hybrid_xlagemv"]["HYBRID_JAX_GEMV"] == "xla"
     assert env["hybrid_cublas"]["HYBRID_JAX_PREFILL_MATMULS"] == "cublas"
+    assert env["hybrid_autotune"]["HYBRID_JAX_PREFILL_MATMULS"] == "autotune"
     assert "HYBRID_JAX_PREFILL_MATMULS" not in env["hybrid"]
     assert env["hybrid_nocb"]["XLA_FLAGS"].endswith("--xla_gpu_enable_command_buffer=")
     assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]

@@ -235,6 +235,52 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
         e.close()
 
 
+def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkeypatch):
+    """The default ("split"): prefill buckets of at least CUBLAS_MIN_ROWS rows are compiled with cuBLAS's
+    options, smaller ones autotuned (no options), decode steps with none; each executable is keyed on disk by
+    what it was compiled with (shared with the all-autotune or all-cuBLAS mode of the same bucket), and the
+    greedy ids through both kinds of bucket equal HF's."""
+    from hybrid_jax import runtime as R
+    monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
+    monkeypatch.setattr(R, "CUBLAS_MIN_ROWS", 32)  # the tiny model's buckets: 16 autotuned, 32 and 64 cuBLAS
+    assert R.prefill_matmuls_for("split", 32, None) == "cublas" and R.prefill_matmuls_for("split", 16, None) == "autotune"
+    assert R.prefill_matmuls_for("split", 512, object()) == "autotune"  # several GPUs: unmeasured, autotuned
+    assert R.prefill_matmuls_for("autotune", 512, None) == "autotune" and R.prefill_matmuls_for("cublas", 16, None) == "cublas"
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False)
+    try:
+        rt = e.runtime
+        assert e.stats()["prefill_matmuls"] == "split"
+        seen = {}
+        lower = rt._lower
+
+        def spy(spec):
+            low = lower(spec)
+
+            class Spy:
+                def compile(self, compiler_options=None):
+                    seen[spec] = compiler_options
+                    return low.compile(compiler_options=compiler_options)
+            return Spy()
+
+        rt._lower = spy
+        for n in (12, 20, 40):  # buckets 16, 32, 64
+            ids = prompt(n, seed=15)
+            rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
+            r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+            assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
+        rt._get(("decode", rt.cache_len, True))
+        assert seen[("prefill", 16, 16)] is None and seen[("decode", rt.cache_len, True)] is None
+        assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == R.PREFILL_MATMULS["cublas"]
+        k16, k32 = rt._key(("prefill", 16, 16)), rt._key(("prefill", 32, 32))
+        rt.matmuls = "autotune"
+        assert rt._key(("prefill", 16, 16)) == k16 and rt._key(("prefill", 32, 32)) != k32
+        rt.matmuls = "cublas"
+        assert rt._key(("prefill", 16, 16)) != k16 and rt._key(("prefill", 32, 32)) == k32
+    finally:
+        e.close()
+
+
 def test_background_compiles_off_serves_through_compiled_buckets(tiny, tmp_path):
     m, cfg, p = tiny
     e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, background_compiles=False)
@@ -252,12 +298,12 @@ def test_background_compiles_off_serves_through_compiled_buckets(tiny, tmp_path)
 def test_resolve_prefill_matmuls(monkeypatch):
     from hybrid_jax.runtime import resolve_prefill_matmuls
     monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
-    assert resolve_prefill_matmuls("auto") == "autotune"
+    assert resolve_prefill_matmuls("auto") == "split"
     assert resolve_prefill_matmuls("cublas") == "cublas"
     monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "CUBLAS")
     assert resolve_prefill_matmuls("auto") == "cublas" and resolve_prefill_matmuls("autotune") == "autotune"
     monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "fast")
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_MATMULS must be one of autotune, cublas"):
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_MATMULS must be one of split, autotune, cublas"):
         resolve_prefill_matmuls("auto")
     with pytest.raises(ValueError, match="prefill_matmuls must be one of"):
         resolve_prefill_matmuls("triton")
