@@ -226,6 +226,12 @@ class Runtime:
     def _universal(self) -> tuple:
         return ("prefill", self.min_bucket, self.cache_len)
 
+    def _matmuls(self, spec: tuple) -> str | None:
+        """What a prefill executable's matmuls are compiled with (PREFILL_MATMULS); None for a decode step."""
+        if spec[0] != "prefill":
+            return None
+        return prefill_matmuls_for(self.matmuls, spec[1], self.cfg.n_params, self.mesh)
+
     def _key(self, spec: tuple) -> dict:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
@@ -233,7 +239,7 @@ class Runtime:
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
-                "matmuls": prefill_matmuls_for(self.matmuls, spec[1], self.mesh) if spec[0] == "prefill" else None,
+                "matmuls": self._matmuls(spec),
                 # the attention kernel's switch, read when the step is traced (not in the source digest)
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
                 **self._env}
@@ -261,9 +267,7 @@ class Runtime:
             if ex is not None:
                 return ex
         t0 = time.perf_counter()
-        opts = None
-        if spec[0] == "prefill":
-            opts = PREFILL_MATMULS[prefill_matmuls_for(self.matmuls, spec[1], self.mesh)]
+        opts = PREFILL_MATMULS[self._matmuls(spec)] if spec[0] == "prefill" else None
         ex = self._lower(spec).compile(compiler_options=opts)
         dt = time.perf_counter() - t0
         with self._lock:
@@ -500,14 +504,21 @@ def resolve_prefill_wo(mode: str | None, gemv: str | None, mesh) -> str | None:
 # and cuBLAS algorithms on the GPU while it compiles (a 7B bucket: 30-36 s, and the decode steps beside it run
 # ~25% slower; runs 48-49). "cublas": every matmul through cuBLAS's own heuristics, nothing timed. Run 51 (H200,
 # 7B, one process, docs/ENGINEERING_LOG.md session 9), device time back to back, autotuned -> cuBLAS: 16 rows
-# 4.50 -> 4.58 ms, 128 rows 5.6 -> 5.2-5.5, 256 rows 8.6 -> 6.8, 512 rows 14.0 -> 11.9; TTFT at 16 and 128 rows
-# was 0.7-1.5 ms worse with cuBLAS (host time), at 256 and 512 rows 0.5-1.9 ms better; compiles 30-36 s -> 3-4 s.
-# "split" (the default): cuBLAS for buckets of at least CUBLAS_MIN_ROWS rows, autotuned below; one GPU only
-# (with a mesh it autotunes: unmeasured there). The options are GPU compiler flags that other backends ignore.
+# 4.50 -> 4.58 ms, 128 rows 5.6 -> 5.2-5.5, 256 rows 8.6 -> 6.8, 512 rows 14.0 -> 11.9 (H100 alike, run 54); TTFT
+# at 16 and 128 rows was 0.7-4 ms worse with cuBLAS (host time), at 256 and 512 rows 0.5-1.9 ms better; compiles
+# 26-38 s -> 3-4 s.
+# The cuBLAS path costs the host 2.5-4 ms a call (XLA re-records the captured cuBLAS calls when it updates the
+# graph: run 55), which only a long prefill hides: the real SmolLM2's 512-row bucket through cuBLAS gave TTFT
+# 7.09 ms against 4.42 autotuned (runs 58 and 43, two machines). "split" (the default): cuBLAS for buckets of
+# at least CUBLAS_MIN_ROWS rows whose matmuls are at least CUBLAS_MIN_FLOPS (2 x parameters x rows: the 7B's
+# 256 rows are 3.4e12, ~5 ms at the matrix rate; its 128 rows, 1.7e12, stay autotuned; SmolLM2 never takes
+# it), autotuned otherwise; one GPU only (with a mesh it autotunes: unmeasured there). The options are GPU
+# compiler flags that other backends ignore.
 PREFILL_MATMULS = {"autotune": None,
                    "cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
 PREFILL_MATMUL_MODES = ("split",) + tuple(PREFILL_MATMULS)
 CUBLAS_MIN_ROWS = 256
+CUBLAS_MIN_FLOPS = 3e12
 
 
 def resolve_prefill_matmuls(mode: str) -> str:
@@ -523,10 +534,12 @@ def resolve_prefill_matmuls(mode: str) -> str:
     return mode
 
 
-def prefill_matmuls_for(mode: str, rows: int, mesh) -> str:
-    """The PREFILL_MATMULS entry a prefill executable of `rows` rows is compiled with under `mode`."""
+def prefill_matmuls_for(mode: str, rows: int, n_params: int, mesh) -> str:
+    """The PREFILL_MATMULS entry a prefill executable of `rows` rows of a model of `n_params` parameters is
+    compiled with under `mode`."""
     if mode == "split":
-        return "cublas" if rows >= CUBLAS_MIN_ROWS and mesh is None else "autotune"
+        big = rows >= CUBLAS_MIN_ROWS and 2 * n_params * rows >= CUBLAS_MIN_FLOPS
+        return "cublas" if big and mesh is None else "autotune"
     return mode
 
 

@@ -52,7 +52,8 @@ PREFILL_OPTIONS = {"autotune": {}, "noautotune": {"xla_gpu_autotune_level": 0},
                                             "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"},
                    # cuBLAS's heuristics with the cuBLAS calls (and the slices around them) launched outside the
                    # command buffers: a graph update re-records every cuBLAS node (run 51b's lead)
-                   "noautotune_cublas_nogemmcb": {**_CUBLAS, "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN"}}
+                   "noautotune_cublas_nogemmcb": {**_CUBLAS,
+                                                  "xla_gpu_enable_command_buffer": "FUSION,CUSTOM_CALL,CUDNN"}}
 VARIANTS = {"idle": {}, "bg": {"bg": True}, "bg_switch": {"bg": True, "switch": True},
             "bg_noautotune": {"bg": True, "noautotune": True},
             "bg_both": {"bg": True, "switch": True, "noautotune": True}}
@@ -197,7 +198,8 @@ def prefill_only(eng, cfg, args, rng):
             with rt._lock:
                 rt._execs[spec] = ex
             rows.append(_time_prefill(eng, rt, ex, ids, T, mode, compile_s, args))
-    print("\n| T | mode | compile s | TTFT p50 ms | prefill back to back ms | dispatch p50 ms |\n|---|---|---|---|---|---|")
+    print("\n| T | mode | compile s | TTFT p50 ms | prefill back to back ms | dispatch p50 ms |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['T']} | {r['mode']} | {r['compile_s']:.1f} | {r['ttft_p50_ms']:.2f} | "
               f"{r['prefill_back_to_back_ms']:.2f} | {r['dispatch_p50_ms']:.2f} |")

@@ -72,7 +72,7 @@ def main():
     time.sleep(0.5)
     rows = []
     for T in [int(v) for v in args.lengths.split(",")]:
-        opts = PREFILL_MATMULS[prefill_matmuls_for("split", T, None)]
+        opts = PREFILL_MATMULS[prefill_matmuls_for("split", T, cfg.n_params, None)]  # the runtime's default
         req = jax.ShapeDtypeStruct((T + REQ_FIELDS,), jnp.int32)
         f = jax.jit(lambda p, s, r, T=T: _prefill_step(cfg, T, p, s, r, gemv, None, fused, wo), donate_argnums=(1,))
         t = [time.perf_counter()]
@@ -83,8 +83,8 @@ def main():
         low.compile(compiler_options=opts) if opts else low.compile()
         t.append(time.perf_counter())
         time.sleep(0.3)
-        r = {"T": T, "matmuls": prefill_matmuls_for("split", T, None), "device": jax.devices()[0].device_kind,
-             "jax": jax.__version__}
+        r = {"T": T, "matmuls": prefill_matmuls_for("split", T, cfg.n_params, None),
+             "device": jax.devices()[0].device_kind, "jax": jax.__version__}
         for i, phase in enumerate(("trace", "lower", "compile")):
             r[f"{phase}_s"] = t[i + 1] - t[i]
             for name, m in marks.items():

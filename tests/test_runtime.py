@@ -2,6 +2,7 @@
 edge and through the chunked path; no recompilation once compiled; the on-disk executable cache."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -242,11 +243,19 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
     greedy ids through both kinds of bucket equal HF's."""
     from hybrid_jax import runtime as R
     monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
-    monkeypatch.setattr(R, "CUBLAS_MIN_ROWS", 32)  # the tiny model's buckets: 16 autotuned, 32 and 64 cuBLAS
-    assert R.prefill_matmuls_for("split", 32, None) == "cublas" and R.prefill_matmuls_for("split", 16, None) == "autotune"
-    assert R.prefill_matmuls_for("split", 512, object()) == "autotune"  # several GPUs: unmeasured, autotuned
-    assert R.prefill_matmuls_for("autotune", 512, None) == "autotune" and R.prefill_matmuls_for("cublas", 16, None) == "cublas"
+    from bench.worker import SHAPES
+    n7b, nsmol = SHAPES["llama2-7b"].n_params, SHAPES["smollm2"].n_params  # 6.74e9, 1.35e8
+    split = functools.partial(R.prefill_matmuls_for, "split")
+    assert split(256, n7b, None) == split(1024, n7b, None) == "cublas"  # runs 51-55
+    assert split(128, n7b, None) == "autotune" and split(16, n7b, None) == "autotune"
+    assert split(512, nsmol, None) == split(2048, nsmol, None) == "autotune"  # too little work (run 58)
+    assert split(512, n7b, object()) == "autotune"  # several GPUs: unmeasured, autotuned
+    assert R.prefill_matmuls_for("autotune", 512, n7b, None) == "autotune"
+    assert R.prefill_matmuls_for("cublas", 16, nsmol, None) == "cublas"
     m, cfg, p = tiny
+    # the tiny model's buckets: 16 autotuned, 32 and 64 through cuBLAS
+    monkeypatch.setattr(R, "CUBLAS_MIN_ROWS", 32)
+    monkeypatch.setattr(R, "CUBLAS_MIN_FLOPS", 2 * cfg.n_params * 32)
     e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False)
     try:
         rt = e.runtime
