@@ -240,8 +240,9 @@ class Runtime:
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
                 "matmuls": self._matmuls(spec),
-                # the attention kernel's switch, read when the step is traced (not in the source digest)
-                "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS],
+                # switches read when the step is traced (not in the source digest): the attention kernel's and
+                # the XLA path's matmul form
+                "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS, model.MATMUL_2D],
                 **self._env}
 
     def _lower(self, spec: tuple):

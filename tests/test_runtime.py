@@ -286,6 +286,9 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
         assert rt._key(("prefill", 16, 16)) == k16 and rt._key(("prefill", 32, 32)) != k32
         rt.matmuls = "cublas"
         assert rt._key(("prefill", 16, 16)) != k16 and rt._key(("prefill", 32, 32)) == k32
+        from hybrid_jax import model
+        monkeypatch.setattr(model, "MATMUL_2D", False)  # another traced form: another executable on disk
+        assert rt._key(("prefill", 32, 32)) != k32
     finally:
         e.close()
 
