@@ -426,6 +426,8 @@ class Runtime:
                 "prefill_gemm": self.gemm,
                 "prefill_wo": self.wo,
                 "prefill_matmuls": self.matmuls,
+                # the buckets compiled with cuBLAS's heuristics (GPU flags: other backends ignore them)
+                "prefill_cublas_buckets": [b for b in self.buckets if self._matmuls(("prefill", b, b)) == "cublas"],
                 "prefill_attention": self.fused,
             }
 

@@ -259,7 +259,7 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
     e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False)
     try:
         rt = e.runtime
-        assert e.stats()["prefill_matmuls"] == "split"
+        assert e.stats()["prefill_matmuls"] == "split" and e.stats()["prefill_cublas_buckets"] == [32, 64, 72]
         seen = {}
         lower = rt._lower
 
