@@ -268,7 +268,7 @@ class Runtime:
             if ex is not None:
                 return ex
         t0 = time.perf_counter()
-        opts = PREFILL_MATMULS[self._matmuls(spec)] if spec[0] == "prefill" else None
+        opts = PREFILL_MATMULS.get(self._matmuls(spec))  # None for a decode step and for "autotune"
         ex = self._lower(spec).compile(compiler_options=opts)
         dt = time.perf_counter() - t0
         with self._lock:

@@ -197,6 +197,23 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
         e.close()
 
 
+def _record_compile_options(rt) -> list:
+    """From now on, every (spec, compiler_options) `rt` compiles an executable with, in order."""
+    compiled, lower = [], rt._lower
+
+    def spy(spec):
+        low = lower(spec)
+
+        class Spy:
+            def compile(self, compiler_options=None):
+                compiled.append((spec, compiler_options))
+                return low.compile(compiler_options=compiler_options)
+        return Spy()
+
+    rt._lower = spy
+    return compiled
+
+
 def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf(tiny, tmp_path):
     """prefill_matmuls="cublas": the prefill executables (only) are compiled with PREFILL_MATMULS' options,
     keyed apart on disk, and the greedy ids still equal HF's (the options are GPU flags the CPU ignores)."""
@@ -206,24 +223,13 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
     try:
         rt = e.runtime
         assert e.stats()["prefill_matmuls"] == "cublas"
-        seen = []
-        lower = rt._lower
-
-        def spy(spec):
-            low = lower(spec)
-
-            class Spy:
-                def compile(self, compiler_options=None):
-                    seen.append((spec[0], compiler_options))
-                    return low.compile(compiler_options=compiler_options)
-            return Spy()
-
-        rt._lower = spy
+        compiled = _record_compile_options(rt)
         ids = prompt(20, seed=13)
         r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
         assert r.token_ids == hf_greedy(m, ids, NEW)
         e.runtime.wait_background()  # the prompt's bucket (32), compiled in the background
         rt._get(("decode", rt.cache_len, True))
+        seen = [(spec[0], o) for spec, o in compiled]
         assert ("prefill", PREFILL_MATMULS["cublas"]) in seen and ("decode", None) in seen
         assert all(o == PREFILL_MATMULS["cublas"] for k, o in seen if k == "prefill")
         r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
@@ -260,25 +266,14 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
     try:
         rt = e.runtime
         assert e.stats()["prefill_matmuls"] == "split" and e.stats()["prefill_cublas_buckets"] == [32, 64, 72]
-        seen = {}
-        lower = rt._lower
-
-        def spy(spec):
-            low = lower(spec)
-
-            class Spy:
-                def compile(self, compiler_options=None):
-                    seen[spec] = compiler_options
-                    return low.compile(compiler_options=compiler_options)
-            return Spy()
-
-        rt._lower = spy
+        compiled = _record_compile_options(rt)
         for n in (12, 20, 40):  # buckets 16, 32, 64
             ids = prompt(n, seed=15)
             rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
             r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
             assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         rt._get(("decode", rt.cache_len, True))
+        seen = dict(compiled)
         assert seen[("prefill", 16, 16)] is None and seen[("decode", rt.cache_len, True)] is None
         assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == R.PREFILL_MATMULS["cublas"]
         k16, k32 = rt._key(("prefill", 16, 16)), rt._key(("prefill", 32, 32))
