@@ -127,6 +127,15 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
     return state.replace(cache=cache, pos=state.pos + n, token=nxt, key=key), nxt
 
 
+def prefill_jit(cfg: LlamaConfig, kv_len: int, gemv: str | None = None, gemm: str | None = None,
+                fused: str | None = None, wo: str | None = None, **jit_kw):
+    """The prefill step of a chunk attending over `kv_len` cache rows, jitted with the state donated (what
+    `Runtime` lowers and compiles for a prefill bucket; scripts/gpu_compile_stall.py times its phases)."""
+    def prefill_step(p, s, req):
+        return _prefill_step(cfg, kv_len, p, s, req, gemv, gemm, fused, wo)
+    return jax.jit(prefill_step, donate_argnums=(1,), **jit_kw)
+
+
 def _logits_fn(cfg: LlamaConfig, params: W.Weights, tokens: jax.Array):
     cache = kv_cache.zeros(cfg, tokens.shape[0])
     logits, _ = model.forward(cfg, params, cache, tokens, jnp.arange(tokens.shape[0], dtype=jnp.int32))
@@ -256,10 +265,8 @@ class Runtime:
                 return _decode_step(cfg, kvb, do_sample, p, s, self.gemv, self.attn)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
-        def prefill_step(p, s, req):
-            return _prefill_step(cfg, kvb, p, s, req, self.gemv, self.gemm, self.fused, self.wo)
-        return jax.jit(prefill_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state,
-                                                                      self._small((T + REQ_FIELDS,), jnp.int32))
+        return prefill_jit(cfg, kvb, self.gemv, self.gemm, self.fused, self.wo, **kw).lower(
+            self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
 
     def _build(self, spec: tuple):
         key = self._key(spec)

@@ -36,12 +36,13 @@ def main():
     from hybrid_jax import kv_cache
     from hybrid_jax import weights as W
     from hybrid_jax.config import PRESETS
-    from hybrid_jax.runtime import (PREFILL_MATMULS, REQ_FIELDS, DecodeState, SamplingParams, _prefill_step,
+    from hybrid_jax.runtime import (PREFILL_MATMULS, REQ_FIELDS, DecodeState, SamplingParams, prefill_jit,
                                     prefill_matmuls_for, resolve_gemv, resolve_prefill_attention,
-                                    resolve_prefill_wo)
+                                    resolve_prefill_gemm, resolve_prefill_wo)
     cfg = PRESETS[args.shape]
     devices = jax.devices()[:1]
     gemv = resolve_gemv("auto", devices, None)
+    gemm = resolve_prefill_gemm("auto", gemv, None)
     wo = resolve_prefill_wo("auto", gemv, None)
     fused = resolve_prefill_attention("auto", cfg, devices, None)
     p = W.abstract(cfg)
@@ -74,7 +75,7 @@ def main():
     for T in [int(v) for v in args.lengths.split(",")]:
         opts = PREFILL_MATMULS[prefill_matmuls_for("split", T, cfg.n_params, None)]  # the runtime's default
         req = jax.ShapeDtypeStruct((T + REQ_FIELDS,), jnp.int32)
-        f = jax.jit(lambda p, s, r, T=T: _prefill_step(cfg, T, p, s, r, gemv, None, fused, wo), donate_argnums=(1,))
+        f = prefill_jit(cfg, T, gemv, gemm, fused, wo)  # as Runtime._lower builds a bucket's prefill
         t = [time.perf_counter()]
         traced = f.trace(p, st, req)
         t.append(time.perf_counter())

@@ -187,6 +187,7 @@ def main():
     ap.add_argument("--host-only", action="store_true", help="no Python tracer, and device tracer level 0 (meant "
                     "to drop CUPTI, which inflates graph launches; jax 0.11.2 still traced the device, run 28)")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     from bench.worker import prompt_ids
     from hybrid_jax.engine import generate
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--spy-rate", type=int, default=1000)
     ap.add_argument("--summarise-spy", default="", help="only summarise this py-spy raw file")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     if args.summarise_spy:
         s = summarise_spy(args.summarise_spy)
         report_spy(s)
