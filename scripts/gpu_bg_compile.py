@@ -74,10 +74,9 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     from hybrid_jax import weights
-    from hybrid_jax.config import PRESETS, LlamaConfig
+    from shapes import shape_config  # scripts/ is this script's folder
     from hybrid_jax.engine import Engine, generate
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
+    cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),

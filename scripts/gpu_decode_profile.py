@@ -79,10 +79,9 @@ def main():
         from hybrid_jax import gemv as G
         G.TUNED.update(load_tuned(args.tuned))
     from hybrid_jax import weights
-    from hybrid_jax.config import PRESETS, LlamaConfig
+    from shapes import shape_config  # scripts/ is this script's folder
     from hybrid_jax.engine import Engine
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")  # "tiny": a dry run
+    cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -406,9 +406,8 @@ def main():
     ap.add_argument("--ab-base", help="phase ab: a gemv_tune.json whose tuned table is B against the code's A")
     ap.add_argument("--matrices", help="tune phase: only these (of wqkv, wo, w13, w2, lm_head)")
     args = ap.parse_args()
-    from hybrid_jax.config import PRESETS, LlamaConfig
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    from shapes import shape_config  # scripts/ is this script's folder
+    cfg = shape_config(args.shape)
     if jax.default_backend() == "cpu":  # a dry run of the script: the kernels in the interpreter
         from hybrid_jax import decode_attention as A
         orig, orig_a = G.gemv, A.attend

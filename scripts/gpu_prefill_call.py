@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from hybrid_jax import weights  # noqa: E402
-from hybrid_jax.config import PRESETS, LlamaConfig  # noqa: E402
+from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine  # noqa: E402
 from hybrid_jax.runtime import pack_request  # noqa: E402
 
@@ -42,8 +42,7 @@ def main():
     ap.add_argument("--reps", type=int, default=60)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     lengths = [int(x) for x in args.lengths.split(",")]

@@ -232,9 +232,8 @@ def main():
     ap.add_argument("--tuned", help="prefill_probe.json of an earlier run: use its tuned_rows")
     ap.add_argument("--modes", default="gemm,xla,gemm_nocb")
     args = ap.parse_args()
-    from hybrid_jax.config import PRESETS, LlamaConfig
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    from shapes import shape_config  # scripts/ is this script's folder
+    cfg = shape_config(args.shape)
     if jax.default_backend() == "cpu":  # a dry run: kernels in the interpreter
         from hybrid_jax import decode_attention as A
         og, oa, om = G.gemv, A.attend, G.gemm

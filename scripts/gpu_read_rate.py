@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpu_gemv_tune import EPILOGUES, timed  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
-from hybrid_jax.config import PRESETS, LlamaConfig  # noqa: E402
+from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 
 
 def torch_rates(n, kd, Lw):
@@ -67,8 +67,7 @@ def main():
     ap.add_argument("--interpret", action="store_true", help="CPU dry run")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    cfg = shape_config(args.shape)
     K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
     shapes = [("wqkv", cfg.dim, K * (Gq + 2) * Dh), ("wo", cfg.n_heads * Dh, cfg.dim), ("w13", cfg.dim, 2 * cfg.ffn_dim),
               ("w2", cfg.ffn_dim, cfg.dim)]

@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from hybrid_jax import gemv as G  # noqa: E402
 from hybrid_jax import model  # noqa: E402
 from hybrid_jax import weights  # noqa: E402
-from hybrid_jax.config import PRESETS, LlamaConfig  # noqa: E402
+from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine, generate  # noqa: E402
 
 # model._project's einsum spec -> the projection's name
@@ -113,8 +113,7 @@ def main():
     ap.add_argument("--kernels", default="auto", help="gemv / decode_attention mode (interpret: CPU dry run)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     variants = args.variants.split(";")

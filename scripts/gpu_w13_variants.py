@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 
 from gpu_gemv_tune import timed  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
-from hybrid_jax.config import PRESETS, LlamaConfig  # noqa: E402
+from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.model import rms_norm  # noqa: E402
 
 try:
@@ -104,8 +104,7 @@ def main():
     ap.add_argument("--interpret", action="store_true", help="CPU dry run")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    cfg = PRESETS.get(args.shape) or LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2,
-                                                 ffn_dim=512, dtype="bfloat16")
+    cfg = shape_config(args.shape)
     kd, F = cfg.dim, cfg.ffn_dim
     n = 2 * F
     mat_bytes = kd * n * 2
