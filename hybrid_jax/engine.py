@@ -111,15 +111,18 @@ class Engine:
         ids = _check_ids(prompt, self.cfg)
         return ids
 
-    def pipelined_step_seconds(self, n_steps: int = 100) -> float:
-        """Device time per decode step with no host reads in between (a bound for streaming TPOT)."""
+    def pipelined_step_seconds(self, n_steps: int = 100, context: int = 1) -> float:
+        """Device time per decode step with no host reads in between (a bound for streaming TPOT), after a
+        prompt of `context` tokens (the steps attend over that many cached rows and more)."""
+        if not 1 <= context <= self.max_seq_len - 3:
+            raise ValueError(f"context must be in [1, {self.max_seq_len - 3}], got {context}")
         rt = self.runtime
         with self._lock:
-            state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1])
-            spec = rt.decode_spec(min(n_steps + 1, self.max_seq_len - 1), False)
+            state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1] * context)
+            spec = rt.decode_spec(min(context + n_steps, self.max_seq_len - 1), False)
             state, tok = rt.decode(state, spec)
             tok.block_until_ready()
-            n = min(n_steps, self.max_seq_len - 3)
+            n = min(n_steps, self.max_seq_len - 2 - context)
             t0 = time.perf_counter()
             for _ in range(n):
                 state, tok = rt.decode(state, spec)

@@ -216,6 +216,21 @@ def _try(make, c):
         return None, f"{type(e).__name__}: {e}"
 
 
+def torch_seconds(run, iters: int) -> float:
+    """Seconds per call of `run` (PyTorch work on the GPU), by CUDA events over `iters` calls after 3."""
+    import torch
+    for _ in range(3):
+        run()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(iters):
+        run()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) / 1e3 / iters
+
+
 def _torch_gemv(kd, n, tr, Lw):
     try:
         import torch
@@ -227,16 +242,7 @@ def _torch_gemv(kd, n, tr, Lw):
         def run():
             for w in ws:
                 (x @ (w.t() if tr else w))
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(20):
-            run()
-        e1.record()
-        torch.cuda.synchronize()
-        t = e0.elapsed_time(e1) / 1e3 / 20 / Lw
+        t = torch_seconds(run, 20) / Lw
         del ws
         torch.cuda.empty_cache()
         return t

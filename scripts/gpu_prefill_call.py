@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
+from hybrid_jax import gemv as G  # noqa: E402
 from hybrid_jax import weights  # noqa: E402
 from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine  # noqa: E402
@@ -46,7 +47,7 @@ def main():
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     lengths = [int(x) for x in args.lengths.split(",")]
-    buckets = sorted({16} | {max(16, 1 << (n - 1).bit_length()) for n in lengths})
+    buckets = sorted({16} | {G.rows_padded(n) for n in lengths})  # each prompt's own bucket
     eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=tuple(buckets), compile_sampling=False,
                  background_compiles=False)
     eng.warmup()  # every bucket compiled: each prompt runs as one call of its own bucket

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gpu_gemv_tune import EPILOGUES, timed  # noqa: E402  (scripts/ is this script's folder)
+from gpu_gemv_tune import EPILOGUES, timed, torch_seconds  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
 from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 
@@ -44,18 +44,7 @@ def torch_rates(n, kd, Lw):
     out = {}
     for name, f in (("torch_sum", lambda l: torch.sum(w[l], dim=1, dtype=torch.float32)),
                     ("torch_mv", lambda l: torch.mv(w[l], x))):
-        for _ in range(3):
-            for l in range(Lw):
-                f(l)
-        torch.cuda.synchronize()
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        for _ in range(30):
-            for l in range(Lw):
-                f(l)
-        e1.record()
-        torch.cuda.synchronize()
-        out[name] = e0.elapsed_time(e1) / 1e3 / 30 / Lw
+        out[name] = torch_seconds(lambda: [f(l) for l in range(Lw)], 30) / Lw
     return out
 
 

@@ -86,21 +86,6 @@ def parse(v: str, cfg) -> tuple[set[str], dict]:
     return rr, tiles
 
 
-def step_seconds(eng: Engine, ctx: int, n: int) -> float:
-    """Device time per decode step, pipelined (no host reads), from position ctx on."""
-    rt = eng.runtime
-    state, _ = rt.prefill(rt.reset_state(rt.state.cache), [3 + i % 100 for i in range(ctx)])
-    spec = rt.decode_spec(ctx + n + 2, False)
-    state, tok = rt.decode(state, spec)
-    tok.block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        state, tok = rt.decode(state, spec)
-    tok.block_until_ready()
-    rt.state = state
-    return (time.perf_counter() - t0) / n
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -154,7 +139,7 @@ def main():
         order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
         for v in order:
             for c in contexts:
-                times[(v, c)].append(step_seconds(engines[v], c, args.steps))
+                times[(v, c)].append(engines[v].pipelined_step_seconds(args.steps, context=c))
     for (v, c), ts in times.items():
         res["variants"][v][f"step_ms_ctx{c}"] = [round(t * 1e3, 4) for t in ts]
     with open(os.path.join(args.out, "rowreduce_ab.json"), "w") as f:

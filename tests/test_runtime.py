@@ -342,3 +342,18 @@ def test_resolve_prefill_attention(monkeypatch):
     monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "fast")
     with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
         resolve("auto", bf16, gpu, None)
+
+
+def test_pipelined_step_seconds_after_a_context(engine):
+    """The pipelined step timing decodes from position 1 by default, or after a prompt of `context` tokens:
+    one warm-up step, then n timed steps, the state left where they ended."""
+    rt = engine.runtime
+    assert engine.pipelined_step_seconds(3) > 0
+    assert int(rt.state.pos) == 1 + 1 + 3
+    assert engine.pipelined_step_seconds(3, context=20) > 0  # two buckets' worth of cached rows
+    assert int(rt.state.pos) == 20 + 1 + 3
+    assert engine.pipelined_step_seconds(100, context=MAX - 3) > 0  # the steps are capped at the cache's end
+    assert int(rt.state.pos) == MAX - 1
+    for bad in (0, MAX - 2):
+        with pytest.raises(ValueError, match="context must be"):
+            engine.pipelined_step_seconds(3, context=bad)
