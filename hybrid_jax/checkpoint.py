@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 
 from . import weights as W
 from .config import LlamaConfig

@@ -85,14 +85,34 @@ GEMV_MODES = (None, "pallas", "interpret")
 # *_2d modes set it for an A/B on the GPU).
 MATMUL_2D: bool | None = None
 
+# The decode step's projections of one token, by name, that XLA computes as a float32 row reduction,
+# sum(w * x, axis=1), where the GEMV kernels run, instead of gemv.gemv; their norm and consumer (residual add,
+# silu x up) are XLA's fusions around it. XLA's row-reduction emitter read the 7B's wqkv, wo and w13 at
+# 4.2-4.4 TB/s on an H200, where the Pallas GEMVs read them at 3.0-3.9 (the product as well as the pure read;
+# runs 67-69, docs/ENGINEERING_LOG.md); for w2 (11008 columns) the product ran at 3.2 and the kernel stays.
+# Whole step, 7B, H200: 3.83 -> 3.63 ms (run 69). None: ROW_REDUCE_AUTO in mode "pallas" and none in mode
+# "interpret" (the CPU tests of the kernels themselves); a set overrides both (read when the step is traced).
+PROJECTIONS = {"td,kghd->tkgh": "wqkv", "tkgh,dkgh->td": "wo", "td,cfd->tcf": "w13", "tf,df->td": "w2"}
+ROW_REDUCE_AUTO = frozenset({"wqkv", "wo", "w13"})
+ROW_REDUCE: frozenset[str] | None = None
+
+
+def row_reduced(mode: str | None, spec: str) -> bool:
+    """Whether _project computes one token's product of this einsum spec as an XLA row reduction."""
+    if mode is None:
+        return False
+    names = ROW_REDUCE if ROW_REDUCE is not None else ROW_REDUCE_AUTO if mode == "pallas" else frozenset()
+    return PROJECTIONS.get(spec) in names
+
 
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
              residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
     """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l
-    of the stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or the
-    Pallas kernel (norm inside it) where the mode is on and the shape suits it: `gemv` for one token, `gemm`
-    for up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's dtype). With `partials` (one token),
+    of the stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or where
+    the mode is on: for one token, an XLA row reduction in float32 if `row_reduced(mode, spec)`, else the
+    Pallas `gemv` (norm inside it) where the shape suits it; `gemm` for up to gemv.ROWS_MAX (same result,
+    [T, *out_shape], in x's dtype). With `partials` (one token),
     float32 partial sums [splits, *out_shape] for a consumer that adds them (XLA's einsum gives one, in x's
     dtype's values). The product's consumer, computed as model.py always has (gemv.finish), in the kernel's
     epilogue where the kernel runs one token: `residual` [T, *out_shape] returns residual + the product;
@@ -102,14 +122,20 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
     t = x.shape[0]
     dt = x.dtype
     w = stacked.reshape(stacked.shape[0], n, kd)  # a bitcast of the stacked parameter: no copy
-    if mode is not None and t == 1 and gemv_lib.supported(kd, n, transposed=True):
+    if t == 1 and row_reduced(mode, spec):
+        h = (x if norm is None else rms_norm(x, norm[l], eps)).reshape(1, kd)
+        y = jnp.sum(w[l].astype(jnp.float32) * h.astype(jnp.float32), axis=1)  # [N]: float32, as the kernel sums
+        if partials:
+            return y.reshape((1,) + tuple(out_shape))  # one "split"
+        y = y.astype(dt).reshape((1,) + tuple(out_shape))
+    elif mode is not None and t == 1 and gemv_lib.supported(kd, n, transposed=True):
         res = None if residual is None else residual.reshape(n)
         y = gemv_lib.gemv(x.reshape(kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
                           residual=res, gated=gated, interpret=mode == "interpret")
         if partials:
             return y.reshape((-1,) + tuple(out_shape))
         return y.astype(dt).reshape((1,) + (tuple(out_shape[1:]) if gated else tuple(out_shape)))
-    if mode is not None and t > 1 and not partials and gemv_lib.gemm_supported(kd, n, t, dt.itemsize, True):
+    elif mode is not None and t > 1 and not partials and gemv_lib.gemm_supported(kd, n, t, dt.itemsize, True):
         # a few tokens (a short prompt's prefill): every row multiplied by each weight tile as it is read
         y = gemv_lib.gemm(x.reshape(t, kd), w, l, transposed=True, norm=norm, eps=eps,
                           interpret=mode == "interpret").astype(dt).reshape((t,) + tuple(out_shape))
@@ -206,7 +232,8 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
     a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
-    inside the kernel that consumes it) instead of XLA's fusions; `attn` (same values) its rope, cache
+    inside the kernel that consumes it) instead of XLA's fusions, except one token's projections named in
+    ROW_REDUCE (in mode "pallas": wqkv, wo, w13), which are XLA row reductions; `attn` (same values) its rope, cache
     write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
     attention of a chunk whose attended rows are exactly its own (kv_len = T, so positions start at 0)
     with `fused_attention`. `wo` (GEMV_MODES) takes the output projection alone through gemv.py's kernels

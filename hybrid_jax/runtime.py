@@ -250,8 +250,9 @@ class Runtime:
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
                 "matmuls": self._matmuls(spec),
                 # switches read when the step is traced (not in the source digest): the attention kernel's and
-                # the XLA path's matmul form
-                "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS, model.MATMUL_2D],
+                # the XLA path's matmul form and the projections written as row reductions
+                "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS, model.MATMUL_2D,
+                                 None if model.ROW_REDUCE is None else sorted(model.ROW_REDUCE)],
                 **self._env}
 
     def _lower(self, spec: tuple):

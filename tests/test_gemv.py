@@ -368,27 +368,47 @@ def test_resolve_prefill_gemm(monkeypatch):
 WIDE_HEADS = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # Dh = 64, G = 2
 
 
-@pytest.mark.parametrize("variant", list(TINY_VARIANTS) + ["wide_heads"])
-def test_decode_with_kernels_equals_hf(variant):
-    """Prefill through XLA, then token-by-token decode through the kernels: logits equal HF's full forward."""
-    m = make_hf_model("gqa", **WIDE_HEADS) if variant == "wide_heads" else make_hf_model(variant)
+def decode_step_against_hf(m, seed: int) -> tuple[LlamaConfig, str]:
+    """Prefill 8 tokens through XLA, then decode 4 token by token through the kernels (interpret mode, with
+    model.ROW_REDUCE as the caller set it): each step's logits equal HF's full forward. The config and the
+    jaxpr of one step."""
     m.config._attn_implementation = "eager"
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     p = hf_params(m, cfg)
-    ids = [int(t) for t in np.random.RandomState(1).randint(3, cfg.vocab_size, size=12)]
+    ids = [int(t) for t in np.random.RandomState(seed).randint(3, cfg.vocab_size, size=12)]
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits[0].numpy()
-    step = jax.jit(lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret", attn="interpret"))
+    fwd = lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret", attn="interpret")
+    step = jax.jit(fwd)
     _, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids[:8], jnp.int32),
                              jnp.arange(8, dtype=jnp.int32))
     for t in range(8, 12):
         lg, cache = step(p, cache, jnp.asarray(ids[t:t + 1], jnp.int32), jnp.asarray([t], jnp.int32))
         assert rel_err(lg[0], ref[t]) < 1e-4, t
+    return cfg, str(jax.make_jaxpr(fwd)(p, cache, jnp.asarray([1], jnp.int32), jnp.asarray([3], jnp.int32)))
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS) + ["wide_heads"])
+def test_decode_with_kernels_equals_hf(variant):
+    """Prefill through XLA, then token-by-token decode through the kernels: logits equal HF's full forward."""
+    m = make_hf_model("gqa", **WIDE_HEADS) if variant == "wide_heads" else make_hf_model(variant)
+    cfg, jaxpr = decode_step_against_hf(m, seed=1)
     # the kernels were in the step (not a silent fallback to XLA's einsum)
-    jaxpr = str(jax.make_jaxpr(lambda p, c: model.forward(cfg, p, c, jnp.asarray([1], jnp.int32),
-                                                          jnp.asarray([3], jnp.int32), gemv="interpret",
-                                                          attn="interpret"))(p, cache))
     assert jaxpr.count("pallas_call") == 5 * cfg.n_layers + 1
+
+
+@pytest.mark.parametrize("variant", list(TINY_VARIANTS))
+def test_decode_with_row_reductions_equals_hf(variant, monkeypatch):
+    """The GPU's decode step: wqkv, wo and w13 of the one token as XLA row reductions (model.ROW_REDUCE_AUTO,
+    norms and consumers as XLA fusions), w2, the attention and the LM head through the kernels: logits equal
+    HF's full forward, token by token."""
+    assert model.row_reduced("pallas", "td,cfd->tcf") and not model.row_reduced("pallas", "tf,df->td")
+    assert not model.row_reduced("interpret", "td,cfd->tcf") and not model.row_reduced(None, "td,cfd->tcf")
+    monkeypatch.setattr(model, "ROW_REDUCE", model.ROW_REDUCE_AUTO)  # as "pallas" mode has it
+    assert model.row_reduced("interpret", "td,kghd->tkgh") and model.row_reduced("interpret", "tkgh,dkgh->td")
+    cfg, jaxpr = decode_step_against_hf(make_hf_model(variant), seed=3)
+    # per layer the attention kernel and w2's GEMV only, and the LM head's
+    assert jaxpr.count("pallas_call") == 2 * cfg.n_layers + 1
 
 
 def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
@@ -413,6 +433,10 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
         monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", not was)
         assert eng.runtime._key(spec) != key
         monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", was)
+        assert eng.runtime._key(spec) == key
+        monkeypatch.setattr(model, "ROW_REDUCE", frozenset({"w13"}))  # so does the row reductions' choice
+        assert eng.runtime._key(spec) != key
+        monkeypatch.setattr(model, "ROW_REDUCE", None)
         assert eng.runtime._key(spec) == key
         # the prefill's kernel choice is in the prefill's key only (decode steps are shared)
         pre = ("prefill", 16, 16)
