@@ -2,10 +2,12 @@
 LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
 
   PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas+attn,xla] [--steps 20]
-      [--tuned gemv_tune.json]
+      [--tuned gemv_tune.json] [--variants "base;pallas;base@gu"]
 
 Modes: `pallas+attn` is the default step on one GPU (the projection kernels and the attention kernel),
-`pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only.
+`pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only. `--variants` (the syntax of
+scripts/gpu_rowreduce_ab.py: which projections are row reductions, tilings, silu x up in w2's kernel) profiles
+each kernel mode once per variant; results are keyed "mode" for base, else "mode|variant".
 
 Writes profile_<gemv>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and
 prints the top kernels. Run it under XLA_FLAGS=--xla_gpu_enable_command_buffer= as well: with command
@@ -72,6 +74,8 @@ def main():
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tag", default="")
     ap.add_argument("--tuned", help="gemv_tune.json of scripts/gpu_gemv_tune.py: its tilings over gemv.TUNED")
+    ap.add_argument("--variants", default="base", help="';'-separated, as scripts/gpu_rowreduce_ab.py's")
+    ap.add_argument("--kernels", default="pallas", help="the mode of the kernels (interpret: a CPU dry run)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.tuned:
@@ -81,15 +85,20 @@ def main():
     from hybrid_jax import weights
     from shapes import shape_config  # scripts/ is this script's folder
     from hybrid_jax.engine import Engine
+    from gpu_rowreduce_ab import applied, parse  # scripts/ is this script's folder
     cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "tuned": args.tuned}
-    for mode in args.gemv.split(","):
+    runs = [(m, v) for m in args.gemv.split(",") for v in args.variants.split(";")]
+    for mode, variant in runs:
         gemv, _, attn = mode.partition("+")
-        eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
-                     compile_sampling=False, gemv=gemv, decode_attention="pallas" if attn else "xla")
+        kern = args.kernels if gemv == "pallas" else gemv
+        with applied(parse(variant, cfg)):  # the decode steps are traced and compiled in the constructor
+            eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
+                         compile_sampling=False, gemv=kern, decode_attention=args.kernels if attn else "xla")
+        key = mode if variant == "base" else f"{mode}|{variant}"
         eng.wait_background()  # background compiles autotune on the GPU: never time beside them
         rt = eng.runtime
         eng.pipelined_step_seconds(10)  # its prefill queues the bucket's own compile (run 44's 13.75 ms step)
@@ -108,15 +117,15 @@ def main():
             time.sleep(0.2)
         rt.state = state
         paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
-        res = {"mode": mode, "step_ms": step * 1e3}
+        res = {"mode": mode, "variant": variant, "step_ms": step * 1e3}
         try:
             res.update(kernel_table(paths[0], args.steps))
         except Exception as e:  # noqa: BLE001
             res["error"] = f"{type(e).__name__}: {e}"
-        out[mode] = res
+        out[key] = res
         with open(os.path.join(args.out, f"profile{args.tag}.json"), "w") as f:
             json.dump(out, f, indent=1)
-        print(f"== {mode}{args.tag}: step {res['step_ms']:.3f} ms, kernels/step {res.get('kernels_per_step')}, "
+        print(f"== {key}{args.tag}: step {res['step_ms']:.3f} ms, kernels/step {res.get('kernels_per_step')}, "
               f"busy {res.get('busy_us_per_step', 0):.0f} us, span {res.get('span_us_per_step', 0):.0f} us "
               f"{res.get('error', '')}", flush=True)
         for r in res.get("top", [])[:25]:

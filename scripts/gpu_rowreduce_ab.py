@@ -2,7 +2,7 @@
 with other Pallas tilings, against the default step (issue 5; runs 67-69 of docs/ENGINEERING_LOG.md).
 
   PYTHONPATH=. python3 scripts/gpu_rowreduce_ab.py --out $OUT/rr \
-      [--variants "base;pallas;rr:w13;tile:w13=1/4096/4/1,wqkv=2/4096/8/1"]
+      [--variants "base;base@gu;pallas;rr:w13;tile:w13=1/4096/4/1,wqkv=2/4096/8/1"]
 
 Runs 67-68 found XLA's row-reduction emitter reading the 7B's matrices at 4.0-4.36 TB/s, against 3.1-3.7 for
 the Pallas GEMVs. As `jnp.sum(w * x, axis=1)` the product itself ran at that rate for wqkv, wo and w13 (not
@@ -16,6 +16,7 @@ Variants, separated by ";":
   rr:NAMES                  exactly the projections NAMES (wqkv, wo, w13, w2, joined by +) of one token as
                             model._project's row reduction; the rest through the kernels
   tile:NAME=bn/bk/warps/stages[,...]  gemv.TUNED entries for this variant (comma-joined for several)
+  ...@gu                    any of these with model.GATE_UP_IN_W2 (silu x up inside w2's kernel), e.g. base@gu
 One engine per variant on the same random weights, one process. The pipelined step (no host reads) after a
 prompt of each --contexts length, alternated over --rounds; the first 32 greedy tokens of each variant beside
 the first variant's (float32 sums in another order: they may part where two logits nearly tie in bf16, as
@@ -25,6 +26,8 @@ dry run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -43,32 +46,58 @@ from hybrid_jax import weights  # noqa: E402
 from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine, generate  # noqa: E402
 
-def parse(v: str, cfg) -> tuple[frozenset[str] | None, dict]:
-    """model.ROW_REDUCE (None: the code's default) and the gemv.TUNED entries of a variant."""
-    rr, tiles = None, {}
+@dataclasses.dataclass
+class Variant:
+    """One variant's switches: model.ROW_REDUCE (None: the code's default), gemv.TUNED overrides,
+    model.GATE_UP_IN_W2."""
+    row_reduce: frozenset[str] | None = None
+    tiles: dict = dataclasses.field(default_factory=dict)
+    gate_up: bool = False
+
+
+def parse(v: str, cfg) -> Variant:
+    """A variant's name (see the module's docstring) -> its switches."""
+    body, _, suffix = v.partition("@")
+    if suffix not in ("", "gu"):
+        raise ValueError(f"unknown suffix in {v!r} (only @gu)")
+    var = Variant(gate_up=suffix == "gu")
     shapes = {"wqkv": (cfg.dim, cfg.n_kv_heads * (cfg.q_per_kv + 2) * cfg.hd), "wo": (cfg.n_heads * cfg.hd, cfg.dim),
               "w13": (cfg.dim, 2 * cfg.ffn_dim), "w2": (cfg.ffn_dim, cfg.dim)}
-    if v == "pallas":
-        rr = frozenset()
-    elif v.startswith("rr:"):
-        rr = frozenset(v[3:].split("+"))
-        if not rr <= set(model.PROJECTIONS.values()):
+    if body == "pallas":
+        var.row_reduce = frozenset()
+    elif body.startswith("rr:"):
+        var.row_reduce = frozenset(body[3:].split("+"))
+        if not var.row_reduce <= set(model.PROJECTIONS.values()):
             raise ValueError(f"unknown projection in {v!r}")
-    elif v.startswith("tile:"):
-        for part in v[5:].split(","):
+    elif body.startswith("tile:"):
+        for part in body[5:].split(","):
             name, _, t = part.partition("=")
             bn, bk, wp, st = (int(a) for a in t.split("/"))
-            tiles[(*shapes[name], True)] = G.GemvConfig(bn, bk, 1, wp, st)
-    elif v != "base":
+            var.tiles[(*shapes[name], True)] = G.GemvConfig(bn, bk, 1, wp, st)
+    elif body != "base":
         raise ValueError(f"unknown variant {v!r}")
-    return rr, tiles
+    return var
+
+
+@contextlib.contextmanager
+def applied(var: Variant):
+    """The variant's switches set while an engine traces its steps; the code's own restored after."""
+    tuned = dict(G.TUNED)
+    G.TUNED.update(var.tiles)
+    model.ROW_REDUCE, model.GATE_UP_IN_W2 = var.row_reduce, var.gate_up
+    try:
+        yield
+    finally:
+        model.ROW_REDUCE, model.GATE_UP_IN_W2 = None, False
+        G.TUNED.clear()
+        G.TUNED.update(tuned)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shape", default="llama2-7b")
-    ap.add_argument("--variants", default="base;pallas;rr:w13;rr:wqkv+w13;rr:wo+w13",
+    ap.add_argument("--variants", default="base;base@gu;pallas",
                     help="';'-separated; a tile: variant's tilings as NAME=bn/bk/warps/stages, comma-joined")
     ap.add_argument("--contexts", default="1,500")
     ap.add_argument("--rounds", type=int, default=5)
@@ -83,30 +112,24 @@ def main():
     contexts = [int(c) for c in args.contexts.split(",")]
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
            "command": " ".join(sys.argv), "variants": {}}
-    code_tuned = dict(G.TUNED)
     cache_dir = tempfile.mkdtemp()  # shared: the prefill (which no variant changes) compiles once
     engines = {}
-    try:
-        for v in variants:
-            rr, tiles = parse(v, cfg)
-            model.ROW_REDUCE = rr
-            G.TUNED.clear()
-            G.TUNED.update({**code_tuned, **tiles})
-            t0 = time.perf_counter()
-            # model.ROW_REDUCE is in the decode step's disk key; gemv.TUNED's overrides are not: a cache of their own
-            eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp() if tiles else cache_dir,
+    for v in variants:
+        var = parse(v, cfg)
+        t0 = time.perf_counter()
+        with applied(var):  # the greedy decode steps compile (are traced) in the constructor
+            # the row-reduction switches are in the decode step's disk key; gemv.TUNED's overrides are not
+            eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp() if var.tiles else cache_dir,
                          prefill_buckets=(16,), compile_sampling=False, background_compiles=False,
                          gemv=args.kernels, decode_attention=args.kernels)
-            r = res["variants"][v] = {"row_reduce": None if rr is None else sorted(rr), "tiles": {str(k): c.__dict__ for k, c in tiles.items()},
+            r = res["variants"][v] = {"row_reduce": None if var.row_reduce is None else sorted(var.row_reduce),
+                                      "gate_up": var.gate_up,
+                                      "tiles": {str(k): c.__dict__ for k, c in var.tiles.items()},
                                       "build_s": round(time.perf_counter() - t0, 1)}
             r["tokens"] = generate(eng, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], max_new_tokens=32,
                                    ignore_eos=True).token_ids
-            print(f"built {v}: {r['build_s']} s", flush=True)
-            engines[v] = eng
-    finally:
-        model.ROW_REDUCE = None
-        G.TUNED.clear()
-        G.TUNED.update(code_tuned)
+        print(f"built {v}: {r['build_s']} s", flush=True)
+        engines[v] = eng
     base = res["variants"][variants[0]]["tokens"]
     res["tokens_agree_prefix"] = {v: next((i for i, (a, b) in enumerate(zip(base, r["tokens"])) if a != b),
                                           len(base)) for v, r in res["variants"].items()}
