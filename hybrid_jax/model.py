@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -90,8 +91,10 @@ MATMUL_2D: bool | None = None
 # silu x up) are XLA's fusions around it. XLA's row-reduction emitter read the 7B's wqkv, wo and w13 at
 # 4.2-4.4 TB/s on an H200, where the Pallas GEMVs read them at 3.0-3.9 (the product as well as the pure read;
 # runs 67-69, docs/ENGINEERING_LOG.md); for w2 (11008 columns) the product ran at 3.2 and the kernel stays.
-# Whole step, 7B, H200: 3.83 -> 3.63 ms (run 69). None: ROW_REDUCE_AUTO in mode "pallas" and none in mode
-# "interpret" (the CPU tests of the kernels themselves); a set overrides both (read when the step is traced).
+# Whole step, 7B, H200: 3.88 -> 3.69 ms (run 70). None: the environment variable HYBRID_JAX_ROW_REDUCE
+# (none, or names joined by commas; for ablations) if set, else ROW_REDUCE_AUTO in mode "pallas" and none in
+# mode "interpret" (the CPU tests of the kernels themselves); a set overrides both (read when the step is
+# traced; `row_reduce_names` is in the executables' key).
 PROJECTIONS = {"td,kghd->tkgh": "wqkv", "tkgh,dkgh->td": "wo", "td,cfd->tcf": "w13", "tf,df->td": "w2"}
 ROW_REDUCE_AUTO = frozenset({"wqkv", "wo", "w13"})
 ROW_REDUCE: frozenset[str] | None = None
@@ -103,12 +106,26 @@ ROW_REDUCE: frozenset[str] | None = None
 GATE_UP_IN_W2 = False
 
 
+def row_reduce_names(mode: str | None) -> frozenset[str]:
+    """The projections (PROJECTIONS' names) of one token that _project writes as XLA row reductions in this
+    kernel mode."""
+    if mode is None:
+        return frozenset()
+    if ROW_REDUCE is not None:
+        return ROW_REDUCE
+    env = os.environ.get("HYBRID_JAX_ROW_REDUCE", "").strip().lower()
+    if env in ("", "auto"):
+        return ROW_REDUCE_AUTO if mode == "pallas" else frozenset()
+    names = frozenset() if env in ("none", "off") else frozenset(n.strip() for n in env.split(",") if n.strip())
+    if not names <= set(PROJECTIONS.values()):
+        raise ValueError(f"HYBRID_JAX_ROW_REDUCE must be none, auto or names from {sorted(PROJECTIONS.values())} "
+                         f"joined by commas, got {env!r}")
+    return names
+
+
 def row_reduced(mode: str | None, spec: str) -> bool:
     """Whether _project computes one token's product of this einsum spec as an XLA row reduction."""
-    if mode is None:
-        return False
-    names = ROW_REDUCE if ROW_REDUCE is not None else ROW_REDUCE_AUTO if mode == "pallas" else frozenset()
-    return PROJECTIONS.get(spec) in names
+    return PROJECTIONS.get(spec) in row_reduce_names(mode)
 
 
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
@@ -244,9 +261,9 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
     every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
     a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
-    inside the kernel that consumes it) instead of XLA's fusions, except one token's projections named in
-    ROW_REDUCE (in mode "pallas": wqkv, wo, w13), which are XLA row reductions; `attn` (same values) its rope, cache
-    write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
+    inside the kernel that consumes it) instead of XLA's fusions, except one token's projections that
+    `row_reduce_names` gives (in mode "pallas": wqkv, wo, w13), which are XLA row reductions; `attn` (same
+    values) its rope, cache write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
     attention of a chunk whose attended rows are exactly its own (kv_len = T, so positions start at 0)
     with `fused_attention`. `wo` (GEMV_MODES) takes the output projection alone through gemv.py's kernels
     where `gemv` is None: XLA's cuBLAS matmul for it at 16-128 rows first copies the layer's slice of the

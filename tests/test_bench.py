@@ -321,6 +321,7 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hybrid_nofused"]["HYBRID_JAX_PREFILL_ATTN"] == "off"
     assert env["hybrid_xlawo"]["HYBRID_JAX_PREFILL_WO"] == "xla" and "HYBRID_JAX_PREFILL_WO" not in env["hybrid"]
     assert env["hybrid_xlagemv"]["HYBRID_JAX_GEMV"] == "xla"
+    assert env["hybrid_pallasgemv"]["HYBRID_JAX_ROW_REDUCE"] == "none" and "HYBRID_JAX_ROW_REDUCE" not in env["hybrid"]
     assert env["hybrid_cublas"]["HYBRID_JAX_PREFILL_MATMULS"] == "cublas"
     assert env["hybrid_autotune"]["HYBRID_JAX_PREFILL_MATMULS"] == "autotune"
     assert "HYBRID_JAX_PREFILL_MATMULS" not in env["hybrid"]

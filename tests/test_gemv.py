@@ -450,6 +450,25 @@ def test_decode_with_row_reductions_equals_hf(variant, monkeypatch):
     assert [n for _, n in ops].count("silu") == cfg.n_layers  # silu(gate) * up in XLA, between w13 and w2
 
 
+def test_row_reduce_names(monkeypatch):
+    """Which projections are row reductions: model.ROW_REDUCE if set, else HYBRID_JAX_ROW_REDUCE (ablations),
+    else wqkv, wo and w13 in mode "pallas" only; a bad name is an error that names the variable."""
+    monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE", raising=False)
+    assert model.row_reduce_names("pallas") == {"wqkv", "wo", "w13"}
+    assert model.row_reduce_names("interpret") == model.row_reduce_names(None) == frozenset()
+    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "none")
+    assert model.row_reduce_names("pallas") == frozenset()
+    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", " w13, w2 ")
+    assert model.row_reduce_names("interpret") == {"w13", "w2"}
+    assert model.row_reduce_names(None) == frozenset()  # XLA's path has no kernels to replace
+    monkeypatch.setattr(model, "ROW_REDUCE", frozenset({"wo"}))  # the module's switch wins
+    assert model.row_reduce_names("pallas") == {"wo"}
+    monkeypatch.setattr(model, "ROW_REDUCE", None)
+    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13,mlp")
+    with pytest.raises(ValueError, match="HYBRID_JAX_ROW_REDUCE"):
+        model.row_reduce_names("pallas")
+
+
 @pytest.mark.parametrize("variant", ["gqa", "tied"])
 def test_decode_with_gate_up_in_w2_equals_hf(variant, monkeypatch):
     """model.GATE_UP_IN_W2 on the GPU's step (row-reduced gate/up): silu(gate) * up computed in the down
@@ -494,6 +513,9 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
         monkeypatch.setattr(model, "GATE_UP_IN_W2", True)
         assert eng.runtime._key(spec) != key
         monkeypatch.setattr(model, "GATE_UP_IN_W2", False)
+        monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13")  # the ablation's variable too
+        assert eng.runtime._key(spec) != key
+        monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE")
         # the prefill's kernel choice is in the prefill's key only (decode steps are shared)
         pre = ("prefill", 16, 16)
         pkey = eng.runtime._key(pre)
