@@ -131,16 +131,16 @@ def row_reduced(mode: str | None, spec: str) -> bool:
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
              residual: jax.Array | None = None, gated: bool = False, gate_up: bool = False) -> jax.Array:
-    """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l
-    of the stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or where
-    the mode is on: for one token, an XLA row reduction in float32 if `row_reduced(mode, spec)`, else the
-    Pallas `gemv` (norm inside it) where the shape suits it; `gemm` for up to gemv.ROWS_MAX (same result,
-    [T, *out_shape], in x's dtype). With `partials` (one token),
-    float32 partial sums [splits, *out_shape] for a consumer that adds them (XLA's einsum gives one, in x's
-    dtype's values). The product's consumer, computed as model.py always has (gemv.finish), in the kernel's
-    epilogue where the kernel runs one token: `residual` [T, *out_shape] returns residual + the product;
-    `gated` (out_shape (2, F): gate and up) returns silu(gate) * up [T, F]. With `gate_up` (one token, the
-    kernel's path only) x is [1, 2, Kd], gate's and up's values, and the product's input silu(gate) * up."""
+    """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l of the
+    stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or where the mode is on:
+    for one token, an XLA row reduction in float32 if `row_reduced(mode, spec)`, else the Pallas `gemv` (norm
+    inside it) where the shape suits it; `gemm` for up to gemv.ROWS_MAX (same result, [T, *out_shape], in x's
+    dtype). With `partials` (one token), float32 partial sums [splits, *out_shape] for a consumer that adds them
+    (XLA's einsum gives one, in x's dtype's values). The product's consumer, computed as model.py always has
+    (gemv.finish), in the kernel's epilogue where the kernel runs one token: `residual` [T, *out_shape] returns
+    residual + the product; `gated` (out_shape (2, F): gate and up) returns silu(gate) * up [T, F]. With `gate_up`
+    (one token, the kernel's path only) x is [1, 2, Kd], gate's and up's values, and the product's input
+    silu(gate) * up."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
     t = x.shape[0]
@@ -259,16 +259,16 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
 
     tokens, positions: [T] int32, positions contiguous (positions[t] = positions[0] + t) and
     positions[0] + T <= S. `kv_len` (static) limits attention to cache rows 0..kv_len-1, which must cover
-    every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of
-    a single token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm
-    inside the kernel that consumes it) instead of XLA's fusions, except one token's projections that
-    `row_reduce_names` gives (in mode "pallas": wqkv, wo, w13), which are XLA row reductions; `attn` (same
-    values) its rope, cache write and attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the
-    attention of a chunk whose attended rows are exactly its own (kv_len = T, so positions start at 0)
-    with `fused_attention`. `wo` (GEMV_MODES) takes the output projection alone through gemv.py's kernels
-    where `gemv` is None: XLA's cuBLAS matmul for it at 16-128 rows first copies the layer's slice of the
-    stacked wo into a buffer of its own (32 MB per layer for the 7B, ~0.5 ms per prefill on an H200: run
-    32, docs/ENGINEERING_LOG.md), while the kernel reads the stacked weight in place.
+    every position attended to. `gemv` ("pallas", or "interpret" off the GPU) computes the projections of a single
+    token (T = 1), or of up to gemv.ROWS_MAX tokens, with the kernels of gemv.py (each RMSNorm inside the kernel
+    that consumes it) instead of XLA's fusions, except one token's projections that `row_reduce_names` gives (in
+    mode "pallas": wqkv, wo, w13), which are XLA row reductions; `attn` (same values) its rope, cache write and
+    attention with the kernel of decode_attention.py. `fused` (FUSED_ATTENTION) computes the attention of a chunk
+    whose attended rows are exactly its own (kv_len = T, so positions start at 0) with `fused_attention`. `wo`
+    (GEMV_MODES) takes the output projection alone through gemv.py's kernels where `gemv` is None: XLA's cuBLAS
+    matmul for it at 16-128 rows first copies the layer's slice of the stacked wo into a buffer of its own (32 MB
+    per layer for the 7B, ~0.5 ms per prefill on an H200: run 32, docs/ENGINEERING_LOG.md), while the kernel reads
+    the stacked weight in place.
     """
     if gemv not in GEMV_MODES:
         raise ValueError(f"gemv must be one of {GEMV_MODES}, got {gemv!r}")
