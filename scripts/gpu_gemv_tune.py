@@ -41,15 +41,14 @@ import jax.numpy as jnp  # noqa: E402
 from gpu_prefill_wo import hlo_counts  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
 from hybrid_jax.model import rms_norm  # noqa: E402
+from shapes import layer_matrices  # noqa: E402  (this folder)
 
 
 def model_shapes(cfg):
     """(name, kd, n, transposed) of every matrix the decode step multiplies by: the layer matrices are
     stored output-major ([N, Kd], weights.py), the untied LM head input-major."""
-    K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
-    return [("wqkv", cfg.dim, K * (Gq + 2) * Dh, True), ("wo", cfg.n_heads * Dh, cfg.dim, True),
-            ("w13", cfg.dim, 2 * cfg.ffn_dim, True), ("w2", cfg.ffn_dim, cfg.dim, True),
-            ("lm_head", cfg.dim, cfg.vocab_size, cfg.tie_embeddings)]
+    return ([(name, kd, n, True) for name, kd, n in layer_matrices(cfg)]
+            + [("lm_head", cfg.dim, cfg.vocab_size, cfg.tie_embeddings)])
 
 
 # Each layer matrix's product as the model runs it (model.attention_block, mlp_block): the RMSNorm before

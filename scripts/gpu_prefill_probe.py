@@ -39,14 +39,9 @@ import jax.numpy as jnp  # noqa: E402
 from gpu_gemv_tune import timed  # noqa: E402  (this folder: wall clock over calls queued on the device)
 from gpu_prefill_host import back_to_back, reset_then_prefill  # noqa: E402  (this folder)
 from hybrid_jax import gemv as G  # noqa: E402
+from shapes import layer_matrices  # noqa: E402  (this folder)
 
 ROWS = (16, 32, 64, 128, 256)
-
-
-def shapes(cfg):
-    K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
-    return [("wqkv", cfg.dim, K * (Gq + 2) * Dh), ("wo", cfg.n_heads * Dh, cfg.dim),
-            ("w13", cfg.dim, 2 * cfg.ffn_dim), ("w2", cfg.ffn_dim, cfg.dim)]
 
 
 def candidates(kd, n, t):
@@ -67,7 +62,7 @@ def _save(out_dir, results):
 
 def tune(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=None):
     table, tuned = [], {}
-    for (name, kd, n), t in itertools.product([s for s in shapes(cfg) if matrices is None or s[0] in matrices], rows):
+    for (name, kd, n), t in itertools.product([s for s in layer_matrices(cfg) if matrices is None or s[0] in matrices], rows):
         mat_bytes = kd * n * 2
         Lw = min(32, max(2, math.ceil(set_bytes / mat_bytes)))
         k1, k2 = jax.random.split(jax.random.PRNGKey(kd + n + t))

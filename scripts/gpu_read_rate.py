@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpu_gemv_tune import EPILOGUES, timed, torch_seconds  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
-from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
+from shapes import layer_matrices, shape_config  # noqa: E402  (scripts/ is this script's folder)
 
 
 def torch_rates(n, kd, Lw):
@@ -57,15 +57,12 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     cfg = shape_config(args.shape)
-    K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
-    shapes = [("wqkv", cfg.dim, K * (Gq + 2) * Dh), ("wo", cfg.n_heads * Dh, cfg.dim), ("w13", cfg.dim, 2 * cfg.ffn_dim),
-              ("w2", cfg.ffn_dim, cfg.dim)]
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "command": " ".join(sys.argv), "rows": []}
     from bench.floors import copy_bandwidth
     cb = copy_bandwidth(2 * 2 ** 30 if not args.interpret else 2 ** 20, reps=20 if not args.interpret else 2)
     res["copy_bandwidth"] = cb
     copy_GBps = cb["bw_Bps"] / 1e9
-    for name, kd, n in shapes:
+    for name, kd, n in layer_matrices(cfg):
         mat_bytes = kd * n * 2
         Lw = max(2, math.ceil(args.set_bytes / mat_bytes))
         w = jax.random.normal(jax.random.PRNGKey(n), (Lw, n, kd), jnp.bfloat16)

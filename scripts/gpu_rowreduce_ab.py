@@ -43,7 +43,7 @@ import jax  # noqa: E402
 from hybrid_jax import gemv as G  # noqa: E402
 from hybrid_jax import model  # noqa: E402
 from hybrid_jax import weights  # noqa: E402
-from shapes import shape_config  # noqa: E402  (scripts/ is this script's folder)
+from shapes import layer_matrices, shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine, generate  # noqa: E402
 
 @dataclasses.dataclass
@@ -61,8 +61,7 @@ def parse(v: str, cfg) -> Variant:
     if suffix not in ("", "gu"):
         raise ValueError(f"unknown suffix in {v!r} (only @gu)")
     var = Variant(gate_up=suffix == "gu")
-    shapes = {"wqkv": (cfg.dim, cfg.n_kv_heads * (cfg.q_per_kv + 2) * cfg.hd), "wo": (cfg.n_heads * cfg.hd, cfg.dim),
-              "w13": (cfg.dim, 2 * cfg.ffn_dim), "w2": (cfg.ffn_dim, cfg.dim)}
+    shapes = {name: (kd, n) for name, kd, n in layer_matrices(cfg)}
     if body == "pallas":
         var.row_reduce = frozenset()
     elif body.startswith("rr:"):
@@ -81,14 +80,14 @@ def parse(v: str, cfg) -> Variant:
 
 @contextlib.contextmanager
 def applied(var: Variant):
-    """The variant's switches set while an engine traces its steps; the code's own restored after."""
-    tuned = dict(G.TUNED)
+    """The variant's switches set while an engine traces its steps; the previous ones restored after."""
+    tuned, switches = dict(G.TUNED), (model.ROW_REDUCE, model.GATE_UP_IN_W2)
     G.TUNED.update(var.tiles)
     model.ROW_REDUCE, model.GATE_UP_IN_W2 = var.row_reduce, var.gate_up
     try:
         yield
     finally:
-        model.ROW_REDUCE, model.GATE_UP_IN_W2 = None, False
+        model.ROW_REDUCE, model.GATE_UP_IN_W2 = switches
         G.TUNED.clear()
         G.TUNED.update(tuned)
 

@@ -2,14 +2,20 @@
 name (by convention "tiny") for a small model that dry-runs a script's loop on the CPU."""
 from __future__ import annotations
 
+from bench.worker import SMOLLM2_135M  # SmolLM2-135M-Instruct's shape, as the suite's `--shape smollm2` has it
 from hybrid_jax.config import PRESETS, LlamaConfig
 
-# SmolLM2-135M-Instruct's shape (random weights: its real file is the SmolLM2 suite's)
-SMOLLM2_135M = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
-                           rope_theta=100000.0, tie_embeddings=True, dtype="bfloat16")
 TINY = LlamaConfig(vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=512, dtype="bfloat16")
 
 
 def shape_config(name: str) -> LlamaConfig:
-    """PRESETS[name], or TINY for a name that is not a preset."""
+    """PRESETS[name], SMOLLM2_135M for "smollm2-135m", or TINY for any other name."""
     return PRESETS.get(name) or {"smollm2-135m": SMOLLM2_135M}.get(name) or TINY
+
+
+def layer_matrices(cfg: LlamaConfig) -> list[tuple[str, int, int]]:
+    """(name, Kd, N) of each layer matrix as the one-token step multiplies by it: N output rows of Kd inputs
+    (weights.shapes stores them output-major, [L, (out dims), (in dims)])."""
+    K, Gq, Dh = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd
+    return [("wqkv", cfg.dim, K * (Gq + 2) * Dh), ("wo", cfg.n_heads * Dh, cfg.dim),
+            ("w13", cfg.dim, 2 * cfg.ffn_dim), ("w2", cfg.ffn_dim, cfg.dim)]
