@@ -157,11 +157,10 @@ def finish(y: jax.Array, dtype, residual: jax.Array | None = None, up: jax.Array
 
 
 def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float,
-            residual: bool = False, gate_rows: int | None = None, dtype=None, gate_up: bool = False):
+            residual: bool = False, gate_rows: int | None = None, dtype=None):
     """Program (column block j, split s). With an epilogue (splits == 1, transposed): `residual` adds the
     residual ref's slice, `gate_rows` (the up rows' offset) computes silu(gate) x up; the output is then
-    [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N]. With `gate_up` x is [2, Kd]
-    (gate; up) and the product's input is silu(gate) x up, computed per slice as it is loaded."""
+    [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N]."""
     if residual:
         *refs, r_ref, o_ref = refs
         refs = (*refs, o_ref)
@@ -178,10 +177,7 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
 
     def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
-        if gate_up:  # as mlp_block computes it (gemv.finish), from the same values
-            xs = finish(x_ref[0, pl.ds(k, bk)], x_ref.dtype, up=x_ref[1, pl.ds(k, bk)])
-        else:
-            xs = x_ref[pl.ds(k, bk)]
+        xs = x_ref[pl.ds(k, bk)]
         if norm:
             xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * r).astype(xs.dtype)
         xs = xs.astype(f32)
@@ -232,8 +228,7 @@ def _norm_layer(norm: jax.Array | None, kd: int, layer: int | None) -> int | Non
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
          cfg: GemvConfig | None = None, norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True,
-         residual: jax.Array | None = None, gated: bool = False, gate_up: bool = False,
-         interpret: bool = False) -> jax.Array:
+         residual: jax.Array | None = None, gated: bool = False, interpret: bool = False) -> jax.Array:
     """float32 [N] = x @ W, or `rms_norm(x) @ W` with `norm` given, or that product's consumer.
 
     x: [Kd]. W: [Kd, N] (or [N, Kd] if `transposed`), or stacked [L, ...] with `layer` the static index of the
@@ -245,18 +240,11 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     Consumers (`finish`), in x's dtype: `residual` [N] returns residual + the product; `gated` takes W's N
     rows as [gate; up] halves and returns silu(gate) * up [N / 2]. They run in the kernel's epilogue where
     its tiling does not split the reduction (transposed W), else in XLA after the partial sums are added.
-
-    Producer: with `gate_up` x is [2, Kd], the gate and up projections' values, and the product is
-    (silu(gate) * up) @ W, silu x up computed in the kernel as the consumer above computes it (the down
-    projection of a gate/up product that did not run in this kernel: no kernel of its own for silu x up).
     """
     mat_shape = _matrix_shape(w, layer)
     n, kd = mat_shape if transposed else mat_shape[::-1]
-    if x.shape != ((2, kd) if gate_up else (kd,)):
-        raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs {(2, kd) if gate_up else (kd,)}"
-                         + (" (gate_up=True: the gate's and up's values)" if gate_up else ""))
-    if gate_up and norm is not None:
-        raise ValueError("gate_up=True takes no norm: silu(gate) * up is the product's input")
+    if x.shape != (kd,):
+        raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs ({kd},)")
     if (residual is not None or gated) and not reduce:
         raise ValueError("residual= and gated= need the reduced product (reduce=True)")
     if residual is not None and gated:
@@ -271,18 +259,17 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
         raise ValueError(f"no kernel shape for a {kd} x {n} matrix (call `supported` first)")
     dtype = x.dtype
     fused = transposed and cfg.splits == 1 and (residual is not None or (gated and (n // 2) % cfg.bn == 0))
-    name = (f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}"
-            f"{'_gu' if gate_up else ''}")
+    name = f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}"
     args = (x, w) if norm is None else (x, norm, w)
     if fused:  # the consumer in the epilogue: one [N] (or [N / 2]) output in x's dtype, one program per row block
         out_n = n // 2 if gated else n
         kernel = functools.partial(_kernel, layer=layer, rows=kd, cfg=cfg, transposed=True, norm=norm is not None,
                                    norm_layer=norm_layer, eps=float(eps), residual=residual is not None,
-                                   gate_rows=out_n if gated else None, dtype=dtype, gate_up=gate_up)
+                                   gate_rows=out_n if gated else None, dtype=dtype)
         return _launch(kernel, args + ((residual,) if residual is not None else ()), cfg, kd, n, (out_n,),
                        name + ("_silu" if gated else "_residual"), interpret, finished=dtype)
     kernel = functools.partial(_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, transposed=transposed,
-                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps), gate_up=gate_up)
+                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
     partial = _launch(kernel, args, cfg, kd, n, (n,), name, interpret)
     if not reduce:
         return partial

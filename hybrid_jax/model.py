@@ -100,12 +100,6 @@ ROW_REDUCE_AUTO = frozenset({"wqkv", "wo", "w13"})
 ROW_REDUCE: frozenset[str] | None = None
 
 
-# Where the gate/up projection is row-reduced and the down projection is a kernel, silu(gate) x up inside the
-# down projection's kernel (gemv's gate_up) instead of an XLA fusion of its own between them. Off until an A/B
-# on the GPU (docs/ENGINEERING_LOG.md, session 11); read when the step is traced, in the executables' key.
-GATE_UP_IN_W2 = False
-
-
 def row_reduce_names(mode: str | None) -> frozenset[str]:
     """The projections (PROJECTIONS' names) of one token that _project writes as XLA row reductions in this
     kernel mode."""
@@ -130,7 +124,7 @@ def row_reduced(mode: str | None, spec: str) -> bool:
 
 def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
-             residual: jax.Array | None = None, gated: bool = False, gate_up: bool = False) -> jax.Array:
+             residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
     """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, or where the mode is on:
     for one token, an XLA row reduction in float32 if `row_reduced(mode, spec)`, else the Pallas `gemv` (norm
@@ -138,9 +132,7 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
     dtype). With `partials` (one token), float32 partial sums [splits, *out_shape] for a consumer that adds them
     (XLA's einsum gives one, in x's dtype's values). The product's consumer, computed as model.py always has
     (gemv.finish), in the kernel's epilogue where the kernel runs one token: `residual` [T, *out_shape] returns
-    residual + the product; `gated` (out_shape (2, F): gate and up) returns silu(gate) * up [T, F]. With `gate_up`
-    (one token, the kernel's path only) x is [1, 2, Kd], gate's and up's values, and the product's input
-    silu(gate) * up."""
+    residual + the product; `gated` (out_shape (2, F): gate and up) returns silu(gate) * up [T, F]."""
     n = math.prod(out_shape)
     kd = math.prod(stacked.shape[1:]) // n
     t = x.shape[0]
@@ -154,9 +146,8 @@ def _project(mode: str | None, spec: str, x: jax.Array, stacked: jax.Array, l: i
         y = y.astype(dt).reshape((1,) + tuple(out_shape))
     elif mode is not None and t == 1 and gemv_lib.supported(kd, n, transposed=True):
         res = None if residual is None else residual.reshape(n)
-        y = gemv_lib.gemv(x.reshape((2, kd) if gate_up else (kd,)), w, l, transposed=True, norm=norm, eps=eps,
-                          reduce=not partials, residual=res, gated=gated, gate_up=gate_up,
-                          interpret=mode == "interpret")
+        y = gemv_lib.gemv(x.reshape(kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
+                          residual=res, gated=gated, interpret=mode == "interpret")
         if partials:
             return y.reshape((-1,) + tuple(out_shape))
         return y.astype(dt).reshape((1,) + (tuple(out_shape[1:]) if gated else tuple(out_shape)))
@@ -243,13 +234,9 @@ def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, gemv: str
     """The MLP's output for x [T, D] (`residual` + it where given: in the down projection's kernel where
     the kernels run)."""
     lw = params.layers
-    w13, w2 = "td,cfd->tcf", "tf,df->td"
-    # silu(gate) * up in the down projection's kernel (GATE_UP_IN_W2) where gate/up is an XLA row reduction
-    gate_up = (GATE_UP_IN_W2 and x.shape[0] == 1 and row_reduced(gemv, w13) and not row_reduced(gemv, w2)
-               and gemv_lib.supported(cfg.ffn_dim, cfg.dim, transposed=True))
-    a = _project(gemv, w13, x, lw.w13, l, lw.w13.shape[1:3], norm=lw.mlp_norm, eps=cfg.norm_eps,
-                 gated=not gate_up)  # silu(gate) * up [T, F], or gate and up [1, 2, F] for w2's kernel
-    return _project(gemv, w2, a, lw.w2, l, (cfg.dim,), residual=residual, gate_up=gate_up)
+    a = _project(gemv, "td,cfd->tcf", x, lw.w13, l, lw.w13.shape[1:3], norm=lw.mlp_norm, eps=cfg.norm_eps,
+                 gated=True)  # silu(gate) * up [T, F]
+    return _project(gemv, "tf,df->td", a, lw.w2, l, (cfg.dim,), residual=residual)
 
 
 def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,

@@ -252,8 +252,7 @@ class Runtime:
                 # switches read when the step is traced (not in the source digest): the attention kernel's and
                 # the XLA path's matmul form and the projections written as row reductions
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS, model.MATMUL_2D,
-                                 sorted(model.row_reduce_names(self.gemv)),
-                                 model.GATE_UP_IN_W2],
+                                 sorted(model.row_reduce_names(self.gemv))],
                 **self._env}
 
     def _lower(self, spec: tuple):

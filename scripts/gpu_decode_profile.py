@@ -2,11 +2,11 @@
 LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
 
   PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas+attn,xla] [--steps 20]
-      [--tuned gemv_tune.json] [--variants "base;pallas;base@gu"]
+      [--tuned gemv_tune.json] [--variants "base;pallas"]
 
 Modes: `pallas+attn` is the default step on one GPU (the projection kernels and the attention kernel),
 `pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only. `--variants` (the syntax of
-scripts/gpu_rowreduce_ab.py: which projections are row reductions, tilings, silu x up in w2's kernel) profiles
+scripts/gpu_rowreduce_ab.py: which projections are row reductions, tilings) profiles
 each kernel mode once per variant; results are keyed "mode" for base, else "mode|variant".
 
 Writes profile_<gemv>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and

@@ -2,7 +2,7 @@
 with other Pallas tilings, against the default step (issue 5; runs 67-69 of docs/ENGINEERING_LOG.md).
 
   PYTHONPATH=. python3 scripts/gpu_rowreduce_ab.py --out $OUT/rr \
-      [--variants "base;base@gu;pallas;rr:w13;tile:w13=1/4096/4/1,wqkv=2/4096/8/1"]
+      [--variants "base;pallas;rr:w13;tile:w13=1/4096/4/1,wqkv=2/4096/8/1"]
 
 Runs 67-68 found XLA's row-reduction emitter reading the 7B's matrices at 4.0-4.36 TB/s, against 3.1-3.7 for
 the Pallas GEMVs. As `jnp.sum(w * x, axis=1)` the product itself ran at that rate for wqkv, wo and w13 (not
@@ -16,7 +16,6 @@ Variants, separated by ";":
   rr:NAMES                  exactly the projections NAMES (wqkv, wo, w13, w2, joined by +) of one token as
                             model._project's row reduction; the rest through the kernels
   tile:NAME=bn/bk/warps/stages[,...]  gemv.TUNED entries for this variant (comma-joined for several)
-  ...@gu                    any of these with model.GATE_UP_IN_W2 (silu x up inside w2's kernel), e.g. base@gu
 One engine per variant on the same random weights, one process. The pipelined step (no host reads) after a
 prompt of each --contexts length, alternated over --rounds; the first 32 greedy tokens of each variant beside
 the first variant's (float32 sums in another order: they may part where two logits nearly tie in bf16, as
@@ -48,19 +47,15 @@ from hybrid_jax.engine import Engine, generate  # noqa: E402
 
 @dataclasses.dataclass
 class Variant:
-    """One variant's switches: model.ROW_REDUCE (None: the code's default), gemv.TUNED overrides,
-    model.GATE_UP_IN_W2."""
+    """One variant's switches: model.ROW_REDUCE (None: the code's default), gemv.TUNED overrides."""
     row_reduce: frozenset[str] | None = None
     tiles: dict = dataclasses.field(default_factory=dict)
-    gate_up: bool = False
 
 
 def parse(v: str, cfg) -> Variant:
     """A variant's name (see the module's docstring) -> its switches."""
-    body, _, suffix = v.partition("@")
-    if suffix not in ("", "gu"):
-        raise ValueError(f"unknown suffix in {v!r} (only @gu)")
-    var = Variant(gate_up=suffix == "gu")
+    body = v
+    var = Variant()
     shapes = {name: (kd, n) for name, kd, n in layer_matrices(cfg)}
     if body == "pallas":
         var.row_reduce = frozenset()
@@ -81,13 +76,13 @@ def parse(v: str, cfg) -> Variant:
 @contextlib.contextmanager
 def applied(var: Variant):
     """The variant's switches set while an engine traces its steps; the previous ones restored after."""
-    tuned, switches = dict(G.TUNED), (model.ROW_REDUCE, model.GATE_UP_IN_W2)
+    tuned, row_reduce = dict(G.TUNED), model.ROW_REDUCE
     G.TUNED.update(var.tiles)
-    model.ROW_REDUCE, model.GATE_UP_IN_W2 = var.row_reduce, var.gate_up
+    model.ROW_REDUCE = var.row_reduce
     try:
         yield
     finally:
-        model.ROW_REDUCE, model.GATE_UP_IN_W2 = switches
+        model.ROW_REDUCE = row_reduce
         G.TUNED.clear()
         G.TUNED.update(tuned)
 
@@ -96,7 +91,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shape", default="llama2-7b")
-    ap.add_argument("--variants", default="base;base@gu;pallas",
+    ap.add_argument("--variants", default="base;pallas",
                     help="';'-separated; a tile: variant's tilings as NAME=bn/bk/warps/stages, comma-joined")
     ap.add_argument("--contexts", default="1,500")
     ap.add_argument("--rounds", type=int, default=5)
@@ -122,7 +117,6 @@ def main():
                          prefill_buckets=(16,), compile_sampling=False, background_compiles=False,
                          gemv=args.kernels, decode_attention=args.kernels)
             r = res["variants"][v] = {"row_reduce": None if var.row_reduce is None else sorted(var.row_reduce),
-                                      "gate_up": var.gate_up,
                                       "tiles": {str(k): c.__dict__ for k, c in var.tiles.items()},
                                       "build_s": round(time.perf_counter() - t0, 1)}
             r["tokens"] = generate(eng, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], max_new_tokens=32,

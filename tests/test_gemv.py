@@ -140,36 +140,6 @@ def test_epilogues_compute_the_consumer(case, dtype):
         G.gemv(x, w, layer, transposed=transposed, gated=True, reduce=False, interpret=True)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("case", EPILOGUE_CASES, ids=[f"{c[1]}x{c[2]}{'t' if c[3] else ''}-{i}"
-                                                      for i, c in enumerate(EPILOGUE_CASES)])
-def test_gate_up_input(case, dtype):
-    """`gate_up=True`: x [2, Kd] holds gate's and up's values and the product's input is silu(gate) * up,
-    exactly as mlp_block computes it in XLA (gemv.finish) before the down projection; with the residual
-    epilogue or without, split or not."""
-    layers, kd, n, transposed, cfg = case
-    rng = np.random.default_rng(kd + 5 * n)
-    shape = (n, kd) if transposed else (kd, n)
-    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape) / np.sqrt(kd), dtype)
-    gu = jnp.asarray(rng.standard_normal((2, kd)), dtype)
-    res = jnp.asarray(rng.standard_normal(n), dtype)
-    layer = None if layers is None else layers - 1
-    a = jax.nn.silu(gu[0].astype(jnp.float32)).astype(dtype) * gu[1]  # mlp_block's silu(gate) * up
-    assert bool(jnp.all(G.finish(gu[0], dtype, up=gu[1]) == a))
-    kw = dict(transposed=transposed, cfg=cfg, interpret=True)
-    tol = 1e-6 if dtype == "float32" else 1e-2
-    assert rel_err(G.gemv(gu, w, layer, gate_up=True, **kw), G.gemv(a, w, layer, **kw)) < 1e-6
-    y = jnp.asarray(ref_product(np.asarray(a, np.float32), np.asarray(w, np.float32), layer, transposed),
-                    jnp.float32).astype(dtype)
-    got = G.gemv(gu, w, layer, gate_up=True, residual=res, **kw)
-    assert got.dtype == gu.dtype and got.shape == (n,)
-    assert rel_err(got, res + y) < tol
-    with pytest.raises(ValueError, match=r"needs \(2, %d\) \(gate_up" % kd):
-        G.gemv(gu[0], w, layer, gate_up=True, **kw)
-    with pytest.raises(ValueError, match="takes no norm"):
-        G.gemv(gu, w, layer, gate_up=True, norm=jnp.ones((kd,), dtype), **kw)
-
-
 def test_epilogue_runs_in_the_kernel():
     """An unsplit tiling of a transposed W computes the consumer in the kernel: one pallas_call, whose output
     is the consumer's (in x's dtype), and nothing after it."""
@@ -469,20 +439,6 @@ def test_row_reduce_names(monkeypatch):
         model.row_reduce_names("pallas")
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
-def test_decode_with_gate_up_in_w2_equals_hf(variant, monkeypatch):
-    """model.GATE_UP_IN_W2 on the GPU's step (row-reduced gate/up): silu(gate) * up computed in the down
-    projection's kernel, no XLA ops of its own; logits still equal HF's, token by token."""
-    monkeypatch.setattr(model, "ROW_REDUCE", model.ROW_REDUCE_AUTO)
-    monkeypatch.setattr(model, "GATE_UP_IN_W2", True)
-    cfg, jaxpr = decode_step_against_hf(make_hf_model(variant), seed=4)
-    ops = top_level_ops(jaxpr)
-    assert [p for p, _ in ops].count("pallas_call") == 2 * cfg.n_layers + 1
-    # every layer's down projection takes gate and up, and no silu is left in XLA
-    assert sum(p == "pallas_call" and "_gu_residual" in name for p, name in ops) == cfg.n_layers
-    assert "silu" not in [n for _, n in ops]
-
-
 def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
     m = make_hf_model("tied", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
@@ -510,9 +466,6 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
         assert eng.runtime._key(spec) != key
         monkeypatch.setattr(model, "ROW_REDUCE", None)
         assert eng.runtime._key(spec) == key
-        monkeypatch.setattr(model, "GATE_UP_IN_W2", True)
-        assert eng.runtime._key(spec) != key
-        monkeypatch.setattr(model, "GATE_UP_IN_W2", False)
         monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13")  # the ablation's variable too
         assert eng.runtime._key(spec) != key
         monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE")
