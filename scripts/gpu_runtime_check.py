@@ -142,7 +142,6 @@ def worker(args):
 
 def correctness():
     """Tiny fp32 model on the device: the runtime's greedy tokens equal the argmax of a full forward."""
-    import jax
     from hybrid_jax.engine import generate
     cfg, eng, _ = build_engine("tiny", 256, tempfile.mkdtemp())
     rng = np.random.RandomState(1)
@@ -259,7 +258,7 @@ def main():
     with open(os.path.join(args.out, f"runtime_check_{args.shape}.json"), "w") as f:
         json.dump(results, f)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"})[:3000])
-    print(f"\n| system | build s | compiles | TTFT p50 ms (" + ",".join(map(str, args.lengths)) +
+    print("\n| system | build s | compiles | TTFT p50 ms (" + ",".join(map(str, args.lengths)) +
           ") | TPOT p50 ms | TPOT p99 ms | pipelined ms | compiles in timed |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
