@@ -28,7 +28,7 @@ from . import report
 from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
-ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_nofused", "hybrid_xlawo",
+ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_xlawo",
                "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "plainjit", "hf_eager", "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
@@ -43,6 +43,8 @@ HYBRID_VARIANTS = {
     "hybrid_xlagemv": ("", (("HYBRID_JAX_GEMV", "xla"),)),
     # every projection of the decode step through the Pallas GEMVs, none as XLA row reductions (before run 70)
     "hybrid_pallasgemv": ("", (("HYBRID_JAX_ROW_REDUCE", "none"),)),
+    # the next token in device memory, a new buffer each call (before session 12; runtime.resolve_token_memory)
+    "hybrid_devtoken": ("", (("HYBRID_JAX_TOKEN_MEMORY", "device"),)),
     "hybrid_nofused": ("", (("HYBRID_JAX_PREFILL_ATTN", "off"),)),
     "hybrid_xlawo": ("", (("HYBRID_JAX_PREFILL_WO", "xla"),)),  # the prefill's wo through XLA (run 37)
     "hybrid_vmm": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", (("XLA_PYTHON_CLIENT_ALLOCATOR", "vmm"),)),

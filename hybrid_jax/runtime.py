@@ -156,7 +156,7 @@ class Runtime:
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
                  gemv: str | None = "auto", decode_attention: str | None = "auto", prefill_gemm: str | None = "auto",
                  prefill_attention: str | None = "auto", prefill_wo: str | None = "auto",
-                 prefill_matmuls: str = "auto", background_compiles: bool = True):
+                 prefill_matmuls: str = "auto", token_memory: str | None = "auto", background_compiles: bool = True):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -197,6 +197,7 @@ class Runtime:
         self.fused = resolve_prefill_attention(prefill_attention, cfg, self._devices, mesh)
         self.wo = resolve_prefill_wo(prefill_wo, self.gemv, mesh)
         self.matmuls = resolve_prefill_matmuls(prefill_matmuls)
+        self.token_memory = resolve_token_memory(token_memory, self._devices, mesh)
         self._abs_params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params)
         self._abs_state = self._abstract_state()
         self.state = self._fresh_state()
@@ -249,6 +250,7 @@ class Runtime:
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
                 "fused_attention": self.fused if spec[0] == "prefill" else None,
                 "matmuls": self._matmuls(spec),
+                "token_memory": self.token_memory,
                 # switches read when the step is traced (not in the source digest): the attention kernel's and
                 # the XLA path's matmul form and the projections written as row reductions
                 "kernel_flags": [attn_lib.SKIP_EMPTY_PARTITIONS, model.MATMUL_2D,
@@ -258,8 +260,15 @@ class Runtime:
     def _lower(self, spec: tuple):
         cfg = self.cfg
         # With a mesh the returned state keeps the input state's shardings, so it feeds the next step as is.
-        kw = {} if self.mesh is None else {"out_shardings": (jax.tree.map(lambda a: a.sharding, self._abs_state),
-                                                             self._small_sharding)}
+        # On one device the next token is written to pinned host memory where token_memory says so.
+        if self.mesh is not None:
+            kw = {"out_shardings": (jax.tree.map(lambda a: a.sharding, self._abs_state), self._small_sharding)}
+        elif self.token_memory is not None:
+            dev = self._devices[0]
+            kw = {"out_shardings": (jax.sharding.SingleDeviceSharding(dev),
+                                    jax.sharding.SingleDeviceSharding(dev, memory_kind=self.token_memory))}
+        else:
+            kw = {}
         if spec[0] == "decode":
             _, kvb, do_sample = spec
             def decode_step(p, s):
@@ -437,6 +446,7 @@ class Runtime:
                 # the buckets compiled with cuBLAS's heuristics (GPU flags: other backends ignore them)
                 "prefill_cublas_buckets": [b for b in self.buckets if self._matmuls(("prefill", b, b)) == "cublas"],
                 "prefill_attention": self.fused,
+                "token_memory": self.token_memory,
             }
 
     def close(self):
@@ -573,6 +583,33 @@ def resolve_prefill_attention(mode: str | None, cfg: LlamaConfig, devices, mesh)
         return None
     ok = cfg.dtype in ("bfloat16", "float16") and cfg.hd % 8 == 0 and cfg.hd <= 128
     return "cudnn" if ok else None
+
+
+def resolve_token_memory(mode: str | None, devices, mesh) -> str | None:
+    """The memory kind the decode and prefill executables write the next token to (their one output that is
+    not the donated state): "auto" takes "pinned_host" on one device that has it, None (the device's own
+    memory) with a mesh or elsewhere. The environment variable HYBRID_JAX_TOKEN_MEMORY=device turns it off,
+    for ablations.
+
+    Why: a new device buffer for the token at every call is the one allocation of the step whose address
+    changes, and XLA's buffer assignment reuses that allocation for small temporaries earlier in the step
+    (the norms' rsqrt scalars, the argmax's partial results). Each call then re-points every CUDA-graph node
+    that touches them before the graph launches: ~130 nodes of the 7B decode step, 0.7 ms of host time
+    (runs 76-77, docs/ENGINEERING_LOG.md session 12). In host memory the token shares nothing with the
+    step's temporaries, and the host reads it without a device-to-host copy."""
+    if mode not in ("auto", "pinned_host", None, "device"):
+        raise ValueError(f"token_memory must be 'auto', 'pinned_host' or None, got {mode!r}")
+    if mode != "auto":
+        if mode == "pinned_host" and mesh is not None:
+            raise ValueError("token_memory='pinned_host' runs on one device; use None with tensor_parallel > 1")
+        return None if mode == "device" else mode
+    env = os.environ.get("HYBRID_JAX_TOKEN_MEMORY", "").strip().lower()
+    if env not in ("", "auto", "device", "pinned_host"):
+        raise ValueError(f"HYBRID_JAX_TOKEN_MEMORY must be device or pinned_host, got {env!r}")
+    if env == "device" or mesh is not None or len(devices) != 1:
+        return None
+    kinds = {m.kind for m in devices[0].addressable_memories()}
+    return "pinned_host" if "pinned_host" in kinds else None
 
 
 def _sampling_scalars(temperature, top_k, top_p) -> tuple[np.float32, np.int32, np.float32]:

@@ -357,3 +357,60 @@ def test_pipelined_step_seconds_after_a_context(engine):
     for bad in (0, MAX - 2):
         with pytest.raises(ValueError, match="context must be"):
             engine.pipelined_step_seconds(3, context=bad)
+
+
+def test_resolve_token_memory(monkeypatch):
+    import types
+
+    import jax
+
+    from hybrid_jax.runtime import resolve_token_memory as resolve
+    monkeypatch.delenv("HYBRID_JAX_TOKEN_MEMORY", raising=False)
+    cpu = jax.devices("cpu")[:1]
+    kinds = lambda *ks: [types.SimpleNamespace(addressable_memories=lambda: [types.SimpleNamespace(kind=k)
+                                                                            for k in ks])]
+    assert resolve("auto", kinds("device", "pinned_host"), None) == "pinned_host"
+    assert resolve("auto", kinds("device"), None) is None  # a device without pinned host memory
+    assert resolve("auto", cpu, None) == "pinned_host"  # jax's CPU devices have it too
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
+    assert resolve("auto", jax.devices("cpu")[:2], mesh) is None  # tensor parallel: the replicated device token
+    assert resolve("device", cpu, None) is None and resolve(None, cpu, None) is None
+    assert resolve("pinned_host", cpu, None) == "pinned_host"
+    with pytest.raises(ValueError, match="tensor_parallel"):
+        resolve("pinned_host", cpu, mesh)
+    with pytest.raises(ValueError, match="token_memory must be"):
+        resolve("host", cpu, None)
+    monkeypatch.setenv("HYBRID_JAX_TOKEN_MEMORY", "device")
+    assert resolve("auto", cpu, None) is None
+    assert resolve("pinned_host", cpu, None) == "pinned_host"  # an explicit argument wins over the variable
+    monkeypatch.setenv("HYBRID_JAX_TOKEN_MEMORY", "gpu")
+    with pytest.raises(ValueError, match="HYBRID_JAX_TOKEN_MEMORY"):
+        resolve("auto", cpu, None)
+
+
+def test_token_in_pinned_host_memory(tiny, tmp_path):
+    """By default the prefill and decode executables write the next token to pinned host memory (not to a
+    new device buffer, whose allocation XLA shares with the step's temporaries: runs 76-77); the choice is in
+    the executables' disk key, and the greedy ids equal HF's with the token in either memory."""
+    m, cfg, p = tiny
+    ids = prompt(11, seed=4)
+    ref = hf_greedy(m, ids, NEW)
+    for mode, kind in (("auto", "pinned_host"), ("device", "device")):
+        e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, prefill_buckets=(16,), compile_sampling=False)
+        e.close()
+        e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, prefill_buckets=(16,), compile_sampling=False,
+                   token_memory=mode)
+        try:
+            rt = e.runtime
+            assert rt.stats()["token_memory"] == (None if mode == "device" else "pinned_host")
+            # the default's executables are on disk: the other memory's are compiled, not loaded
+            assert (rt.stats()["cache_hits"], rt.stats()["compiles"] > 0) == ((2, False) if mode == "auto" else
+                                                                                (0, True))
+            state, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
+            assert tok.sharding.memory_kind == kind
+            state, tok2 = rt.decode(state, rt.decode_spec(len(ids), False))
+            assert tok2.sharding.memory_kind == kind and int(tok) == ref[0] and int(tok2) == ref[1]
+            rt.state = state
+            assert generate(e, ids, max_new_tokens=NEW, ignore_eos=True).token_ids == ref
+        finally:
+            e.close()
