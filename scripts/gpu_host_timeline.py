@@ -13,7 +13,7 @@ a 3 ms sleep):
   tiny      a jitted x + 1 on 16 floats (what any call costs here)
 Median of --reps calls. Each call is bracketed by `MARK` lines on stderr (time of day, microseconds) so that a
 run with XLA's runtime logging on (TF_CPP_VMODULE, TF_CPP_MIN_LOG_LEVEL=0) can be cut into per-call host
-timelines by --parse.
+timelines by --parse, or summed up one line per call (host times, graph nodes re-pointed) by --parse --summary.
 """
 from __future__ import annotations
 
@@ -169,6 +169,36 @@ def parse(path: str, calls: list[str], window_us: int) -> None:
                 print(f"{t - t0:8d} us  {src:40.40s} {msg}")
 
 
+def summary(path: str) -> None:
+    """Per call (every `call` mark): host microseconds to `returned` and to `ready`, and the CUDA-graph nodes
+    re-pointed in between (XLA's `Set ... node params` lines; cuda_command_buffer's logging on): are the slow
+    calls the ones whose graph was re-pointed?"""
+    marks, sets = [], []
+    with open(path, errors="replace") as f:
+        for ln in f:
+            m = _MARK.match(ln.rstrip("\n"))
+            if m:
+                marks.append((_us(*m.groups()[:4]), m.group(5)))
+            elif "node params" in ln:
+                g = _GLOG.match(ln.rstrip("\n"))
+                if g:
+                    sets.append(_us(*g.groups()[:4]))
+    sets.sort()
+    import bisect
+    rows = {}
+    for t, label in marks:
+        name, _, what = label.rpartition(" ")
+        rows.setdefault(name, {})[what] = t
+    print("| call | returned us | ready us | nodes re-pointed |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        if "call" not in r or "returned" not in r:
+            continue
+        n = bisect.bisect_right(sets, r["returned"]) - bisect.bisect_left(sets, r["call"])
+        ready = r.get("ready", r["returned"]) - r["call"]
+        print(f"| {name} | {r['returned'] - r['call']} | {ready} | {n} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -180,8 +210,11 @@ def main():
     ap.add_argument("--parse", help="a stderr log of a run: print the per-call timelines of --calls")
     ap.add_argument("--calls", default="default/prefill/3,default/decode/3,default/tiny/3")
     ap.add_argument("--window-us", type=int, default=8000)
+    ap.add_argument("--summary", action="store_true", help="with --parse: one line per call (times, nodes re-pointed)")
     args = ap.parse_args()
-    if args.parse:
+    if args.parse and args.summary:
+        summary(args.parse)
+    elif args.parse:
         parse(args.parse, args.calls.split(","), args.window_us)
     else:
         run(args)
