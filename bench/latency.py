@@ -28,7 +28,7 @@ from . import report
 from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
-ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_xlawo",
+ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
                "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "plainjit", "hf_eager", "hf_compile")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
@@ -46,6 +46,8 @@ HYBRID_VARIANTS = {
     # the next token in device memory, a new buffer each call (before session 12; runtime.resolve_token_memory)
     "hybrid_devtoken": ("", (("HYBRID_JAX_TOKEN_MEMORY", "device"),)),
     "hybrid_nofused": ("", (("HYBRID_JAX_PREFILL_ATTN", "off"),)),
+    # cuDNN's attention in every bucket (before session 13; runtime.FUSED_MIN_ROWS)
+    "hybrid_cudnnall": ("", (("HYBRID_JAX_PREFILL_ATTN", "all"),)),
     "hybrid_xlawo": ("", (("HYBRID_JAX_PREFILL_WO", "xla"),)),  # the prefill's wo through XLA (run 37)
     "hybrid_vmm": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", (("XLA_PYTHON_CLIENT_ALLOCATOR", "vmm"),)),
     # the prefill's matmuls through cuBLAS's heuristics at every length (runtime.PREFILL_MATMULS, run 51), or

@@ -7,7 +7,7 @@ of its own and merges the JSON lines. Systems:
               same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla;
               hybrid_pallasgemv: every decode projection through the Pallas GEMVs, HYBRID_JAX_ROW_REDUCE=none;
               hybrid_devtoken: the next token in device memory, HYBRID_JAX_TOKEN_MEMORY=device;
-              hybrid_nofused: XLA's attention in the prefill; hybrid_vmm: the VMM allocator; hybrid_cublas /
+              hybrid_nofused: XLA's attention in the prefill; hybrid_cudnnall: cuDNN's in every bucket; hybrid_vmm: the VMM allocator; hybrid_cublas /
               hybrid_autotune: the prefill's matmuls through cuBLAS's heuristics / XLA's autotuning at every
               length, where the default splits them by length; latency.HYBRID_VARIANTS)
   coldstart   a second process building the hybrid engine again from the same (now warm) executable cache
@@ -34,7 +34,7 @@ TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
                    max_position_embeddings=2048)
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
 HF_SYSTEMS = ("hf_eager", "hf_compile")
-HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_xlawo",
+HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
                   "hybrid_vmm", "hybrid_cublas", "hybrid_autotune")
 JAX_SYSTEMS = HYBRID_SYSTEMS + ("plainjit",)
 

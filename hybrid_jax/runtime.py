@@ -195,6 +195,7 @@ class Runtime:
         self.attn = resolve_attention(decode_attention, self.gemv, mesh)
         self.gemm = resolve_prefill_gemm(prefill_gemm, self.gemv, mesh)
         self.fused = resolve_prefill_attention(prefill_attention, cfg, self._devices, mesh)
+        self.fused_min_rows = fused_min_rows(prefill_attention)
         self.wo = resolve_prefill_wo(prefill_wo, self.gemv, mesh)
         self.matmuls = resolve_prefill_matmuls(prefill_matmuls)
         self.token_memory = resolve_token_memory(token_memory, self._devices, mesh)
@@ -242,13 +243,18 @@ class Runtime:
             return None
         return prefill_matmuls_for(self.matmuls, spec[1], self.cfg.n_params, self.mesh)
 
+    def _fused(self, spec: tuple) -> str | None:
+        """The fused attention a prefill executable is compiled with: `prefill_attention`'s, in buckets of at
+        least `fused_min_rows` rows (fused_min_rows); None for a decode step."""
+        return self.fused if spec[0] == "prefill" and spec[1] >= self.fused_min_rows else None
+
     def _key(self, spec: tuple) -> dict:
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh), "gemv": self.gemv, "attn": self.attn,
                 # the prefill's kernels (a decode step does not depend on them: shared between ablations)
                 "gemm": [self.gemm, self.wo, gemv_lib.ROWS_MAX] if spec[0] == "prefill" else None,
-                "fused_attention": self.fused if spec[0] == "prefill" else None,
+                "fused_attention": self._fused(spec),
                 "matmuls": self._matmuls(spec),
                 "token_memory": self.token_memory,
                 # switches read when the step is traced (not in the source digest): the attention kernel's and
@@ -275,7 +281,7 @@ class Runtime:
                 return _decode_step(cfg, kvb, do_sample, p, s, self.gemv, self.attn)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
-        return prefill_jit(cfg, kvb, self.gemv, self.gemm, self.fused, self.wo, **kw).lower(
+        return prefill_jit(cfg, kvb, self.gemv, self.gemm, self._fused(spec), self.wo, **kw).lower(
             self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
 
     def _build(self, spec: tuple):
@@ -446,6 +452,7 @@ class Runtime:
                 # the buckets compiled with cuBLAS's heuristics (GPU flags: other backends ignore them)
                 "prefill_cublas_buckets": [b for b in self.buckets if self._matmuls(("prefill", b, b)) == "cublas"],
                 "prefill_attention": self.fused,
+                "prefill_attention_buckets": [b for b in self.buckets if self._fused(("prefill", b, b))],
                 "token_memory": self.token_memory,
             }
 
@@ -569,20 +576,42 @@ def resolve_prefill_attention(mode: str | None, cfg: LlamaConfig, devices, mesh)
     attention on one GPU where cuDNN supports the model (bfloat16 or float16, head dim a multiple of 8 up to
     128), XLA's unfused attention elsewhere. "cudnn" and "xla" (jax.nn.dot_product_attention through XLA, for
     tests) force one; None (or the environment variable HYBRID_JAX_PREFILL_ATTN=off, for ablations) keeps
-    model.attention."""
+    model.attention. Under "auto" only buckets of at least FUSED_MIN_ROWS rows take it (fused_min_rows)."""
     if mode != "auto":
         if mode not in model.FUSED_ATTENTION:
             raise ValueError(f"prefill_attention must be 'auto', 'cudnn', 'xla' or None, got {mode!r}")
         if mode == "cudnn" and mesh is not None:
             raise ValueError("prefill_attention='cudnn' runs on one device; use None with tensor_parallel > 1")
         return mode
-    env = os.environ.get("HYBRID_JAX_PREFILL_ATTN", "").strip().lower()
-    if env not in ("", "auto", "off"):
-        raise ValueError(f"HYBRID_JAX_PREFILL_ATTN must be off or auto, got {env!r}")
+    env = _prefill_attn_env()
     if env == "off" or mesh is not None or not all(d.platform in ("gpu", "cuda") for d in devices):
         return None
     ok = cfg.dtype in ("bfloat16", "float16") and cfg.hd % 8 == 0 and cfg.hd <= 128
     return "cudnn" if ok else None
+
+
+def _prefill_attn_env() -> str:
+    env = os.environ.get("HYBRID_JAX_PREFILL_ATTN", "").strip().lower()
+    if env not in ("", "auto", "off", "all"):
+        raise ValueError(f"HYBRID_JAX_PREFILL_ATTN must be off, all or auto, got {env!r}")
+    return env
+
+
+# The smallest bucket whose prompt attention "auto" runs through cuDNN's fused kernel; below it XLA's attention
+# (model.attention). At 16-64 rows the 7B's prefill ran 0.08-0.18 ms faster on the device with XLA's (run 80,
+# H200: 4.353 / 4.608 / 4.931 against 4.533 / 4.765 / 5.053 ms back to back at 16 / 32 / 64 rows; run 76: 4.38
+# against 4.55 at 16) and ~0.05 ms slower at 128 (5.747 against 5.704); SmolLM2's shape alike (16 rows 1.063
+# against 1.149, 128 rows 1.525 against 1.448). docs/ENGINEERING_LOG.md, session 13.
+FUSED_MIN_ROWS = 128
+
+
+def fused_min_rows(mode: str | None) -> int:
+    """The smallest bucket that takes `prefill_attention`'s fused attention: FUSED_MIN_ROWS under "auto" (the
+    environment variable HYBRID_JAX_PREFILL_ATTN=all takes it at every bucket, for ablations), every bucket
+    when the caller names the kernel."""
+    if mode != "auto":
+        return 0
+    return 0 if _prefill_attn_env() == "all" else FUSED_MIN_ROWS
 
 
 def resolve_token_memory(mode: str | None, devices, mesh) -> str | None:

@@ -1,13 +1,14 @@
 """Where the host time of a prefill call goes before its graph starts (issue 5, docs/ENGINEERING_LOG.md session 12).
 
-  PYTHONPATH=. python3 scripts/gpu_host_timeline.py --out $OUT/host [--shape llama2-7b] [--length 10]
+  PYTHONPATH=. python3 scripts/gpu_host_timeline.py --out $OUT/host [--shape llama2-7b] [--lengths 10,100]
+      [--variants default,cudnn_all,xla_attn,cublas]
 
 Runs 63-64 measured ~1.0 ms of host time in a 10-token prefill call with the device idle, of which a plain
 448-kernel command buffer costs ~0.1 ms (run 26); run 27 added ~0.5 ms with the 32 cuDNN attention calls. One
-engine per variant on the same weights (default: cuDNN attention for the prompt's own bucket; `xla_attn`:
-XLA's attention), and for each, with the device idle before every call (the previous outputs waited for, then
-a 3 ms sleep):
-  prefill   the call as Runtime.prefill makes it (numpy request); host time to return, and to the token read
+engine per variant on the same weights, every length its own bucket (VARIANTS: the runtime's defaults; cuDNN's
+attention at every bucket; XLA's attention at every bucket; cuBLAS's matmuls), and for each length and variant, with the device
+idle before every call (the previous outputs waited for, then a 3 ms sleep):
+  prefill   the call as Runtime.prefill makes it (a numpy request); host time to return, and to the token read
   same      the same device request buffer every call
   decode    one greedy decode step
   tiny      a jitted x + 1 on 16 floats (what any call costs here)
@@ -36,6 +37,14 @@ def mark(label: str) -> None:
     sys.stderr.flush()
 
 
+VARIANTS = {  # name -> Engine keywords (default: the runtime's defaults)
+    "default": {},
+    "cudnn_all": {"prefill_attention": "cudnn"},  # cuDNN's attention in every own bucket (before session 13)
+    "xla_attn": {"prefill_attention": None},  # XLA's attention in every bucket
+    "cublas": {"prefill_matmuls": "cublas"},  # cuBLAS's heuristics for the prefill's matmuls, nothing autotuned
+}
+
+
 def run(args) -> None:
     import jax
     import jax.numpy as jnp
@@ -48,92 +57,112 @@ def run(args) -> None:
 
     os.makedirs(args.out, exist_ok=True)
     cfg = shape_config(args.shape)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
-    T = max(16, G.rows_padded(args.length))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    buckets = {n: max(16, G.rows_padded(n)) for n in lengths}
     dev = jax.devices()[0]
-    res = {"device": dev.device_kind, "jax": jax.__version__, "command": " ".join(sys.argv),
+    res = {"device": dev.device_kind, "jax": jax.__version__, "command": " ".join(sys.argv), "shape": args.shape,
            "env": {k: v for k, v in os.environ.items() if k.startswith(("TF_CPP", "XLA_FLAGS", "HYBRID_JAX"))},
-           "variants": {}}
+           "buckets": buckets, "variants": {}}
     engines = {}
-    for name in args.variants.split(","):
-        kw = {"prefill_attention": None} if name == "xla_attn" else {}
-        eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=(T,), compile_sampling=False,
-                     background_compiles=False, **kw)
-        eng.warmup()
+    for name in names:
+        t0 = time.perf_counter()
+        eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=sorted(set(buckets.values())),
+                     compile_sampling=False, background_compiles=False, **VARIANTS[name])
+        for f in [eng.runtime._get_async(("prefill", b, b)) for b in sorted(set(buckets.values()))]:
+            if f is not None:  # the buckets concurrently (the runtime's compile pool), no sampling step
+                f.result()
         engines[name] = eng
+        print(f"{name}: engine built in {time.perf_counter() - t0:.1f} s", flush=True)
     tiny = jax.jit(lambda x: x + 1)
     xs = jnp.zeros((16,), jnp.float32)
     tiny(xs).block_until_ready()
     rng = np.random.RandomState(0)
-    toks = rng.randint(3, cfg.vocab_size, size=args.length).astype(np.int32)
     mark("begin")
-    for name, eng in engines.items():
-        rt = eng.runtime
-        (spec, _), = rt.plan_prefill(args.length)
-        ex = rt._get(spec)
-        dex = rt._get(rt.decode_spec(100, False))
-        req = pack_request(toks, T, (0, 0.0, None, None))
-        same = jax.device_put(req, dev)
-        r = {}
+    for n in lengths:
+        T = buckets[n]
+        toks = rng.randint(3, cfg.vocab_size, size=n).astype(np.int32)
+        for name, eng in engines.items():
+            rt = eng.runtime
+            (spec, _), = rt.plan_prefill(n)
+            assert spec == ("prefill", T, T), spec
+            ex = rt._get(spec)
+            dex = rt._get(rt.decode_spec(n + 10, False))
+            req = pack_request(toks, T, (0, 0.0, None, None))
+            same = jax.device_put(req, dev)
+            r = {}
 
-        def timed(label, fn):
-            rets, reads = [], []
-            for i in range(args.reps):
-                time.sleep(0.003)
-                mark(f"{name}/{label}/{i} call")
-                t0 = time.perf_counter()
-                out = fn()
-                t1 = time.perf_counter()
-                mark(f"{name}/{label}/{i} returned")
-                jax.block_until_ready(out)
-                t2 = time.perf_counter()
-                mark(f"{name}/{label}/{i} ready")
-                rets.append(t1 - t0)
-                reads.append(t2 - t0)
-            r[label] = {"return_ms": float(np.median(rets) * 1e3), "ready_ms": float(np.median(reads) * 1e3),
-                        "return_ms_all": [round(x * 1e3, 4) for x in rets]}
-
-        def prefill(arg):
-            def f():
-                rt.state, nxt = ex(rt.params, rt.state, arg)
+            def prefill_call():  # as Runtime.prefill makes it
+                rt.state, nxt = ex(rt.params, rt.state, req)
                 return nxt
-            return f
 
-        def decode():
-            rt.state, tok = dex(rt.params, rt.state)
-            return tok
+            def timed(label, fn):
+                rets, reads = [], []
+                for i in range(args.reps):
+                    time.sleep(0.003)
+                    mark(f"{name}/{n}/{label}/{i} call")
+                    t0 = time.perf_counter()
+                    out = fn()
+                    t1 = time.perf_counter()
+                    mark(f"{name}/{n}/{label}/{i} returned")
+                    jax.block_until_ready(out)
+                    t2 = time.perf_counter()
+                    mark(f"{name}/{n}/{label}/{i} ready")
+                    rets.append(t1 - t0)
+                    reads.append(t2 - t0)
+                r[label] = {"return_ms": float(np.median(rets) * 1e3), "ready_ms": float(np.median(reads) * 1e3),
+                            "ready_p90_ms": float(np.percentile(reads, 90) * 1e3),
+                            "return_ms_all": [round(x * 1e3, 4) for x in rets],
+                            "ready_ms_all": [round(x * 1e3, 4) for x in reads]}
 
-        for _ in range(5):
-            jax.block_until_ready(prefill(req)())
-            jax.block_until_ready(decode())
-        timed("prefill", prefill(req))
-        timed("same", prefill(same))
-        timed("decode", decode)
-        timed("tiny", lambda: tiny(xs))
-        # the device's own time, back to back
-        jax.block_until_ready(rt.state)
-        t0 = time.perf_counter()
-        for _ in range(20):
-            rt.state, nxt = ex(rt.params, rt.state, same)
-        nxt.block_until_ready()
-        r["prefill_back_to_back_ms"] = (time.perf_counter() - t0) / 20 * 1e3
-        res["variants"][name] = r
+            def prefill(arg):
+                def f():
+                    rt.state, nxt = ex(rt.params, rt.state, arg)
+                    return nxt
+                return f
+
+            def decode():
+                rt.state, tok = dex(rt.params, rt.state)
+                return tok
+
+            for _ in range(5):
+                jax.block_until_ready(prefill_call())
+                jax.block_until_ready(decode())
+            r["first_token"] = int(prefill_call())
+            timed("prefill", prefill_call)
+            timed("same", prefill(same))
+            timed("decode", decode)
+            timed("tiny", lambda: tiny(xs))
+            # the device's own time, back to back
+            jax.block_until_ready(rt.state)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                rt.state, nxt = ex(rt.params, rt.state, same)
+            nxt.block_until_ready()
+            r["prefill_back_to_back_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+            res["variants"].setdefault(name, {})[str(n)] = r
+            with open(os.path.join(args.out, f"host_timeline{args.tag}.json"), "w") as f:
+                json.dump(res, f, indent=1)
     mark("end")
     for eng in engines.values():
         eng.close()
-    with open(os.path.join(args.out, f"host_timeline{args.tag}.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    print(f"\n{res['device']}, jax {res['jax']}, {args.shape}, {args.length} tokens (bucket {T}); host ms, median "
-          f"of {args.reps}, device idle before each call")
-    print("| variant | prefill: return / ready | same buffer: return / ready | decode: return / ready "
-          "| tiny jit: return | prefill back to back |")
-    print("|---|---|---|---|---|---|")
-    for name, r in res["variants"].items():
-        print(f"| {name} | {r['prefill']['return_ms']:.3f} / {r['prefill']['ready_ms']:.3f} | "
-              f"{r['same']['return_ms']:.3f} / {r['same']['ready_ms']:.3f} | "
-              f"{r['decode']['return_ms']:.3f} / {r['decode']['ready_ms']:.3f} | {r['tiny']['return_ms']:.3f} | "
-              f"{r['prefill_back_to_back_ms']:.3f} |")
+    print(f"\n{res['device']}, jax {res['jax']}, {args.shape}; host ms, median of {args.reps}, device idle before "
+          f"each call; ready = the token read (TTFT without Python's generate)")
+    print("| tokens (bucket) | variant | prefill: return / ready (p90) | same buffer: return / ready | decode: return / "
+          "ready | tiny jit | prefill back to back | first token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in lengths:
+        for name in names:
+            r = res["variants"][name][str(n)]
+            print(f"| {n} ({buckets[n]}) | {name} | {r['prefill']['return_ms']:.3f} / {r['prefill']['ready_ms']:.3f} "
+                  f"({r['prefill']['ready_p90_ms']:.3f}) | {r['same']['return_ms']:.3f} / {r['same']['ready_ms']:.3f} | "
+                  f"{r['decode']['return_ms']:.3f} / {r['decode']['ready_ms']:.3f} | {r['tiny']['return_ms']:.3f} | "
+                  f"{r['prefill_back_to_back_ms']:.3f} | {r['first_token']} |")
 
 
 _GLOG = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d)\.(\d{6})\s+\d+ ([^\]]+)\] ?(.*)$")
@@ -203,12 +232,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shape", default="llama2-7b")
-    ap.add_argument("--length", type=int, default=10)
+    ap.add_argument("--lengths", default="10", help="prompt lengths, comma-separated (each its own bucket)")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--variants", default="default,xla_attn")
+    ap.add_argument("--variants", default="default,xla_attn", help=f"comma list of {', '.join(VARIANTS)}")
     ap.add_argument("--tag", default="")
     ap.add_argument("--parse", help="a stderr log of a run: print the per-call timelines of --calls")
-    ap.add_argument("--calls", default="default/prefill/3,default/decode/3,default/tiny/3")
+    ap.add_argument("--calls", default="default/10/prefill/3,default/10/decode/3,default/10/tiny/3")
     ap.add_argument("--window-us", type=int, default=8000)
     ap.add_argument("--summary", action="store_true", help="with --parse: one line per call (times, nodes re-pointed)")
     args = ap.parse_args()

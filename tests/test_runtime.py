@@ -197,6 +197,38 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
         e.close()
 
 
+def test_fused_attention_from_a_bucket_size(tiny, tmp_path, monkeypatch):
+    """The fused attention only in buckets of at least fused_min_rows rows (runtime.FUSED_MIN_ROWS under "auto"
+    on a GPU), XLA's attention below: each bucket's key and compiled program say which, the stats list the
+    fused buckets, and the greedy ids equal HF's in both kinds of bucket."""
+    m, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_buckets=(16, 32),
+               prefill_attention="xla")
+    try:
+        rt = e.runtime
+        assert rt.fused_min_rows == 0 and e.stats()["prefill_attention_buckets"] == [16, 32]
+        rt.fused_min_rows = 32  # as "auto" does at 128 rows on a GPU
+        assert e.stats()["prefill_attention_buckets"] == [32]
+        assert rt._key(("prefill", 16, 16))["fused_attention"] is None
+        assert rt._key(("prefill", 32, 32))["fused_attention"] == "xla"
+        from hybrid_jax import model
+        traced = []
+        real = model.fused_attention
+        monkeypatch.setattr(model, "fused_attention", lambda *a: traced.append(a[-1]) or real(*a))
+        for b, calls in ((16, []), (32, ["xla"] * cfg.n_layers)):
+            traced.clear()
+            rt._lower(("prefill", b, b))  # what the bucket's executable is compiled from
+            assert traced == calls
+        monkeypatch.undo()
+        e.warmup()
+        for n in (12, 30):
+            ids = prompt(n, seed=13)
+            r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
+            assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
+    finally:
+        e.close()
+
+
 def _record_compile_options(rt) -> list:
     """From now on, every (spec, compiler_options) `rt` compiles an executable with, in order."""
     compiled, lower = [], rt._lower
@@ -337,11 +369,18 @@ def test_resolve_prefill_attention(monkeypatch):
         resolve("cudnn", bf16, gpu, mesh)
     with pytest.raises(ValueError, match="prefill_attention must be"):
         resolve("flash", bf16, gpu, None)
+    from hybrid_jax.runtime import FUSED_MIN_ROWS, fused_min_rows
+    assert fused_min_rows("auto") == FUSED_MIN_ROWS == 128  # below: XLA's attention (runs 76, 80)
+    assert fused_min_rows("cudnn") == fused_min_rows("xla") == 0  # a named kernel: every bucket
     monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "off")
     assert resolve("auto", bf16, gpu, None) is None
+    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "all")
+    assert resolve("auto", bf16, gpu, None) == "cudnn" and fused_min_rows("auto") == 0
     monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "fast")
     with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
         resolve("auto", bf16, gpu, None)
+    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
+        fused_min_rows("auto")
 
 
 def test_pipelined_step_seconds_after_a_context(engine):
