@@ -598,7 +598,7 @@ def _prefill_attn_env() -> str:
 
 
 # The smallest bucket whose prompt attention "auto" runs through cuDNN's fused kernel; below it XLA's attention
-# (model.attention). At 16-64 rows the 7B's prefill ran 0.08-0.18 ms faster on the device with XLA's (run 80,
+# (model.attention). At 16-64 rows the 7B's prefill ran 0.08-0.18 ms faster on the device with XLA's (run 81,
 # H200: 4.353 / 4.608 / 4.931 against 4.533 / 4.765 / 5.053 ms back to back at 16 / 32 / 64 rows; run 76: 4.38
 # against 4.55 at 16) and ~0.05 ms slower at 128 (5.747 against 5.704); SmolLM2's shape alike (16 rows 1.063
 # against 1.149, 128 rows 1.525 against 1.448). docs/ENGINEERING_LOG.md, session 13.

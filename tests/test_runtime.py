@@ -370,7 +370,7 @@ def test_resolve_prefill_attention(monkeypatch):
     with pytest.raises(ValueError, match="prefill_attention must be"):
         resolve("flash", bf16, gpu, None)
     from hybrid_jax.runtime import FUSED_MIN_ROWS, fused_min_rows
-    assert fused_min_rows("auto") == FUSED_MIN_ROWS == 128  # below: XLA's attention (runs 76, 80)
+    assert fused_min_rows("auto") == FUSED_MIN_ROWS == 128  # below: XLA's attention (runs 76, 81)
     assert fused_min_rows("cudnn") == fused_min_rows("xla") == 0  # a named kernel: every bucket
     monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "off")
     assert resolve("auto", bf16, gpu, None) is None
