@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 virtual CPU devices for the tensor-parallel tests (before jax is imported; device 0 stays the default)
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the executable cache's secret goes to a folder of this run, not the user's ~/.config (subprocesses inherit it)
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="hybrid_jax-test-config-")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
