@@ -7,6 +7,8 @@ computed past a stop is dropped.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -18,6 +20,8 @@ from . import checkpoint, sharding
 from .config import LlamaConfig
 from .runtime import Runtime
 from .tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream", "raw", "ignore_eos",
                  "system", "stop_token_ids")
@@ -44,7 +48,7 @@ class Timings:
 class GenerationResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS / stop token / stop string) or "length"
+    finish_reason: str  # "stop" (EOS, stop token or string), "length", "cancelled" (stream closed or taken over)
     prompt_token_ids: list[int]
     timings: Timings
 
@@ -63,11 +67,11 @@ class Engine:
     """
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
-                 path: str | None = None, tensor_parallel: int = 1, **runtime_kw):
+                 path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False, **runtime_kw):
         self.cfg = cfg
         self.path = path
         self.tokenizer = tokenizer
-        self.max_seq_len = int(max_seq_len or min(cfg.max_position_embeddings, 2048))
+        self.max_seq_len = check_max_seq_len(max_seq_len, cfg, allow_long_context)
         sharding.check(cfg, tensor_parallel)
         self.mesh = sharding.mesh(tensor_parallel) if tensor_parallel > 1 else None
         if self.mesh is not None:
@@ -75,7 +79,22 @@ class Engine:
         self.runtime = Runtime(cfg, params, self.max_seq_len, mesh=self.mesh, **runtime_kw)
         # Enqueue the first decode step before reading the first token (True) or after (False).
         self.lookahead_first = True
-        self._lock = threading.Lock()
+        # Guards the runtime's device state. Held while a request uses it, never across a yield to user code
+        # (re-entrant: a stream dropped inside a locked section releases its claim there).
+        self._lock = threading.RLock()
+        self._owner: object | None = None  # the request that owns the state between its pieces
+
+    def _claim(self, owner: object) -> None:
+        """Make `owner` the request that owns the device state (under `_lock`); a stream waiting between its
+        pieces is thereby cancelled. A state lost mid-step (an interrupt between a donating call and its
+        result's assignment) is replaced by a fresh one."""
+        self._owner = owner
+        self.runtime.ensure_state()
+
+    def _release(self, owner: object) -> None:
+        with self._lock:
+            if self._owner is owner:
+                self._owner = None
 
     # -- helpers users call ---------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -83,7 +102,7 @@ class Engine:
         ids = _check_ids(token_ids, self.cfg)
         if len(ids) > self.max_seq_len:
             raise ValueError(f"sequence of {len(ids)} tokens exceeds max_seq_len {self.max_seq_len}")
-        return self.runtime.logits(ids)
+        return self.runtime.logits(ids)  # (its own buffers: the request state is not touched)
 
     def warmup(self, background: bool = False, progress: bool = False):
         """Compile every prefill bucket and the sampling decode step now (or load them from the disk cache).
@@ -108,8 +127,7 @@ class Engine:
             if self.tokenizer is None:
                 raise ValueError("this engine has no tokenizer: pass the prompt as token ids")
             return self.tokenizer.encode(prompt, chat=not raw, system=system)
-        ids = _check_ids(prompt, self.cfg)
-        return ids
+        return _check_ids(prompt, self.cfg)
 
     def pipelined_step_seconds(self, n_steps: int = 100, context: int = 1) -> float:
         """Device time per decode step with no host reads in between (a bound for streaming TPOT), after a
@@ -118,6 +136,7 @@ class Engine:
             raise ValueError(f"context must be in [1, {self.max_seq_len - 3}], got {context}")
         rt = self.runtime
         with self._lock:
+            self._claim(object())
             state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1] * context)
             spec = rt.decode_spec(min(context + n_steps, self.max_seq_len - 1), False)
             state, tok = rt.decode(state, spec)
@@ -135,105 +154,273 @@ class Engine:
         self.runtime.close()
 
 
-def _check_ids(ids, cfg: LlamaConfig) -> list[int]:
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_ids(ids, cfg: LlamaConfig | None = None) -> list[int]:
+    """Token ids as a list of ints: integers only (no bools, no floats), in [0, vocab) when `cfg` is given."""
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise TypeError(f"token ids must be a 1-D array of integers, got shape {ids.shape} dtype {ids.dtype}")
+        ids = ids.tolist()
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"prompt must be a string or a sequence of token ids, got {type(ids).__name__}")
+    bad = [t for t in ids if not _is_int(t)]
+    if bad:
+        raise TypeError(f"token ids must be integers, got {bad[:3]!r}")
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("prompt is empty")
-    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): {bad[:5]}")
+    if cfg is not None:
+        out = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if out:
+            raise ValueError(f"token ids out of range [0, {cfg.vocab_size}): {out[:5]}")
     return ids
 
 
-def load(path: str | Path, max_seq_len: int | None = None, prefill_buckets: Sequence[int] | None = None,
-         cache_dir: str | Path | None = None, dtype: str | None = None, tensor_parallel: int = 1,
-         **runtime_kw) -> Engine:
+def _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify) -> None:
+    """Checks of `load`'s arguments that need no model (before anything is read)."""
+    from .config import DTYPES
+
+    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2 (or None for the model's default), got {max_seq_len!r}")
+    if prefill_buckets is not None:
+        if isinstance(prefill_buckets, (str, bytes)) or not hasattr(prefill_buckets, "__iter__"):
+            raise TypeError(f"prefill_buckets must be a sequence of integers, got {prefill_buckets!r}")
+        if not prefill_buckets or any(not _is_int(b) or b < 1 for b in prefill_buckets):
+            raise ValueError(f"prefill_buckets must be positive integers, got {list(prefill_buckets)!r}")
+    if cache_dir is not None and not isinstance(cache_dir, (str, Path)):
+        raise TypeError(f"cache_dir must be a path, got {type(cache_dir).__name__}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)} (or None for the checkpoint's), got {dtype!r}")
+    if not _is_int(tensor_parallel) or tensor_parallel < 1:
+        raise ValueError(f"tensor_parallel must be an integer >= 1, got {tensor_parallel!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
+
+
+def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_context: bool = False) -> int:
+    """The cache length to serve: `max_seq_len`, or the model's positions capped at 2048. Beyond the model's
+    max_position_embeddings RoPE runs on positions it was never trained on: refused unless `allow_long_context`."""
+    if max_seq_len is None:
+        return min(cfg.max_position_embeddings, 2048)
+    if not _is_int(max_seq_len) or max_seq_len < 2:
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+    if max_seq_len > cfg.max_position_embeddings:
+        if not allow_long_context:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings} (pass allow_long_context=True, or "
+                             f"--allow-long-context, to run past the positions it was trained on)")
+        log.warning("max_seq_len %d exceeds the model's max_position_embeddings %d: quality past them is untested",
+                    max_seq_len, cfg.max_position_embeddings)
+    return int(max_seq_len)
+
+
+def load(path: str | Path | None = None, max_seq_len: int | None = None,
+         prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None, dtype: str | None = None,
+         tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False, **runtime_kw) -> Engine:
     """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
 
-    With `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices.
+    `path=None` loads the embedded default model (SmolLM2-135M-Instruct, converted on first use). With
+    `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices. Every file's size
+    is checked against the checkpoint's manifest; `verify=True` also checks every file's sha256 first.
     """
+    _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify)
+    if path is None:
+        from .default_model import ensure_default_model
+        path = ensure_default_model()
+    cfg = checkpoint.load_config(path)
+    max_seq_len = check_max_seq_len(max_seq_len, cfg, allow_long_context)
     fn = None
     if tensor_parallel != 1:
-        cfg = checkpoint.load_config(path)
         sharding.check(cfg, tensor_parallel)
         fn = sharding.sharding_fn(sharding.mesh(tensor_parallel))
-    cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype)
+    cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype, verify=verify)
     tok = Tokenizer(path) if any(Path(path, f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                                     "tokenizer_config.json")) else None
     return Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
-                  cache_dir=cache_dir, tensor_parallel=tensor_parallel, **runtime_kw)
+                  cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=True, **runtime_kw)
 
 
-_ENGINES: dict[tuple, Engine] = {}
+_ENGINES: dict[str, Engine] = {}
+_ENGINES_LOCK = threading.Lock()  # one load per path, however many threads ask at once
 
 
 def _resolve(engine_or_path) -> Engine:
     if isinstance(engine_or_path, Engine):
         return engine_or_path
-    key = (str(Path(engine_or_path).absolute()),)
-    if key not in _ENGINES:
-        _ENGINES[key] = load(engine_or_path)
-    return _ENGINES[key]
+    if not isinstance(engine_or_path, (str, Path)):
+        raise TypeError(f"generate() takes an Engine or a model folder path, got {type(engine_or_path).__name__}")
+    key = str(Path(engine_or_path).absolute())
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = load(engine_or_path)
+        return _ENGINES[key]
 
 
-def _validate(engine: Engine, n_prompt: int, max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+def _check_request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, flags: dict,
+                   system) -> tuple[list[str], set[int]]:
+    """Checks of generate()'s arguments that need no model; returns (stop strings, stop token ids)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+    else:
+        _check_ids(prompt)
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 0):
-        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if not _is_real(temperature):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0 or None: no limit), got {top_k!r}")
+    if top_p is not None:
+        if not _is_real(top_p):
+            raise TypeError(f"top_p must be a number, got {top_p!r}")
+        if not 0 < top_p <= 1:  # (NaN fails too)
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and not _is_int(seed):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    if stop is None:
+        stops = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise TypeError(f"stop must be a string or a list of strings, got {stop!r}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must be non-empty")
+    if stop_token_ids is None:
+        stop_ids = set()
+    elif isinstance(stop_token_ids, (list, tuple, set, frozenset)) and all(_is_int(t) for t in stop_token_ids):
+        stop_ids = {int(t) for t in stop_token_ids}
+    else:
+        raise TypeError(f"stop_token_ids must be a list of integers, got {stop_token_ids!r}")
+    for name, v in flags.items():
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    if system is not None and not isinstance(system, str):
+        raise TypeError(f"system must be a string, got {type(system).__name__}")
+    return stops, stop_ids
+
+
+def _validate(engine: Engine, n_prompt: int, max_new_tokens: int):
     if n_prompt + max_new_tokens > engine.max_seq_len:
         raise ValueError(f"prompt ({n_prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
                          f"max_seq_len {engine.max_seq_len}")
 
 
-class Stream:
-    """Iterate for `Piece`s as tokens arrive; `.result` holds the GenerationResult once exhausted."""
+@dataclasses.dataclass
+class _Progress:
+    """A request's output so far, written by its generator and read by its Stream (no reference back)."""
+    prompt_ids: list[int]
+    out: list[int] = dataclasses.field(default_factory=list)
+    text: str = ""
+    finish: str | None = None  # set when the request ends
+    timings: Timings = dataclasses.field(default_factory=Timings)
 
-    def __init__(self, it: Iterator[Piece]):
+    def result(self) -> GenerationResult:
+        return GenerationResult(text=self.text, token_ids=list(self.out), finish_reason=self.finish or "cancelled",
+                                prompt_token_ids=list(self.prompt_ids), timings=self.timings)
+
+
+class Stream:
+    """Iterate for `Piece`s as tokens arrive; `.result` holds the GenerationResult once the stream ends.
+
+    A stream holds the engine only while it computes the next piece. Another request (from this thread or any
+    other) cancels a stream that is waiting between pieces: that stream then ends with finish_reason
+    "cancelled". `close()` (or leaving a `with` block, or dropping the stream) cancels it too.
+    """
+
+    def __init__(self, it: Iterator[Piece], progress: _Progress):
         self._it = it
+        self._progress = progress
         self.result: GenerationResult | None = None
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Piece:
-        return next(self._it)
+        if self._it is None:
+            raise StopIteration
+        try:
+            return next(self._it)
+        except StopIteration:
+            self._finish()
+            raise
+
+    def _finish(self):
+        self._it = None
+        self.result = self._progress.result()
+
+    def close(self) -> None:
+        """Stop the request now (it ends with finish_reason "cancelled" unless it had already ended)."""
+        if self._it is not None:
+            self._it.close()
+            self._finish()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer
+            pass
 
 
-def generate(engine_or_path, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+def generate(engine_or_path=None, prompt: str | Sequence[int] | None = None, *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
              stream: bool = False, raw: bool = False, ignore_eos: bool = False, system: str | None = None,
              **unknown):
     """Generate a continuation of `prompt` (text through the chat template unless raw=True, or token ids).
 
-    Returns a GenerationResult, or with stream=True a `Stream` yielding `Piece(token_id, text)`.
+    `engine_or_path`: an Engine, a converted model folder (loaded once per process, thread-safe), or None for
+    the embedded default model. Returns a GenerationResult, or with stream=True a `Stream` yielding
+    `Piece(token_id, text)`. Every argument is checked before any model loads.
     """
     if unknown:
         raise ValueError(f"unknown generation argument(s): {sorted(unknown)} (known: {', '.join(SAMPLING_ARGS)})")
+    if prompt is None:
+        if isinstance(engine_or_path, str) and not Path(engine_or_path).exists():
+            raise TypeError("generate() got no prompt: call generate(engine_or_path, prompt), or "
+                            "generate(prompt=...) for the embedded default model")
+        raise TypeError("prompt must be a string or a sequence of token ids, got None")
+    stops, stop_ids = _check_request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
+                                     dict(stream=stream, raw=raw, ignore_eos=ignore_eos), system)
+    if engine_or_path is None:
+        from .default_model import ensure_default_model
+        engine_or_path = ensure_default_model()
     engine = _resolve(engine_or_path)
     ids = engine.encode(prompt, raw=raw, system=system)
-    _validate(engine, len(ids), max_new_tokens, temperature, top_k, top_p)
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if any(not s for s in stops):
-        raise ValueError("stop strings must be non-empty")
-    stop_ids = set(int(t) for t in (stop_token_ids or ()))
+    _validate(engine, len(ids), max_new_tokens)
     if not ignore_eos:
         stop_ids |= set(engine.cfg.eos_token_ids)
         if engine.tokenizer is not None and engine.tokenizer.eos_token_id is not None:
             stop_ids.add(int(engine.tokenizer.eos_token_id))
-    st = Stream(iter(()))
-    st._it = _run(engine, ids, st, max_new_tokens, temperature, top_k, top_p,
-                  seed if seed is not None else int(time.time_ns() % 2**31) if temperature > 0 else 0,
-                  stops, stop_ids)
+    if seed is None:
+        seed = int(time.time_ns() % 2**31) if temperature > 0 else 0
+    # top_k at or past the vocabulary keeps every token: the same as no limit, and it fits the state's int32
+    top_k = min(int(top_k), engine.cfg.vocab_size) if top_k else None
+    progress = _Progress(prompt_ids=list(ids))
+    it = _run(engine, ids, progress, int(max_new_tokens), float(temperature), top_k,
+              None if top_p is None else float(top_p), int(seed), stops, stop_ids)
+    st = Stream(it, progress)
     if stream:
         return st
-    for _ in st:
-        pass
+    with engine._lock:  # the whole request: no other request can cancel it between its pieces
+        for _ in st:
+            pass
     return st.result
 
 
@@ -248,79 +435,89 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
-def _run(engine: Engine, ids: list[int], st: Stream, max_new: int, temperature, top_k, top_p, seed,
+def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperature, top_k, top_p, seed,
          stops: list[str], stop_ids: set[int]) -> Iterator[Piece]:
+    """The request's pieces. The engine's lock is held only while the device state is used, never across a
+    yield; the request owns the state from its prefill until it ends or another request claims the engine."""
     rt = engine.runtime
     do_sample = temperature > 0
     dec = IncrementalDecoder(engine.tokenizer) if engine.tokenizer is not None else None
-    out: list[int] = []
-    timings = Timings()
-    finish = "length"
-    text, emitted = "", 0
+    out, timings = pr.out, pr.timings
+    emitted = 0
     longest_stop = max(map(len, stops), default=0)
-    with engine._lock:
-        t0 = time.perf_counter()
-        # the request's position, key and sampling parameters travel with its first prefill chunk
-        state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
-        timings.prefill_chunks = rt.last_prefill_chunks
-        pending = [tok]
+    me = object()  # this request's claim on the engine
+    pending: list = []
+    try:
+        with engine._lock:
+            engine._claim(me)
+            t0 = time.perf_counter()
+            # the request's position, key and sampling parameters travel with its first prefill chunk
+            rt.state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
+            timings.prefill_chunks = rt.last_prefill_chunks
+        pending.append(tok)
         issued = 1  # tokens requested from the device so far
         pos = len(ids)  # position the next decode step writes
         last = t0
-        try:
-            while True:
+        while True:
+            with engine._lock:
+                if engine._owner is not me:  # another request claimed the engine while this one waited
+                    pending.clear()
+                    pr.finish = "cancelled"
+                    return
                 # The first token is read before the next step is enqueued when that step's executable is
                 # still compiling (a first sampled request), so that the compile does not delay it.
                 ahead = out or (engine.lookahead_first and rt.compiled(rt.decode_spec(pos, do_sample)))
                 depth = 2 if ahead else 1
                 while issued < max_new and len(pending) < depth:  # enqueue step n+1 before reading token n
-                    state, nxt = rt.decode(state, rt.decode_spec(pos, do_sample))
+                    rt.state, nxt = rt.decode(rt.state, rt.decode_spec(pos, do_sample))
                     pending.append(nxt)
                     issued += 1
                     pos += 1
-                if not pending:
+            if not pending:
+                break
+            t = int(np.asarray(pending.pop(0)))
+            now = time.perf_counter()
+            if not out:
+                timings.ttft_s = now - t0
+            else:
+                timings.itl_s.append(now - last)
+            last = now
+            if t in stop_ids:
+                pr.finish = "stop"
+                break
+            out.append(t)
+            piece = dec.push(t) if dec is not None else ""
+            if dec is not None:
+                pr.text += piece
+                # a stop string first seen now ends inside the new piece: search only the tail
+                lo = max(0, len(pr.text) - len(piece) - longest_stop + 1)
+                hit = [i for i in (pr.text.find(s, lo) for s in stops) if i >= 0]
+                if hit:
+                    pr.text = pr.text[:min(hit)]
+                    pr.finish = "stop"
+                    if len(pr.text) > emitted:
+                        yield Piece(t, pr.text[emitted:])
+                        emitted = len(pr.text)
                     break
-                t = int(np.asarray(pending.pop(0)))
-                now = time.perf_counter()
-                if not out:
-                    timings.ttft_s = now - t0
-                else:
-                    timings.itl_s.append(now - last)
-                last = now
-                if t in stop_ids:
-                    finish = "stop"
-                    break
-                out.append(t)
-                piece = dec.push(t) if dec is not None else ""
-                if dec is not None:
-                    text += piece
-                    # a stop string first seen now ends inside the new piece: search only the tail
-                    lo = max(0, len(text) - len(piece) - longest_stop + 1)
-                    hit = [i for i in (text.find(s, lo) for s in stops) if i >= 0]
-                    if hit:
-                        text = text[:min(hit)]
-                        finish = "stop"
-                        if len(text) > emitted:
-                            yield Piece(t, text[emitted:])
-                            emitted = len(text)
-                        break
-                    safe = len(text) - _held_back(text, stops)
-                    if safe > emitted or not stops:
-                        yield Piece(t, text[emitted:safe])
-                        emitted = safe
-                    else:
-                        yield Piece(t, "")
+                safe = len(pr.text) - _held_back(pr.text, stops)
+                if safe > emitted or not stops:
+                    yield Piece(t, pr.text[emitted:safe])
+                    emitted = safe
                 else:
                     yield Piece(t, "")
-                if len(out) >= max_new:
-                    break
-        finally:
-            for p in pending:  # the step computed past a stop: dropped
-                p.block_until_ready()
-            rt.state = state
+            else:
+                yield Piece(t, "")
+            if len(out) >= max_new:
+                break
+        for p in pending:  # the step computed past a stop: dropped
+            p.block_until_ready()
+        pending.clear()
         timings.total_s = time.perf_counter() - t0
-    if dec is not None and emitted < len(text):  # text held back as a possible stop-string prefix
-        yield Piece(out[-1], text[emitted:])
-        emitted = len(text)
-    st.result = GenerationResult(text=text, token_ids=out, finish_reason=finish, prompt_token_ids=list(ids),
-                                 timings=timings)
+        pr.finish = pr.finish or "length"
+        engine._release(me)
+        if dec is not None and emitted < len(pr.text):  # text held back as a possible stop-string prefix
+            yield Piece(out[-1], pr.text[emitted:])
+    finally:
+        if pr.finish is None:  # closed, collected or interrupted before its end
+            pr.finish = "cancelled"
+        engine._release(me)

@@ -66,6 +66,7 @@ def _source_digest() -> str:
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
     h.update(inspect.getsource(pack_request).encode())
+    h.update(inspect.getsource(_logits_fn).encode())
     return h.hexdigest()[:16]
 
 
@@ -225,6 +226,13 @@ class Runtime:
     def _fresh_state(self) -> DecodeState:
         return self.reset_state(kv_cache.zeros(self.cfg, self.cache_len, self._cache_sharding), seed=0)
 
+    def ensure_state(self) -> None:
+        """Replace a state whose buffers were donated to a call that never returned its result (interrupted
+        between the two): rows in the cache are scratch for the next request anyway."""
+        if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
+            log.warning("the decode state was lost mid-step (interrupted?); starting from a fresh one")
+            self.state = self._fresh_state()
+
     def reset_state(self, cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
         small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed),
@@ -275,6 +283,10 @@ class Runtime:
                                     jax.sharding.SingleDeviceSharding(dev, memory_kind=self.token_memory))}
         else:
             kw = {}
+        if spec[0] == "logits":
+            def logits_all(p, t):
+                return _logits_fn(cfg, p, t)
+            return jax.jit(logits_all).lower(self._abs_params, self._small((spec[1],), jnp.int32))
         if spec[0] == "decode":
             _, kvb, do_sample = spec
             def decode_step(p, s):
@@ -420,15 +432,15 @@ class Runtime:
         return self._get(spec)(self.params, state)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """[n, V] float32 logits of `tokens` from position 0, through one executable per prefill bucket
+        (compiled, counted and cached like the others; padded rows come after the real ones and are dropped)."""
         n = len(tokens)
         if n < 1:
             raise ValueError("token_ids is empty")
         T = self.bucket_for(n) or n
         buf = np.zeros((T,), np.int32)
         buf[:n] = np.asarray(tokens, np.int32)
-        if "logits" not in self._execs:
-            self._execs["logits"] = jax.jit(lambda p, t: _logits_fn(self.cfg, p, t))
-        return np.asarray(self._execs["logits"](self.params, buf))[:n]
+        return np.asarray(self._get(("logits", T))(self.params, buf))[:n]
 
     def stats(self) -> dict:
         with self._lock:
@@ -438,8 +450,11 @@ class Runtime:
                 "cache_hits": self.exec_cache.hits if self.exec_cache else 0,
                 "cache_misses": self.exec_cache.misses if self.exec_cache else 0,
                 "cache_rejected": self.exec_cache.rejected if self.exec_cache else 0,
-                "buckets_compiled": sorted(s[1] for s in self._execs if isinstance(s, tuple) and s[0] == "prefill" and s[1] == s[2]),
-                "decode_steps_compiled": sorted([list(s[1:]) for s in self._execs if isinstance(s, tuple) and s[0] == "decode"]),
+                "cache_enabled": bool(self.exec_cache is not None and self.exec_cache.enabled),
+                "cache_disabled_reason": self.exec_cache.disabled_reason if self.exec_cache else "use_disk_cache=False",
+                "buckets_compiled": sorted(s[1] for s in self._execs if s[0] == "prefill" and s[1] == s[2]),
+                "decode_steps_compiled": sorted([list(s[1:]) for s in self._execs if s[0] == "decode"]),
+                "logits_lengths_compiled": sorted(s[1] for s in self._execs if s[0] == "logits"),
                 "background_compiles_running": len(self._pending),
                 "background_compiles_started": self.stats_.background_compiles_started,
                 "prefill_buckets": list(self.buckets),

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Sequence
+
+# transformers resolves its names lazily: threads importing them at once saw a half-initialised module
+_IMPORT_LOCK = threading.Lock()
 
 
 class Tokenizer:
     def __init__(self, path: str | os.PathLike):
-        from transformers import AutoTokenizer
-
         self.path = str(path)
-        self.hf = AutoTokenizer.from_pretrained(self.path)
+        with _IMPORT_LOCK:
+            from transformers import AutoTokenizer
+            self.hf = AutoTokenizer.from_pretrained(self.path)
 
     @property
     def has_chat_template(self) -> bool:
