@@ -196,7 +196,12 @@ def render(out: str | Path, records: list[dict] | None = None) -> Path:
     if records is None:
         records = read_jsonl(out / "results.jsonl")
     (out / "results.md").write_text(markdown(records))
-    plots(records, out)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # plots are the `bench` extra's
+        print("bench: no plots (matplotlib is not installed: pip install 'hybrid_jax[bench]')", file=sys.stderr)
+    else:
+        plots(records, out)
     return out / "results.md"
 
 
