@@ -6,10 +6,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from hybrid_jax import checkpoint, weights
 from hybrid_jax.config import DTYPES
 
 from .detect import detect
+from .source import Source, check_finite
 
 
 def _open(kind: str, path: Path, dtype: str | None):
@@ -20,6 +23,23 @@ def _open(kind: str, path: Path, dtype: str | None):
     else:
         from .gguf_src import open_source
     return open_source(path, dtype)
+
+
+def _checked(source: Source):
+    """source.get, refusing a tensor with NaN / Inf, or (for a float16 conversion) one beyond float16's range."""
+    fp16_max = float(np.finfo(np.float16).max)
+
+    def get(name: str) -> np.ndarray:
+        a = source.get(name)
+        check_finite(name, a, source.where(name))
+        if source.cfg.dtype == "float16" and a.size:
+            peak = max(float(a.max()), -float(a.min()))
+            if peak > fp16_max:  # the cast would make it Inf
+                raise ValueError(f"tensor {name!r}{source.where(name)} holds values up to {peak:.4g}, beyond "
+                                 f"float16's range ({fp16_max:g}): convert with --dtype bfloat16 or float32")
+        return a
+
+    return get
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = "bfloat16", force: bool = False,
@@ -38,15 +58,19 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
         raise FileNotFoundError(f"source path {src} does not exist")
     if out.exists() and not force:
         raise FileExistsError(f"output folder {out} already exists (pass --force / force=True to replace it)")
-    if out == src or out in src.parents:
-        raise ValueError(f"output folder {out} would replace the source {src}")
+    rsrc, rout = src.resolve(), out.resolve()  # symlinks resolved: a link must not hide the overlap
+    if rout == rsrc or rout in rsrc.parents:
+        raise ValueError(f"output folder {out} would replace the source {src}: choose an --out outside it")
+    if rsrc.is_dir() and rsrc in rout.parents:
+        raise ValueError(f"output folder {out} is inside the source folder {src}: choose an --out outside it")
     kind, path = detect(src)
+    checkpoint.remove_stale_temps(out)  # before the conversion needs their disk space
     source = _open(kind, path, dtype)
     try:
         cfg = source.cfg
         with tqdm(total=cfg.n_layers, desc=f"converting {path.name}", unit="layer", disable=not progress,
                   file=sys.stderr) as bar:
-            params = weights.from_hf_layers(cfg, source.get, progress=bar.update)
+            params = weights.from_hf_layers(cfg, _checked(source), progress=bar.update)
         extra = source.unused()
         if extra:
             more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""

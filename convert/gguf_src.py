@@ -3,6 +3,12 @@
 GGUF lists shapes fastest-axis first, so a tensor's logical [out, in] shape is its `shape` reversed; that is
 the shape `gguf.quants.dequantize` returns. llama.cpp stores attn_q / attn_k rows in Meta's interleaved
 rotary order, so they go through `meta_to_hf_qk`, as transformers' GGUF loader does.
+
+GGUF carries no checksum. Damage is caught where it breaks structure: the header (magic, version, counts),
+string lengths and tensor infos fail in the reader, in the layer-count, shape and data-layout checks, and
+data that dequantises to NaN / Inf is refused (convert.api). A flipped byte in tensor data or in a metadata
+value (a token string, a score, rope_theta, an eos id) gives other valid numbers and is not detectable here:
+compare the file's sha256 with the one its publisher lists.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from hybrid_jax.config import LlamaConfig
 
 from .gguf_rope import rope_scaling
 from .rope_permute import qk_rows_to_hf
-from .source import Source, check_shape, hf_shapes
+from .source import Source, check_layer_count, check_shape, hf_shapes
 
 ARCH = "llama"
 LAYER = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
@@ -39,6 +45,17 @@ def _reader(path: Path):
         return gguf.GGUFReader(path)
     except Exception as e:
         raise ValueError(f"corrupt or truncated GGUF file {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def _check_layout(reader, name: str) -> None:
+    """Tensor data lies back to back in tensor-info order, each padded to the alignment, as llama.cpp's loader
+    requires: a damaged data offset would otherwise read another tensor's bytes."""
+    size = 0
+    for t in reader.tensors:
+        offset = int(t.data_offset) - int(reader.data_offset)
+        if offset != size:
+            raise ValueError(f"corrupt GGUF file {name}: tensor {t.name!r} has data offset {offset}, expected {size}")
+        size += -(-int(t.n_bytes) // reader.alignment) * reader.alignment
 
 
 def dequantize(t) -> np.ndarray:
@@ -106,10 +123,15 @@ def open_source(path: Path, dtype: str | None) -> Source:
     arch = meta("general.architecture")
     if arch != ARCH:
         raise ValueError(f"GGUF architecture {arch!r} of {path.name} is not supported (only {ARCH!r})")
+    _check_layout(reader, path.name)
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(meta, tensors, dtype, path.name)
-    tok = _tokenizer(path) if meta("tokenizer.ggml.model") else None
+    check_layer_count(cfg.n_layers, tensors, r"blk\.(\d+)\.", f"the GGUF metadata of {path.name} says {ARCH}.block_count")
     expected = hf_shapes(cfg)
+    for hf_name, shape in expected.items():  # every shape before any data is read or allocated
+        if gguf_name(hf_name) in tensors:
+            check_shape(gguf_name(hf_name), reversed(tensors[gguf_name(hf_name)].shape), shape, f" in {path.name}")
+    tok = _tokenizer(path) if meta("tokenizer.ggml.model") else None
     used = {"rope_freqs.weight"}
 
     def get(hf_name: str) -> np.ndarray:
@@ -124,4 +146,5 @@ def open_source(path: Path, dtype: str | None) -> Source:
 
     return Source(cfg, get, lambda: sorted(set(tensors) - used),
                   (lambda out: tok.save_pretrained(str(out))) if tok is not None else None,
-                  tokenizer_missing=None if tok is not None else f"{path.name} holds no tokenizer")
+                  tokenizer_missing=None if tok is not None else f"{path.name} holds no tokenizer",
+                  where=lambda hf_name: f" (GGUF {gguf_name(hf_name)!r}, dequantised) in {path.name}")

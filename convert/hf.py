@@ -15,7 +15,7 @@ import numpy as np
 
 from hybrid_jax.config import LlamaConfig
 
-from .source import Source, check_shape, hf_shapes
+from .source import Source, check_layer_count, check_shape, hf_shapes
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -81,7 +81,11 @@ def open_source(folder: Path, dtype: str | None) -> Source:
     except BaseException:
         stack.close()
         raise
+    check_layer_count(cfg.n_layers, where, r"model\.layers\.(\d+)\.", "config.json says num_hidden_layers")
     expected = hf_shapes(cfg)
+    for name, shape in expected.items():  # every shape before any data is read or allocated
+        if name in where:
+            check_shape(name, where[name][1].get_slice(name).get_shape(), shape, f" in {where[name][0]}")
     used: set[str] = set()
 
     def get(name: str) -> np.ndarray:
@@ -107,4 +111,5 @@ def open_source(folder: Path, dtype: str | None) -> Source:
 
     has_tok = any(n in present for n in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     return Source(cfg, get, unused, write_tokenizer, close=stack.close,
-                  tokenizer_missing=None if has_tok else f"no tokenizer files in {folder}")
+                  tokenizer_missing=None if has_tok else f"no tokenizer files in {folder}",
+                  where=lambda name: f" in {where[name][0]}" if name in where else "")

@@ -162,4 +162,12 @@ def open_source(folder: Path, dtype: str | None) -> Source:
         tok = LlamaTokenizerFast.from_pretrained(str(out), add_bos_token=True, **special)
         tok.save_pretrained(str(out))
 
-    return Source(cfg, get, lambda: sorted(names - used), write_tokenizer)
+    def where(hf_name: str) -> str:
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        if m:
+            name = f"layers.{m.group(1)}." + next(k for k, (h, _) in LAYER.items() if h == m.group(2))
+        else:
+            name = to_meta[hf_name]
+        return f" ({name!r}) in {', '.join(files)}"
+
+    return Source(cfg, get, lambda: sorted(names - used), write_tokenizer, where=where)

