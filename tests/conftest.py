@@ -9,8 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# the executable cache's secret goes to a folder of this run, not the user's ~/.config (subprocesses inherit it)
-os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="hybrid_jax-test-config-")
+# the executable cache's secret goes to a folder of this run, not the user's ~/.config; the test processes a
+# test starts (which import this file again) keep the same folder, hence the same secret
+if "HYBRID_JAX_TEST_CONFIG_HOME" not in os.environ:
+    os.environ["HYBRID_JAX_TEST_CONFIG_HOME"] = tempfile.mkdtemp(prefix="hybrid_jax-test-config-")
+os.environ["XDG_CONFIG_HOME"] = os.environ["HYBRID_JAX_TEST_CONFIG_HOME"]
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np
