@@ -34,24 +34,25 @@ FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
 QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
 NOCB = "--xla_gpu_enable_command_buffer="
-# The hybrid ablations and settings: system -> (XLA_FLAGS appended, environment). hybrid_vmm: the CUDA VMM
-# allocator with the prefill's temp buffer at a fixed virtual address, so its command buffer is not re-pointed
-# when the allocator moves it (docs/ENGINEERING_LOG.md, run 24).
+# The hybrid ablations and settings: system -> (XLA_FLAGS appended, environment). The HYBRID_JAX_* variables
+# become the worker's kernel options (hybrid_jax.options.KernelOptions.from_env; table in bench/README.md).
+# hybrid_vmm: the CUDA VMM allocator with the prefill's temp buffer at a fixed virtual address, so its command
+# buffer is not re-pointed when the allocator moves it.
 HYBRID_VARIANTS = {
     "hybrid": ("", ()),
     "hybrid_nocb": (NOCB, ()),
     "hybrid_xlagemv": ("", (("HYBRID_JAX_GEMV", "xla"),)),
     # every projection of the decode step through the Pallas GEMVs, none as XLA row reductions (before run 70)
     "hybrid_pallasgemv": ("", (("HYBRID_JAX_ROW_REDUCE", "none"),)),
-    # the next token in device memory, a new buffer each call (before session 12; runtime.resolve_token_memory)
+    # the next token in device memory, a new buffer each call (KernelOptions.token_memory)
     "hybrid_devtoken": ("", (("HYBRID_JAX_TOKEN_MEMORY", "device"),)),
     "hybrid_nofused": ("", (("HYBRID_JAX_PREFILL_ATTN", "off"),)),
-    # cuDNN's attention in every bucket (before session 13; runtime.FUSED_MIN_ROWS)
+    # cuDNN's attention in every bucket (KernelOptions.prefill_attention_min_rows)
     "hybrid_cudnnall": ("", (("HYBRID_JAX_PREFILL_ATTN", "all"),)),
-    "hybrid_xlawo": ("", (("HYBRID_JAX_PREFILL_WO", "xla"),)),  # the prefill's wo through XLA (run 37)
+    "hybrid_xlawo": ("", (("HYBRID_JAX_PREFILL_WO", "xla"),)),  # the prefill's wo through XLA
     "hybrid_vmm": ("--xla_gpu_command_buffer_update_mode=SKIP_TEMP", (("XLA_PYTHON_CLIENT_ALLOCATOR", "vmm"),)),
-    # the prefill's matmuls through cuBLAS's heuristics at every length (runtime.PREFILL_MATMULS, run 51), or
-    # autotuned at every length (the default before session 9); the default splits them at CUBLAS_MIN_ROWS
+    # the prefill's matmuls through cuBLAS's heuristics at every length (runtime.PREFILL_MATMULS), or autotuned
+    # at every length; the default splits them at runtime.CUBLAS_MIN_ROWS
     "hybrid_cublas": ("", (("HYBRID_JAX_PREFILL_MATMULS", "cublas"),)),
     "hybrid_autotune": ("", (("HYBRID_JAX_PREFILL_MATMULS", "autotune"),)),
 }

@@ -3,13 +3,9 @@
 XLA_FLAGS are read once per process, so the parent runs every system (and every flag set) in a process
 of its own and merges the JSON lines. Systems:
   floors      copy bandwidth and matmul rate on jax.devices()[0]
-  hybrid      hybrid_jax as designed (hybrid_nocb: the same, the parent sets XLA_FLAGS; hybrid_xlagemv: the
-              same with XLA's fusions for the whole decode step, no Pallas kernels; the parent sets HYBRID_JAX_GEMV=xla;
-              hybrid_pallasgemv: every decode projection through the Pallas GEMVs, HYBRID_JAX_ROW_REDUCE=none;
-              hybrid_devtoken: the next token in device memory, HYBRID_JAX_TOKEN_MEMORY=device;
-              hybrid_nofused: XLA's attention in the prefill; hybrid_cudnnall: cuDNN's in every bucket; hybrid_vmm: the VMM allocator; hybrid_cublas /
-              hybrid_autotune: the prefill's matmuls through cuBLAS's heuristics / XLA's autotuning at every
-              length, where the default splits them by length; latency.HYBRID_VARIANTS)
+  hybrid      hybrid_jax as designed, its kernel options from KernelOptions.from_env(): the hybrid_* ablations
+              are the same system with XLA_FLAGS or HYBRID_JAX_* variables set by the parent
+              (latency.HYBRID_VARIANTS; the variables: bench/README.md)
   coldstart   a second process building the hybrid engine again from the same (now warm) executable cache
   plainjit    bench/plainjit.py
   hf_eager    HF transformers generate, dynamic cache; hf_compile: static cache, compiled by transformers
@@ -144,8 +140,11 @@ def _build_engine(args, cfg):
     import hybrid_jax
     from hybrid_jax import weights as W
     from hybrid_jax.engine import Engine
+    from hybrid_jax.options import KernelOptions
 
-    kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir)
+    # the ablations' kernel options from the HYBRID_JAX_* variables the parent set (latency.HYBRID_VARIANTS)
+    kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir,
+              options=KernelOptions.from_env())
     if args.lean:
         kw["compile_sampling"] = False
     t = {}

@@ -33,9 +33,6 @@ except Exception:  # pragma: no cover
     plt = None
 
 _NEG = -1e30  # a finite minus infinity: no inf - inf in the running max
-# Programs whose rows lie past the new token only write an empty result (no QKV sum, rope or reads).
-# H200, 7B (run 21): step 4.037 vs 4.067 ms, TPOT p99 4.50 vs 4.79 ms, same tokens; False is the ablation.
-SKIP_EMPTY_PARTITIONS = True
 
 
 def block_rows(cache_len: int, cap: int = 64) -> int:
@@ -136,8 +133,8 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
             acc_ref[kh, part, g, lo] = a1 * alpha + p * v_new[0]
             acc_ref[kh, part, g, hi] = a2 * alpha + p * v_new[1]
 
-    if not SKIP_EMPTY_PARTITIONS:
-        return work()
+    # Programs whose rows lie past the new token only write an empty result (no QKV sum, rope or reads):
+    # faster than running the prologue everywhere (see docs/performance.md, 'Defaults and why').
     pl.when(start <= pos)(work)
 
     @pl.when(start > pos)

@@ -23,9 +23,9 @@ A projection that follows an RMSNorm takes the norm's weight (`norm=`) and norma
 has no separate norm kernels; the QKV projection hands its partial sums unsummed (`reduce=False`) to the
 attention kernel (decode_attention.py), which adds them.
 
-`gemm` is the same kernel for a few rows of x at once (prefill of short prompts, T <= ROWS_MAX): each
-program reads its weight tile once and multiplies all T rows by it with a tensor-core dot, so a 16-token
-prefill reads the weights at the GEMV's rate instead of XLA's skinny-GEMM rate.
+`gemm` is the same kernel for a few rows of x at once (the prefill's output projection of short prompts,
+T <= ROWS_MAX): each program reads its weight tile once and multiplies all T rows by it with a tensor-core
+dot, reading the stacked weight in place.
 
 Off the GPU (tests) the same kernels run in Pallas' interpreter (`interpret=True`).
 """
@@ -53,12 +53,9 @@ class GemvConfig:
     stages: int = 3
 
 
-# The fastest tiling per shape (Kd, N, transposed), measured by scripts/gpu_gemv_tune.py on an H200: the
-# layer matrices (output-major) in run 40 (bench/results/2026-11-27_NVIDIA-H200_rope-kernel_transposed-gemv),
-# the LM head in bench/results/2026-11-26_NVIDIA-H200_gemv-tune; other shapes get `default_config`'s heuristic.
-# Run 45 tuned the layer matrices again as the model runs them (the norm in the prologue, the consumer in the
-# epilogue) and found tilings 2.9 us a layer faster on their own, but the decode step with them was 0.023 ms
-# slower than with these (run 47, same process): a tiling is kept only when the step's A/B says so.
+# The fastest tiling per shape (Kd, N, transposed), measured by scripts/gpu_gemv_tune.py on an H200 (a tiling
+# is kept only when the whole decode step's A/B says so; see docs/performance.md, 'Defaults and why'); other
+# shapes get `default_config`'s heuristic.
 TUNED: dict[tuple[int, int, bool], GemvConfig] = {
     (4096, 12288, True): GemvConfig(bn=16, bk=256, splits=1, warps=4, stages=2),  # 7B wqkv: 26.6 us, 3.78 TB/s
     (4096, 4096, True): GemvConfig(bn=4, bk=1024, splits=1, warps=4, stages=4),  # 7B wo: 10.6 us, 3.18 TB/s
@@ -170,8 +167,7 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     nlead = () if norm_layer is None else (norm_layer,)
     f32 = jnp.float32
     # RMSNorm as a prologue: x is scaled and rounded to its dtype before the product, as `model.rms_norm`
-    # does. (Scaling the product instead, so that the weight loads need not wait for the mean square, made
-    # the 7B step slower on an H200: 4.38 vs 4.07 ms, run 21.)
+    # does (scaling the product instead measured slower: see docs/performance.md).
     r = _mean_square_scale(x_ref, _pow2_divisor(x_ref.shape[0], 4096), eps) if norm else None
     gated = gate_rows is not None
 
@@ -305,18 +301,13 @@ def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tu
 ROWS_MAX = 128
 
 # The fastest tiling per (Kd, N, T, transposed) for bf16, measured on an H200 by scripts/gpu_prefill_probe.py's
-# tune (run 41 for the output-major layout the model uses; the input-major entries are run 37's, format
-# version 1's layout); others get `rows_config`. Only the 7B's output projection is tuned: it is the one
-# product the prefill runs through `gemm` by default (runtime.resolve_prefill_wo).
+# tune for the output-major layout the model uses; others get `rows_config`. Only the 7B's output projection is
+# tuned: it is the one product the prefill runs through `gemm` (options.KernelOptions.prefill_wo).
 TUNED_ROWS: dict[tuple[int, int, int, bool], GemvConfig] = {
     (4096, 4096, 16, True): GemvConfig(bn=32, bk=128, splits=4, warps=4, stages=3),  # 12.2 us (XLA's dot: 12.0)
     (4096, 4096, 32, True): GemvConfig(bn=32, bk=256, splits=2, warps=4, stages=3),  # 13.0 us (13.2)
     (4096, 4096, 64, True): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 13.7 us (15.8)
     (4096, 4096, 128, True): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.6 us (20.0)
-    (4096, 4096, 16, False): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),  # 11.7 us (XLA: 11.8 + copy)
-    (4096, 4096, 32, False): GemvConfig(bn=64, bk=128, splits=4, warps=4, stages=3),
-    (4096, 4096, 64, False): GemvConfig(bn=128, bk=128, splits=4, warps=8, stages=3),
-    (4096, 4096, 128, False): GemvConfig(bn=64, bk=128, splits=2, warps=8, stages=3),  # 17.1 us (XLA: 16.5 + copy)
 }
 
 

@@ -45,7 +45,7 @@ _CUBLAS = {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}
 PREFILL_OPTIONS = {"autotune": {}, "noautotune": {"xla_gpu_autotune_level": 0},
                    # cuBLAS's own heuristics for every matmul, nothing timed on the device
                    "noautotune_cublas": _CUBLAS,
-                   # the same two with the XLA path's projections written as 2-D matmuls (model.MATMUL_2D)
+                   # the same two with the XLA path's projections written as 2-D matmuls (KernelOptions.matmul_2d)
                    "autotune_2d": {}, "noautotune_cublas_2d": _CUBLAS,
                    # cuBLAS's heuristics with the cuBLAS calls named in the command buffers' categories
                    "noautotune_cublas_cb": {**_CUBLAS, "xla_gpu_enable_command_buffer":
@@ -176,19 +176,19 @@ def prefill_only(eng, cfg, args, rng):
     """TTFT and back-to-back prefill time of a T-token prompt through its own bucket, compiled now with or
     without XLA's autotuning (several `--prefill-only` choices, comma-separated: one after the other), for
     each of `--lengths` in turn."""
-    from hybrid_jax import model
     rt = eng.runtime
+    base = rt.options
     rows = []
     for T in [int(x) for x in args.lengths.split(",")]:
         spec = ("prefill", T, T)
         ids = [int(t) for t in rng.randint(3, cfg.vocab_size, size=T)]
         for mode in args.prefill_only.split(","):  # several: one after the other in this process
             opts = PREFILL_OPTIONS[mode]
-            model.MATMUL_2D = True if mode.endswith("_2d") else None  # read when _lower traces
+            rt.options = base.replace(matmul_2d=True) if mode.endswith("_2d") else base  # read when _lower traces
             try:
                 low = rt._lower(spec)
             finally:
-                model.MATMUL_2D = None
+                rt.options = base
             if args.dump:  # XLA's dump of this executable (the thunk sequence shows what command buffers hold)
                 opts = {**opts, "xla_dump_to": os.path.join(args.dump, f"{mode}_{T}")}
             t0 = time.perf_counter()

@@ -36,15 +36,12 @@ def main():
     from hybrid_jax import kv_cache
     from hybrid_jax import weights as W
     from hybrid_jax.config import PRESETS
+    from hybrid_jax.options import resolve
     from hybrid_jax.runtime import (PREFILL_MATMULS, REQ_FIELDS, DecodeState, SamplingParams, prefill_jit,
-                                    prefill_matmuls_for, resolve_gemv, resolve_prefill_attention,
-                                    resolve_prefill_gemm, resolve_prefill_wo)
+                                    prefill_matmuls_for)
     cfg = PRESETS[args.shape]
     devices = jax.devices()[:1]
-    gemv = resolve_gemv("auto", devices, None)
-    gemm = resolve_prefill_gemm("auto", gemv, None)
-    wo = resolve_prefill_wo("auto", gemv, None)
-    fused = resolve_prefill_attention("auto", cfg, devices, None)
+    options = resolve(None, cfg, devices, None)  # the runtime's defaults
     p = W.abstract(cfg)
     i32, f32 = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
     st = DecodeState(cache=kv_cache.abstract(cfg, args.cache_len, None), pos=i32, token=i32,
@@ -75,7 +72,11 @@ def main():
     for T in [int(v) for v in args.lengths.split(",")]:
         opts = PREFILL_MATMULS[prefill_matmuls_for("split", T, cfg.n_params, None)]  # the runtime's default
         req = jax.ShapeDtypeStruct((T + REQ_FIELDS,), jnp.int32)
-        f = prefill_jit(cfg, T, gemv, gemm, fused, wo)  # as Runtime._lower builds a bucket's prefill
+        # as Runtime._lower builds a bucket's prefill (Runtime.step_options)
+        o = options.replace(prefill_attention=options.prefill_attention if T >= options.prefill_attention_min_rows
+                            else "off", prefill_attention_min_rows=0,
+                            prefill_matmuls=prefill_matmuls_for("split", T, cfg.n_params, None))
+        f = prefill_jit(cfg, T, o)
         t = [time.perf_counter()]
         traced = f.trace(p, st, req)
         t.append(time.perf_counter())

@@ -85,7 +85,7 @@ def main():
     from hybrid_jax import weights
     from shapes import shape_config  # scripts/ is this script's folder
     from hybrid_jax.engine import Engine
-    from gpu_rowreduce_ab import applied, parse  # scripts/ is this script's folder
+    from gpu_rowreduce_ab import applied, options, parse  # scripts/ is this script's folder
     cfg = shape_config(args.shape)
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
@@ -95,9 +95,11 @@ def main():
     for mode, variant in runs:
         gemv, _, attn = mode.partition("+")
         kern = args.kernels if gemv == "pallas" else gemv
-        with applied(parse(variant, cfg)):  # the decode steps are traced and compiled in the constructor
+        var = parse(variant, cfg)
+        with applied(var):  # the decode steps are traced and compiled in the constructor
             eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
-                         compile_sampling=False, gemv=kern, decode_attention=args.kernels if attn else "xla")
+                         compile_sampling=False,
+                         options=options(var, gemv=kern, decode_attention=args.kernels if attn else "xla"))
         key = mode if variant == "base" else f"{mode}|{variant}"
         eng.wait_background()  # background compiles autotune on the GPU: never time beside them
         rt = eng.runtime

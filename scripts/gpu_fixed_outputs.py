@@ -69,14 +69,14 @@ def main():
     abs_buf = rt._small((1,), jnp.int32)
     st_sh = jax.tree.map(lambda a: a.sharding, rt.state)
     pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host" if on_gpu else "unpinned_host")
-    popts = PREFILL_MATMULS.get(rt._matmuls(pspec))
+    popts = PREFILL_MATMULS[rt.step_options(pspec).prefill_matmuls]
 
     def dec(p, s, *buf):
-        st, nxt = _decode_step(cfg, kvb, False, p, s, rt.gemv, rt.attn)
+        st, nxt = _decode_step(cfg, kvb, False, p, s, rt.step_options(dspec))
         return st, nxt.reshape(1)
 
     def pre(p, s, req, *buf):
-        st, nxt = _prefill_step(cfg, T, p, s, req, rt.gemv, rt.gemm, rt.fused, rt.wo)
+        st, nxt = _prefill_step(cfg, T, p, s, req, rt.step_options(pspec))
         return st, nxt.reshape(1)
 
     built = {}

@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from gpu_prefill_wo import hlo_counts  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax import gemv as G  # noqa: E402
+from hybrid_jax.options import KernelOptions, resolve  # noqa: E402
 from hybrid_jax.model import rms_norm  # noqa: E402
 from shapes import layer_matrices  # noqa: E402  (this folder)
 
@@ -269,8 +270,6 @@ MODES = {"pallas": ("pallas", "pallas", "pallas"), "pallas_gemv": ("pallas_gemv"
          "xla": ("xla", "xla", "xla")}
 # pallas_pN: the attention kernel's rows split for about N programs at a full cache (default 256)
 MODES.update({f"pallas_p{n}": (f"pallas_p{n}", "pallas", "pallas") for n in (128, 512, 1024, 2048)})
-# pallas_noskip: the ablation of decode_attention.SKIP_EMPTY_PARTITIONS (on by default since run 21)
-MODES["pallas_noskip"] = ("pallas_noskip", "pallas", "pallas")
 
 
 def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tuple(MODES.values())):
@@ -287,13 +286,12 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
         n = mode[len("pallas_p"):] if mode.startswith("pallas_p") else ""
         A.partition_rows = (functools.partial(partition_rows, target_programs=int(n)) if n.isdigit()
                             else partition_rows)
-        A.SKIP_EMPTY_PARTITIONS = mode != "pallas_noskip"
         t0 = time.perf_counter()
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 128, 512, 1024),
-                     compile_sampling=False, gemv=gemv, decode_attention=attn)
+                     compile_sampling=False, options=KernelOptions(gemv=gemv, decode_attention=attn))
         build = time.perf_counter() - t0
-        r = {"mode": mode, "gemv": eng.runtime.gemv, "attn": eng.runtime.attn, "build_s": build,
-             "skip_empty_partitions": A.SKIP_EMPTY_PARTITIONS,
+        r = {"mode": mode, "gemv": eng.runtime.options.gemv, "attn": eng.runtime.options.decode_attention,
+             "build_s": build,
              "attn_rows": A.partition_rows(eng.runtime.cache_len, cfg.n_kv_heads, A.block_rows(eng.runtime.cache_len))}
         try:
             r["hlo"] = hlo_summary(eng.runtime)
@@ -380,8 +378,9 @@ def small_check(results):
             cache = kv_cache.zeros(cfg, 1040)
             toks = jnp.arange(5, 5 + T, dtype=jnp.int32) % cfg.vocab_size
             _, cache = jax.jit(lambda p, c: model.forward(cfg, p, c, toks, jnp.arange(T, dtype=jnp.int32)))(p, cache)
+            kern = {None: None, "pallas": resolve(KernelOptions(gemv="pallas"), cfg, jax.devices()[:1], None)}
             f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, jnp.asarray([7], jnp.int32),
-                                                            jnp.asarray([T], jnp.int32), gemv=m, attn=m))
+                                                            jnp.asarray([T], jnp.int32), opts=kern[m]))
                  for m in (None, "pallas")}
             (a, ca), (b, cb) = f[None](p, cache), f["pallas"](p, cache)
             a, b = np.asarray(a), np.asarray(b)
@@ -425,8 +424,6 @@ def main():
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "tune": [], "engine": []}
     if "check" in phases:
-        from hybrid_jax import decode_attention as A
-        results["check_skip_empty_partitions"] = A.SKIP_EMPTY_PARTITIONS
         small_check(results)
         _save(args.out, results)
     tuned = load_tuned(args.tuned) if args.tuned else {}

@@ -37,7 +37,7 @@ def mark(label: str) -> None:
     sys.stderr.flush()
 
 
-VARIANTS = {  # name -> Engine keywords (default: the runtime's defaults)
+VARIANTS = {  # name -> KernelOptions fields (default: the runtime's defaults)
     "default": {},
     "cudnn_all": {"prefill_attention": "cudnn"},  # cuDNN's attention in every own bucket (before session 13)
     "xla_attn": {"prefill_attention": None},  # XLA's attention in every bucket
@@ -73,8 +73,9 @@ def run(args) -> None:
     own = sorted(set(buckets.values()))
     for name in names:
         t0 = time.perf_counter()
+        from hybrid_jax.options import KernelOptions
         eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=own, compile_sampling=False,
-                     background_compiles=False, **VARIANTS[name])
+                     background_compiles=False, options=KernelOptions(**VARIANTS[name]))
         for f in [eng.runtime._get_async(("prefill", b, b)) for b in own]:
             if f is not None:  # the buckets concurrently (the runtime's compile pool), no sampling step
                 f.result()

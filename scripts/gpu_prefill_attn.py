@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from gpu_prefill_host import back_to_back, request  # noqa: E402
+from hybrid_jax.options import KernelOptions  # noqa: E402
 
 
 def check(cfg, fused: str, out: dict):
@@ -39,7 +40,9 @@ def check(cfg, fused: str, out: dict):
         pos = jnp.arange(128, dtype=jnp.int32)
 
         def f(p, ids, fz):
-            return model.forward(c, p, kv_cache.zeros(c, 128), ids, pos, kv_len=128, fused=fz)[0]
+            opts = KernelOptions.xla(matmul_2d=jax.default_backend() == "cpu").replace(prefill_attention=fz or "off",
+                                                                                     prefill_attention_min_rows=0)
+            return model.forward(c, p, kv_cache.zeros(c, 128), ids, pos, kv_len=128, opts=opts)[0]
         ref = np.asarray(jax.jit(lambda p, i: f(p, i, None))(p, ids), np.float64)
         got = np.asarray(jax.jit(lambda p, i: f(p, i, fused))(p, ids), np.float64)
         err = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
@@ -88,7 +91,8 @@ def main():
     cache_dir = tempfile.mkdtemp()
     t0 = time.perf_counter()
     engs = {name: Engine(cfg, params, max_seq_len=1024, cache_dir=cache_dir, compile_sampling=False,
-                         prefill_attention=mode) for name, mode in (("fused", fused), ("xla", None))}
+                         options=KernelOptions(prefill_attention=mode))
+            for name, mode in (("fused", fused), ("xla", None))}
     futs = [e.runtime._get_async(("prefill", e.runtime.bucket_for(n), e.runtime.bucket_for(n)))
             for e in engs.values() for n in lengths]
     for f in futs:

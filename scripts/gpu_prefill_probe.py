@@ -3,6 +3,8 @@ matmuls, per matrix and in the engine, LLaMA-2-7B shape, random bf16 weights.
 
   PYTHONPATH=. python3 scripts/gpu_prefill_probe.py --out $OUT [--phase check,tune,engine] [--tuned rows.json]
 
+(The prefill's other projections through `gemm` lost their A/B and that path was deleted (issue 22): `check`
+and `engine` now put the output projection alone through it, KernelOptions.prefill_wo.)
 Phase `check`: model.forward of 16 and 100 tokens with the projections through `gemm` against XLA's, on the
 device (f32 and bf16, a 2-layer model with the 7B's matrices): logits' relative error, argmax per row,
 the cache rows written.
@@ -130,7 +132,10 @@ def check(results):
         p = weights.init_random(cfg, jax.random.PRNGKey(1))
         for T in (16, 100):
             toks = jnp.arange(5, 5 + T, dtype=jnp.int32) % cfg.vocab_size
-            f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, toks, jnp.arange(T, dtype=jnp.int32), gemv=m))
+            from hybrid_jax.options import KernelOptions
+            wo = KernelOptions.xla(matmul_2d=False).replace(prefill_wo="pallas")
+            f = {m: jax.jit(lambda p, c, m=m: model.forward(cfg, p, c, toks, jnp.arange(T, dtype=jnp.int32),
+                                                            opts=wo if m else None))
                  for m in (None, "pallas")}
             (a, ca), (b, cb) = f[None](p, kv_cache.zeros(cfg, 128)), f["pallas"](p, kv_cache.zeros(cfg, 128))
             a, b = np.asarray(a), np.asarray(b)
@@ -148,6 +153,7 @@ def engine_phase(cfg, out_dir, results, modes, reps=12):
     from hybrid_jax import runtime as R
     from hybrid_jax import sampling, weights
     from hybrid_jax.engine import Engine, generate
+    from hybrid_jax.options import KernelOptions
     params = weights.init_random(cfg, jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     rng = np.random.RandomState(0)
@@ -168,12 +174,12 @@ def engine_phase(cfg, out_dir, results, modes, reps=12):
             t0 = time.perf_counter()
             eng = Engine(cfg, params, max_seq_len=1024, cache_dir=cache_dir, compile_sampling=False,
                          prefill_buckets=(16, 32, 64, 128, 256, 512, 1024),
-                         prefill_gemm="xla" if mode == "xla" else "pallas")
+                         options=KernelOptions(prefill_wo="xla" if mode == "xla" else "pallas"))
             for b in (16, 128, 512):
                 eng.runtime._get_async(("prefill", b, b))
             eng.wait_background()
             r["build_s"] = time.perf_counter() - t0
-            r["prefill_gemm"] = eng.runtime.gemm
+            r["prefill_wo"] = eng.runtime.options.prefill_wo
             rt = eng.runtime
             for n, ids in prompts.items():
                 for _ in range(3):

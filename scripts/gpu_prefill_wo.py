@@ -78,7 +78,8 @@ def main():
     t0 = time.perf_counter()
     engs, hlo, params = {}, {}, None
     for name, wo in (("xla", "xla"), (mode, mode)):
-        cfg, params, e = random_engine(args.shape, lengths, params, cache_dir, prefill_wo=wo)
+        from hybrid_jax.options import KernelOptions
+        cfg, params, e = random_engine(args.shape, lengths, params, cache_dir, options=KernelOptions(prefill_wo=wo))
         rt = e.runtime
         hlo[name] = {rt.bucket_for(n): hlo_counts(rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n))).as_text())
                      for n in lengths}

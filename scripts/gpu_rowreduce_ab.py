@@ -1,4 +1,4 @@
-"""The decode step with some projections of the one token written as XLA row reductions (model.ROW_REDUCE), or
+"""The decode step with some projections of the one token written as XLA row reductions (KernelOptions.row_reduce), or
 with other Pallas tilings, against the default step (issue 5; runs 67-69 of docs/ENGINEERING_LOG.md).
 
   PYTHONPATH=. python3 scripts/gpu_rowreduce_ab.py --out $OUT/rr \
@@ -8,10 +8,10 @@ Runs 67-68 found XLA's row-reduction emitter reading the 7B's matrices at 4.0-4.
 the Pallas GEMVs. As `jnp.sum(w * x, axis=1)` the product itself ran at that rate for wqkv, wo and w13 (not
 w2). In the step, a projection written that way loses the Pallas kernel's fused norm and consumer: XLA
 computes the norm's mean square and silu x up in kernels of their own. Hence this A/B of whole steps; run 69
-made wqkv, wo and w13 row reductions by default (model.ROW_REDUCE_AUTO).
+made wqkv, wo and w13 row reductions by default (options.ROW_REDUCE_AUTO).
 
 Variants, separated by ";":
-  base                      the default step (model.ROW_REDUCE None: ROW_REDUCE_AUTO where the kernels run)
+  base                      the default step (row_reduce "auto": ROW_REDUCE_AUTO where the kernels run)
   pallas                    every projection through gemv.gemv (the step before run 69)
   rr:NAMES                  exactly the projections NAMES (wqkv, wo, w13, w2, joined by +) of one token as
                             model._project's row reduction; the rest through the kernels
@@ -42,12 +42,13 @@ import jax  # noqa: E402
 from hybrid_jax import gemv as G  # noqa: E402
 from hybrid_jax import model  # noqa: E402
 from hybrid_jax import weights  # noqa: E402
+from hybrid_jax.options import KernelOptions  # noqa: E402
 from shapes import layer_matrices, shape_config  # noqa: E402  (scripts/ is this script's folder)
 from hybrid_jax.engine import Engine, generate  # noqa: E402
 
 @dataclasses.dataclass
 class Variant:
-    """One variant's switches: model.ROW_REDUCE (None: the code's default), gemv.TUNED overrides."""
+    """One variant's switches: KernelOptions.row_reduce (None: the code's default), gemv.TUNED overrides."""
     row_reduce: frozenset[str] | None = None
     tiles: dict = dataclasses.field(default_factory=dict)
 
@@ -75,16 +76,20 @@ def parse(v: str, cfg) -> Variant:
 
 @contextlib.contextmanager
 def applied(var: Variant):
-    """The variant's switches set while an engine traces its steps; the previous ones restored after."""
-    tuned, row_reduce = dict(G.TUNED), model.ROW_REDUCE
+    """The variant's tilings set while an engine traces its steps; the previous ones restored after (its row
+    reductions go in the engine's options: `options`)."""
+    tuned = dict(G.TUNED)
     G.TUNED.update(var.tiles)
-    model.ROW_REDUCE = var.row_reduce
     try:
         yield
     finally:
-        model.ROW_REDUCE = row_reduce
         G.TUNED.clear()
         G.TUNED.update(tuned)
+
+
+def options(var: Variant, **kw) -> KernelOptions:
+    """The engine's kernel options for the variant (`kw`: other fields)."""
+    return KernelOptions(row_reduce="auto" if var.row_reduce is None else var.row_reduce, **kw)
 
 
 def main():
@@ -115,7 +120,7 @@ def main():
             # the row-reduction switches are in the decode step's disk key; gemv.TUNED's overrides are not
             eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp() if var.tiles else cache_dir,
                          prefill_buckets=(16,), compile_sampling=False, background_compiles=False,
-                         gemv=args.kernels, decode_attention=args.kernels)
+                         options=options(var, gemv=args.kernels, decode_attention=args.kernels))
             r = res["variants"][v] = {"row_reduce": None if var.row_reduce is None else sorted(var.row_reduce),
                                       "tiles": {str(k): c.__dict__ for k, c in var.tiles.items()},
                                       "build_s": round(time.perf_counter() - t0, 1)}

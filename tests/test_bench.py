@@ -326,6 +326,19 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hybrid_autotune"]["HYBRID_JAX_PREFILL_MATMULS"] == "autotune"
     assert "HYBRID_JAX_PREFILL_MATMULS" not in env["hybrid"]
     assert env["hybrid_nocb"]["XLA_FLAGS"].endswith("--xla_gpu_enable_command_buffer=")
+    # what the worker builds its engine with (KernelOptions.from_env): each ablation changes its field only
+    from hybrid_jax.options import KernelOptions
+    opts = {s: KernelOptions.from_env(e) for s, e in env.items() if s in HYBRID_SYSTEMS}
+    base = KernelOptions()
+    assert opts["hybrid"] == opts["hybrid_nocb"] == opts["hybrid_vmm"] == base
+    assert opts["hybrid_xlagemv"] == base.replace(gemv="xla")
+    assert opts["hybrid_pallasgemv"] == base.replace(row_reduce=frozenset())
+    assert opts["hybrid_devtoken"] == base.replace(token_memory="device")
+    assert opts["hybrid_nofused"] == base.replace(prefill_attention="off")
+    assert opts["hybrid_cudnnall"] == base.replace(prefill_attention_min_rows=0)
+    assert opts["hybrid_xlawo"] == base.replace(prefill_wo="xla")
+    assert opts["hybrid_cublas"] == base.replace(prefill_matmuls="cublas")
+    assert opts["hybrid_autotune"] == base.replace(prefill_matmuls="autotune")
     assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]
     specs = {s.system: s for s in system_specs(["hybrid", "hybrid_vmm"], coldstart=True)}
     assert specs["hybrid"].coldstart and not specs["hybrid_vmm"].coldstart

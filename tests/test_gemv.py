@@ -14,7 +14,9 @@ from hybrid_jax import gemv as G
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.engine import Engine, generate
-from hybrid_jax.runtime import resolve_attention, resolve_gemv, resolve_prefill_gemm, resolve_prefill_wo
+from hybrid_jax.options import ROW_REDUCE_AUTO, KernelOptions
+
+XLA = KernelOptions.xla(matmul_2d=True)  # resolved options: XLA's path, as on the CPU
 
 
 def ref_product(x, w, layer, transposed):
@@ -239,30 +241,9 @@ def test_gemm_configs_and_errors():
         G.gemm(x, jnp.ones((64, 64)), cfg=G.GemvConfig(bn=64, bk=64, splits=2), interpret=True)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "tied"])
-def test_prefill_with_kernels_equals_hf(variant):
-    """A prompt's forward with its projections through `gemm` (norms inside): every row's logits equal HF's."""
-    m = make_hf_model(variant)
-    m.config._attn_implementation = "eager"
-    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
-    p = hf_params(m, cfg)
-    ids = [int(t) for t in np.random.RandomState(2).randint(3, cfg.vocab_size, size=11)]
-    with torch.no_grad():
-        ref = m(torch.tensor([ids])).logits[0].numpy()
-    f = lambda p, c: model.forward(cfg, p, c, jnp.asarray(ids, jnp.int32), jnp.arange(11, dtype=jnp.int32),
-                                   gemv="interpret")
-    lg, cache = jax.jit(f)(p, kv_cache.zeros(cfg, 16))
-    assert rel_err(lg, ref) < 1e-4
-    _, cache_x = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids, jnp.int32),
-                               jnp.arange(11, dtype=jnp.int32))
-    assert rel_err(cache.k, cache_x.k) < 1e-5 and rel_err(cache.v, cache_x.v) < 1e-5
-    # the four projections per layer went through the kernel (the LM head of 11 rows stays XLA's)
-    assert str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, 16))).count("pallas_call") == 4 * cfg.n_layers
-
-
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
 def test_prefill_wo_kernel_equals_hf(variant):
-    """forward(wo=...): the output projection alone through `gemm` (the prefill's default on one GPU), the other
+    """forward(opts with prefill_wo): the output projection alone through `gemm` (the prefill's default on one GPU), the other
     projections XLA's: every row's logits equal HF's, and the kernel runs once per layer and only there."""
     m = make_hf_model(variant)
     m.config._attn_implementation = "eager"
@@ -273,16 +254,16 @@ def test_prefill_wo_kernel_equals_hf(variant):
         ref = m(torch.tensor([ids])).logits[0].numpy()
 
     def f(p, c, ids, wo="interpret"):
-        return model.forward(cfg, p, c, ids, jnp.arange(ids.shape[0], dtype=jnp.int32), wo=wo)
+        return model.forward(cfg, p, c, ids, jnp.arange(ids.shape[0], dtype=jnp.int32), opts=XLA.replace(prefill_wo=wo))
     tok = jnp.asarray(ids, jnp.int32)
     lg, cache = jax.jit(f)(p, kv_cache.zeros(cfg, 16), tok)
     assert rel_err(lg, ref) < 1e-4
-    _, cache_x = f(p, kv_cache.zeros(cfg, 16), tok, wo=None)
+    _, cache_x = f(p, kv_cache.zeros(cfg, 16), tok, wo="xla")
     assert rel_err(cache.k, cache_x.k) < 1e-6 and rel_err(cache.v, cache_x.v) < 1e-6
     assert str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, 16), tok)).count("pallas_call") == cfg.n_layers
     long = jnp.zeros((G.ROWS_MAX + 1,), jnp.int32)  # longer chunks keep XLA's matmul
     assert "pallas_call" not in str(jax.make_jaxpr(f)(p, kv_cache.zeros(cfg, G.ROWS_MAX + 1), long))
-    with pytest.raises(ValueError, match="wo must be one of"):
+    with pytest.raises(ValueError, match="prefill_wo must be"):
         f(p, kv_cache.zeros(cfg, 16), tok, wo="cublas")
 
 
@@ -302,25 +283,6 @@ def test_tuned_rows_tilings():
         assert rel_err(got, ref_product(x, w, 1, tr)) < 1e-6, c
 
 
-def test_resolve_prefill_wo(monkeypatch):
-    monkeypatch.delenv("HYBRID_JAX_PREFILL_WO", raising=False)
-    assert resolve_prefill_wo("auto", "pallas", None) == "pallas"  # where the decode kernels run (one GPU)
-    assert resolve_prefill_wo("auto", None, None) is None  # CPU, mesh: XLA's
-    assert resolve_prefill_wo("interpret", None, None) == "interpret"
-    assert resolve_prefill_wo("xla", "pallas", None) is None and resolve_prefill_wo(None, "pallas", None) is None
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_WO", "xla")  # the ablation
-    assert resolve_prefill_wo("auto", "pallas", None) is None
-    assert resolve_prefill_wo("pallas", None, None) == "pallas"  # an explicit choice wins
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_WO", "cublas")
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_WO"):
-        resolve_prefill_wo("auto", "pallas", None)
-    with pytest.raises(ValueError, match="prefill_wo must be"):
-        resolve_prefill_wo("triton", None, None)
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve_prefill_wo("pallas", None, mesh)
-
-
 def test_runtime_prefill_wo_greedy_equals_hf(tmp_path, monkeypatch):
     """The runtime with only the prefill's output projection through the kernel (the decode steps XLA's):
     greedy tokens equal HF's, for a prompt in its own bucket and one served in chunks; the choice is in the
@@ -328,10 +290,10 @@ def test_runtime_prefill_wo_greedy_equals_hf(tmp_path, monkeypatch):
     m = make_hf_model("gqa", seed=7)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
-                 compile_sampling=False, gemv="xla", decode_attention="xla", prefill_wo="interpret")
+                 compile_sampling=False, options=KernelOptions(gemv="xla", decode_attention="xla", prefill_wo="interpret"))
     try:
         st = eng.stats()
-        assert st["prefill_wo"] == "interpret" and st["gemv"] is None and st["prefill_gemm"] is None
+        assert st["prefill_wo"] == "interpret" and st["gemv"] is None
         for n in (5, 21):  # 21: chunks through the universal 16-row bucket while 40 compiles, then its own
             ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
             ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -339,46 +301,27 @@ def test_runtime_prefill_wo_greedy_equals_hf(tmp_path, monkeypatch):
             assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref, n
         pre, dec = ("prefill", 16, 16), eng.runtime.decode_spec(1, False)
         pkey, dkey = eng.runtime._key(pre), eng.runtime._key(dec)
-        monkeypatch.setattr(eng.runtime, "wo", None)
+        eng.runtime.options = eng.runtime.options.replace(prefill_wo="xla")
         assert eng.runtime._key(pre) != pkey and eng.runtime._key(dec) == dkey
     finally:
         eng.close()
 
 
-def test_resolve_prefill_gemm(monkeypatch):
-    monkeypatch.delenv("HYBRID_JAX_PREFILL_GEMM", raising=False)
-    assert resolve_prefill_gemm("auto", "pallas", None) is None  # measured no faster: XLA's by default
-    assert resolve_prefill_gemm("auto", None, None) is None
-    assert resolve_prefill_gemm("pallas", None, None) == "pallas"
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "pallas")
-    assert resolve_prefill_gemm("auto", "pallas", None) == "pallas"  # where the decode kernels run
-    assert resolve_prefill_gemm("auto", None, None) is None
-    assert resolve_prefill_gemm("xla", "pallas", None) is None
-    assert resolve_prefill_gemm("interpret", None, None) == "interpret"
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "xla")
-    assert resolve_prefill_gemm("auto", "pallas", None) is None
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_GEMM", "cublas")
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_GEMM"):
-        resolve_prefill_gemm("auto", "pallas", None)
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve_prefill_gemm("pallas", None, mesh)
-
-
 WIDE_HEADS = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # Dh = 64, G = 2
 
 
-def decode_step_against_hf(m, seed: int) -> tuple[LlamaConfig, jax.core.ClosedJaxpr]:
-    """Prefill 8 tokens through XLA, then decode 4 token by token through the kernels (interpret mode, with
-    model.ROW_REDUCE as the caller set it): each step's logits equal HF's full forward. The config and the
-    jaxpr of one step."""
+def decode_step_against_hf(m, seed: int, row_reduce=frozenset()) -> tuple[LlamaConfig, jax.core.ClosedJaxpr]:
+    """Prefill 8 tokens through XLA, then decode 4 token by token through the kernels (interpret mode, the
+    projections named in `row_reduce` as XLA row reductions): each step's logits equal HF's full forward. The
+    config and the jaxpr of one step."""
     m.config._attn_implementation = "eager"
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     p = hf_params(m, cfg)
     ids = [int(t) for t in np.random.RandomState(seed).randint(3, cfg.vocab_size, size=12)]
     with torch.no_grad():
         ref = m(torch.tensor([ids])).logits[0].numpy()
-    fwd = lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, gemv="interpret", attn="interpret")
+    opts = XLA.replace(gemv="interpret", decode_attention="interpret", row_reduce=row_reduce)
+    fwd = lambda p, c, t, pos: model.forward(cfg, p, c, t, pos, opts=opts)
     step = jax.jit(fwd)
     _, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 16), jnp.asarray(ids[:8], jnp.int32),
                              jnp.arange(8, dtype=jnp.int32))
@@ -405,122 +348,52 @@ def test_decode_with_kernels_equals_hf(variant):
 
 
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_decode_with_row_reductions_equals_hf(variant, monkeypatch):
-    """The GPU's decode step: wqkv, wo and w13 of the one token as XLA row reductions (model.ROW_REDUCE_AUTO,
+def test_decode_with_row_reductions_equals_hf(variant):
+    """The GPU's decode step: wqkv, wo and w13 of the one token as XLA row reductions (options.ROW_REDUCE_AUTO,
     norms and consumers as XLA fusions), w2, the attention and the LM head through the kernels: logits equal
     HF's full forward, token by token."""
-    assert model.row_reduced("pallas", "td,cfd->tcf") and not model.row_reduced("pallas", "tf,df->td")
-    assert not model.row_reduced("interpret", "td,cfd->tcf") and not model.row_reduced(None, "td,cfd->tcf")
-    monkeypatch.setattr(model, "ROW_REDUCE", model.ROW_REDUCE_AUTO)  # as "pallas" mode has it
-    assert model.row_reduced("interpret", "td,kghd->tkgh") and model.row_reduced("interpret", "tkgh,dkgh->td")
-    cfg, jaxpr = decode_step_against_hf(make_hf_model(variant), seed=3)
+    assert ROW_REDUCE_AUTO == {"wqkv", "wo", "w13"}  # as "pallas" mode resolves it (tests/test_options.py)
+    cfg, jaxpr = decode_step_against_hf(make_hf_model(variant), seed=3, row_reduce=ROW_REDUCE_AUTO)
     ops = top_level_ops(jaxpr)
     # per layer the attention kernel and w2's GEMV only, and the LM head's
     assert [p for p, _ in ops].count("pallas_call") == 2 * cfg.n_layers + 1
     assert [n for _, n in ops].count("silu") == cfg.n_layers  # silu(gate) * up in XLA, between w13 and w2
 
 
-def test_row_reduce_names(monkeypatch):
-    """Which projections are row reductions: model.ROW_REDUCE if set, else HYBRID_JAX_ROW_REDUCE (ablations),
-    else wqkv, wo and w13 in mode "pallas" only; a bad name is an error that names the variable."""
-    monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE", raising=False)
-    assert model.row_reduce_names("pallas") == {"wqkv", "wo", "w13"}
-    assert model.row_reduce_names("interpret") == model.row_reduce_names(None) == frozenset()
-    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "none")
-    assert model.row_reduce_names("pallas") == frozenset()
-    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", " w13, w2 ")
-    assert model.row_reduce_names("interpret") == {"w13", "w2"}
-    assert model.row_reduce_names(None) == frozenset()  # XLA's path has no kernels to replace
-    monkeypatch.setattr(model, "ROW_REDUCE", frozenset({"wo"}))  # the module's switch wins
-    assert model.row_reduce_names("pallas") == {"wo"}
-    monkeypatch.setattr(model, "ROW_REDUCE", None)
-    monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13,mlp")
-    with pytest.raises(ValueError, match="HYBRID_JAX_ROW_REDUCE"):
-        model.row_reduce_names("pallas")
-
-
 def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
     m = make_hf_model("tied", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     eng = Engine(cfg, hf_params(m, cfg), max_seq_len=40, cache_dir=tmp_path, prefill_buckets=(16, 40),
-                 compile_sampling=False, gemv="interpret", decode_attention="interpret", prefill_gemm="interpret")
+                 compile_sampling=False, options=KernelOptions(gemv="interpret", decode_attention="interpret"))
     try:
-        assert eng.runtime.gemv == "interpret" and eng.stats()["gemv"] == "interpret"
+        assert eng.runtime.options.gemv == "interpret" and eng.stats()["gemv"] == "interpret"
         assert eng.stats()["decode_attention"] == "interpret"
-        assert eng.stats()["prefill_gemm"] == "interpret"  # the prompts' projections through gemm too
+        assert eng.stats()["prefill_wo"] == "interpret"  # the prompts' output projection through gemm too
         for n in (3, 17):
             ids = [int(t) for t in np.random.RandomState(n).randint(3, cfg.vocab_size, size=n)]
             ref = m.generate(torch.tensor([ids]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                              pad_token_id=0, eos_token_id=None)[0, n:].tolist()
             assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref
-        # the attention kernel's switch changes the traced step: its executables must not be shared on disk
-        from hybrid_jax import decode_attention
-        spec = eng.runtime.decode_spec(1, False)
-        key = eng.runtime._key(spec)
-        was = decode_attention.SKIP_EMPTY_PARTITIONS
-        monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", not was)
-        assert eng.runtime._key(spec) != key
-        monkeypatch.setattr(decode_attention, "SKIP_EMPTY_PARTITIONS", was)
-        assert eng.runtime._key(spec) == key
-        monkeypatch.setattr(model, "ROW_REDUCE", frozenset({"w13"}))  # so does the row reductions' choice
-        assert eng.runtime._key(spec) != key
-        monkeypatch.setattr(model, "ROW_REDUCE", None)
-        assert eng.runtime._key(spec) == key
-        monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13")  # the ablation's variable too
-        assert eng.runtime._key(spec) != key
+        # the row reductions' choice changes the traced step: its executables must not be shared on disk
+        rt = eng.runtime
+        spec = rt.decode_spec(1, False)
+        key = rt._key(spec)
+        opts = rt.options
+        rt.options = opts.replace(row_reduce=frozenset({"w13"}))
+        assert rt._key(spec) != key
+        rt.options = opts
+        assert rt._key(spec) == key
+        monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13")  # the ablations' variable: not read by the library
+        assert rt._key(spec) == key
         monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE")
         # the prefill's kernel choice is in the prefill's key only (decode steps are shared)
         pre = ("prefill", 16, 16)
-        pkey = eng.runtime._key(pre)
-        monkeypatch.setattr(eng.runtime, "gemm", None)
-        assert eng.runtime._key(pre) != pkey and eng.runtime._key(spec) == key
+        pkey = rt._key(pre)
+        rt.options = opts.replace(prefill_wo="xla")
+        assert rt._key(pre) != pkey and rt._key(spec) == key
+        rt.options = opts
     finally:
         eng.close()
-
-
-def test_resolve_gemv(monkeypatch):
-    cpu = jax.devices("cpu")[:1]
-    monkeypatch.delenv("HYBRID_JAX_GEMV", raising=False)
-    assert resolve_gemv("auto", cpu, None) is None  # XLA off the GPU
-    assert resolve_gemv("xla", cpu, None) is None
-    assert resolve_gemv("interpret", cpu, None) == "interpret"
-    monkeypatch.setenv("HYBRID_JAX_GEMV", "pallas")
-    assert resolve_gemv("auto", cpu, None) == "pallas"
-    monkeypatch.setenv("HYBRID_JAX_GEMV", "xla")
-    assert resolve_gemv("auto", cpu, None) is None
-    monkeypatch.setenv("HYBRID_JAX_GEMV", "fast")
-    with pytest.raises(ValueError, match="HYBRID_JAX_GEMV"):
-        resolve_gemv("auto", cpu, None)
-    with pytest.raises(ValueError, match="gemv must be"):
-        resolve_gemv("cuda", cpu, None)
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve_gemv("pallas", cpu, mesh)
-    monkeypatch.setenv("HYBRID_JAX_GEMV", "pallas")
-    assert resolve_gemv("auto", cpu, mesh) is None  # a mesh keeps XLA's fusions
-
-
-def test_resolve_attention(monkeypatch):
-    monkeypatch.delenv("HYBRID_JAX_DECODE_ATTN", raising=False)
-    assert resolve_attention("auto", "pallas", None) == "pallas"  # on where the matrix-vector kernels run
-    assert resolve_attention("auto", "interpret", None) == "interpret"
-    assert resolve_attention("auto", None, None) is None
-    assert resolve_attention("pallas", None, None) == "pallas"
-    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "pallas")
-    assert resolve_attention("auto", "pallas", None) == "pallas"  # where the matrix-vector kernels run
-    assert resolve_attention("auto", None, None) is None
-    assert resolve_attention("xla", "pallas", None) is None
-    assert resolve_attention("interpret", None, None) == "interpret"
-    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "xla")
-    assert resolve_attention("auto", "pallas", None) is None
-    monkeypatch.setenv("HYBRID_JAX_DECODE_ATTN", "flash")
-    with pytest.raises(ValueError, match="HYBRID_JAX_DECODE_ATTN"):
-        resolve_attention("auto", "pallas", None)
-    with pytest.raises(ValueError, match="decode_attention must be"):
-        resolve_attention("cudnn", None, None)
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve_attention("pallas", None, mesh)
 
 
 # ---- decode attention kernel ---------------------------------------------------------------------------
@@ -556,25 +429,6 @@ def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
     changed = np.asarray(kc2 != kc).any(axis=(2, 3))  # [L, S]: only row n-1 of layer 1
     assert changed[1, n - 1] and changed.sum() == 1
     assert np.asarray(vc2 != vc).any(axis=(2, 3)).sum() == 1
-
-
-@pytest.mark.parametrize("K,G,S,n,rows", [(2, 2, 80, 5, 16), (1, 1, 96, 70, 32)])
-def test_attention_kernel_skipping_empty_partitions(K, G, S, n, rows, monkeypatch):
-    """Partitions past the new row skipping their prologue (the default) give the same result as without."""
-    rng = np.random.default_rng(n)
-    Dh, L = 32, 2
-    kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
-    vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
-    parts = jnp.asarray(rng.standard_normal((2, K, G + 2, Dh)), jnp.float32)
-    pos = jnp.asarray([n - 1], jnp.int32)
-    cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32)
-    cos, sin = model.rope_cos_sin(cfg, pos)
-    monkeypatch.setattr(A, "SKIP_EMPTY_PARTITIONS", False)
-    off = A.attend(parts, cos[0], sin[0], kc, vc, 1, pos, rows_per_program=rows, interpret=True)
-    monkeypatch.setattr(A, "SKIP_EMPTY_PARTITIONS", True)
-    on = A.attend(parts, cos[0], sin[0], kc, vc, 1, pos, rows_per_program=rows, interpret=True)
-    assert rel_err(on[0], off[0]) < 1e-6
-    assert np.array_equal(np.asarray(on[1]), np.asarray(off[1])) and np.array_equal(np.asarray(on[2]), np.asarray(off[2]))
 
 
 def test_attention_kernel_bf16_rounds_like_the_model():

@@ -10,6 +10,7 @@ import torch
 from conftest import TINY_VARIANTS, hf_params, make_hf_model, rel_err
 from hybrid_jax import kv_cache, model
 from hybrid_jax.config import LlamaConfig
+from hybrid_jax.options import KernelOptions
 
 TOL = 1e-4  # float32 end to end: relative error (norm of difference over norm of reference)
 T = 24
@@ -142,6 +143,9 @@ def test_fused_attention_equals_model_attention():
     assert np.allclose(np.asarray(model.fused_attention(q, k, v, "xla"))[0], np.asarray(v)[0][:, None], atol=1e-6)
 
 
+FUSED = KernelOptions.xla(matmul_2d=True).replace(prefill_attention="xla")  # resolved: the fused attention via XLA
+
+
 def test_fused_attention_prefill_equals_hf(variant, monkeypatch):
     """A prompt in its own bucket (kv_len = T, from position 0) through the fused attention equals HF; a
     chunk after it (kv_len > T) keeps model.attention over the cache."""
@@ -152,16 +156,19 @@ def test_fused_attention_prefill_equals_hf(variant, monkeypatch):
     real = model.fused_attention
     monkeypatch.setattr(model, "fused_attention", lambda *a: calls.append(a[0].shape) or real(*a))
     got, cache = model.forward(cfg, p, kv_cache.zeros(cfg, 40), jnp.asarray(ids, jnp.int32),
-                               jnp.arange(T, dtype=jnp.int32), kv_len=T, fused="xla")
+                               jnp.arange(T, dtype=jnp.int32), kv_len=T, opts=FUSED)
     assert rel_err(got, ref) < TOL and len(calls) == cfg.n_layers
     calls.clear()
     ids2 = np.random.RandomState(5).randint(0, cfg.vocab_size, size=8)
     ref2 = m(torch.tensor(np.concatenate([ids, ids2]))[None]).logits[0, T:].detach().numpy()
     got2, _ = model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(T, T + 8, dtype=jnp.int32),
-                            kv_len=40, fused="xla")
+                            kv_len=40, opts=FUSED)
     assert rel_err(got2, ref2) < TOL and calls == []  # attends over the cache: not the fused path
-    with pytest.raises(ValueError, match="fused must be one of"):
-        model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(8, dtype=jnp.int32), fused="flash")
+    with pytest.raises(ValueError, match="prefill_attention must be"):
+        FUSED.replace(prefill_attention="flash")
+    with pytest.raises(ValueError, match="resolved KernelOptions"):  # the traced functions take resolved options
+        model.forward(cfg, p, cache, jnp.asarray(ids2, jnp.int32), jnp.arange(8, dtype=jnp.int32),
+                      opts=KernelOptions(prefill_attention="xla"))
 
 
 def test_fused_attention_falls_back_where_cudnn_refuses(caplog, monkeypatch):

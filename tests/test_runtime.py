@@ -17,6 +17,7 @@ import torch
 from conftest import hf_params, make_hf_model
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.engine import Engine, generate
+from hybrid_jax.options import KernelOptions
 
 MAX = 72  # max_seq_len; buckets 16, 32, 64, 72
 NEW = 8
@@ -176,7 +177,8 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
     """The prompt's own bucket through model.fused_attention (here through XLA, cuDNN's kernel on a GPU);
     chunks through the smallest bucket keep the attention over the cache: greedy ids equal HF's both ways."""
     m, cfg, p = tiny
-    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_attention="xla")
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False,
+               options=KernelOptions(prefill_attention="xla"))
     try:
         assert e.stats()["prefill_attention"] == "xla"
         ids = prompt(40, seed=11)
@@ -190,7 +192,7 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
         pre = ("prefill", 16, 16)
         key = e.runtime._key(pre)
         dec = e.runtime._key(e.runtime.decode_spec(1, False))
-        e.runtime.fused = None
+        e.runtime.options = e.runtime.options.replace(prefill_attention="off")
         assert e.runtime._key(pre) != key  # its own executables on disk
         assert e.runtime._key(e.runtime.decode_spec(1, False)) == dec  # decode steps shared
     finally:
@@ -198,19 +200,19 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
 
 
 def test_fused_attention_from_a_bucket_size(tiny, tmp_path, monkeypatch):
-    """The fused attention only in buckets of at least fused_min_rows rows (runtime.FUSED_MIN_ROWS under "auto"
-    on a GPU), XLA's attention below: each bucket's key and compiled program say which, the stats list the
+    """The fused attention only in buckets of at least prefill_attention_min_rows rows (options.FUSED_MIN_ROWS
+    under "auto" on a GPU), XLA's attention below: each bucket's key and compiled program say which, the stats list the
     fused buckets, and the greedy ids equal HF's in both kinds of bucket."""
     m, cfg, p = tiny
     e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_buckets=(16, 32),
-               prefill_attention="xla")
+               options=KernelOptions(prefill_attention="xla"))
     try:
         rt = e.runtime
-        assert rt.fused_min_rows == 0 and e.stats()["prefill_attention_buckets"] == [16, 32]
-        rt.fused_min_rows = 32  # as "auto" does at 128 rows on a GPU
+        assert rt.options.prefill_attention_min_rows == 0 and e.stats()["prefill_attention_buckets"] == [16, 32]
+        rt.options = rt.options.replace(prefill_attention_min_rows=32)  # as "auto" does at 128 rows on a GPU
         assert e.stats()["prefill_attention_buckets"] == [32]
-        assert rt._key(("prefill", 16, 16))["fused_attention"] is None
-        assert rt._key(("prefill", 32, 32))["fused_attention"] == "xla"
+        assert rt._key(("prefill", 16, 16))["options"]["prefill_attention"] == "off"
+        assert rt._key(("prefill", 32, 32))["options"]["prefill_attention"] == "xla"
         from hybrid_jax import model
         traced = []
         real = model.fused_attention
@@ -251,7 +253,8 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
     keyed apart on disk, and the greedy ids still equal HF's (the options are GPU flags the CPU ignores)."""
     from hybrid_jax.runtime import PREFILL_MATMULS
     m, cfg, p = tiny
-    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False, prefill_matmuls="cublas")
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, compile_sampling=False,
+               options=KernelOptions(prefill_matmuls="cublas"))
     try:
         rt = e.runtime
         assert e.stats()["prefill_matmuls"] == "cublas"
@@ -268,7 +271,7 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
         assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         pre, dec = ("prefill", 32, 32), rt.decode_spec(1, False)
         keys = rt._key(pre), rt._key(dec)
-        rt.matmuls = "autotune"
+        rt.options = rt.options.replace(prefill_matmuls="autotune")
         assert rt._key(pre) != keys[0] and rt._key(dec) == keys[1]  # its own prefill executables on disk
     finally:
         e.close()
@@ -280,7 +283,6 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
     what it was compiled with (shared with the all-autotune or all-cuBLAS mode of the same bucket), and the
     greedy ids through both kinds of bucket equal HF's."""
     from hybrid_jax import runtime as R
-    monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
     from bench.worker import SHAPES
     n7b, nsmol = SHAPES["llama2-7b"].n_params, SHAPES["smollm2"].n_params  # 6.74e9, 1.35e8
     split = functools.partial(R.prefill_matmuls_for, "split")
@@ -309,12 +311,11 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
         assert seen[("prefill", 16, 16)] is None and seen[("decode", rt.cache_len, True)] is None
         assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == R.PREFILL_MATMULS["cublas"]
         k16, k32 = rt._key(("prefill", 16, 16)), rt._key(("prefill", 32, 32))
-        rt.matmuls = "autotune"
+        rt.options = rt.options.replace(prefill_matmuls="autotune")
         assert rt._key(("prefill", 16, 16)) == k16 and rt._key(("prefill", 32, 32)) != k32
-        rt.matmuls = "cublas"
+        rt.options = rt.options.replace(prefill_matmuls="cublas")
         assert rt._key(("prefill", 16, 16)) != k16 and rt._key(("prefill", 32, 32)) == k32
-        from hybrid_jax import model
-        monkeypatch.setattr(model, "MATMUL_2D", False)  # another traced form: another executable on disk
+        rt.options = rt.options.replace(matmul_2d=False)  # another traced form: another executable on disk
         assert rt._key(("prefill", 32, 32)) != k32
     finally:
         e.close()
@@ -334,55 +335,6 @@ def test_background_compiles_off_serves_through_compiled_buckets(tiny, tmp_path)
         e.close()
 
 
-def test_resolve_prefill_matmuls(monkeypatch):
-    from hybrid_jax.runtime import resolve_prefill_matmuls
-    monkeypatch.delenv("HYBRID_JAX_PREFILL_MATMULS", raising=False)
-    assert resolve_prefill_matmuls("auto") == "split"
-    assert resolve_prefill_matmuls("cublas") == "cublas"
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "CUBLAS")
-    assert resolve_prefill_matmuls("auto") == "cublas" and resolve_prefill_matmuls("autotune") == "autotune"
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_MATMULS", "fast")
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_MATMULS must be one of split, autotune, cublas"):
-        resolve_prefill_matmuls("auto")
-    with pytest.raises(ValueError, match="prefill_matmuls must be one of"):
-        resolve_prefill_matmuls("triton")
-
-
-def test_resolve_prefill_attention(monkeypatch):
-    import types
-
-    import jax
-
-    from hybrid_jax.runtime import resolve_prefill_attention as resolve
-    monkeypatch.delenv("HYBRID_JAX_PREFILL_ATTN", raising=False)
-    gpu = [types.SimpleNamespace(platform="gpu")]
-    cpu = jax.devices("cpu")[:1]
-    bf16 = LlamaConfig(vocab_size=64, dim=256, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)  # head dim 128
-    assert resolve("auto", bf16, gpu, None) == "cudnn"
-    assert resolve("auto", bf16, cpu, None) is None  # XLA's attention off the GPU
-    assert resolve("auto", bf16.replace(dtype="float32"), gpu, None) is None  # cuDNN's kernel: 16-bit only
-    assert resolve("auto", bf16.replace(n_heads=1), gpu, None) is None  # head dim 256: not taken
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    assert resolve("auto", bf16, gpu, mesh) is None
-    assert resolve("xla", bf16, cpu, None) == "xla" and resolve(None, bf16, gpu, None) is None
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve("cudnn", bf16, gpu, mesh)
-    with pytest.raises(ValueError, match="prefill_attention must be"):
-        resolve("flash", bf16, gpu, None)
-    from hybrid_jax.runtime import FUSED_MIN_ROWS, fused_min_rows
-    assert fused_min_rows("auto") == FUSED_MIN_ROWS == 128  # below: XLA's attention (runs 76, 81)
-    assert fused_min_rows("cudnn") == fused_min_rows("xla") == 0  # a named kernel: every bucket
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "off")
-    assert resolve("auto", bf16, gpu, None) is None
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "all")
-    assert resolve("auto", bf16, gpu, None) == "cudnn" and fused_min_rows("auto") == 0
-    monkeypatch.setenv("HYBRID_JAX_PREFILL_ATTN", "fast")
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
-        resolve("auto", bf16, gpu, None)
-    with pytest.raises(ValueError, match="HYBRID_JAX_PREFILL_ATTN"):
-        fused_min_rows("auto")
-
-
 def test_pipelined_step_seconds_after_a_context(engine):
     """The pipelined step timing decodes from position 1 by default, or after a prompt of `context` tokens:
     one warm-up step, then n timed steps, the state left where they ended."""
@@ -398,35 +350,6 @@ def test_pipelined_step_seconds_after_a_context(engine):
             engine.pipelined_step_seconds(3, context=bad)
 
 
-def test_resolve_token_memory(monkeypatch):
-    import types
-
-    import jax
-
-    from hybrid_jax.runtime import resolve_token_memory as resolve
-    monkeypatch.delenv("HYBRID_JAX_TOKEN_MEMORY", raising=False)
-    cpu = jax.devices("cpu")[:1]
-    kinds = lambda *ks: [types.SimpleNamespace(addressable_memories=lambda: [types.SimpleNamespace(kind=k)
-                                                                            for k in ks])]
-    assert resolve("auto", kinds("device", "pinned_host"), None) == "pinned_host"
-    assert resolve("auto", kinds("device"), None) is None  # a device without pinned host memory
-    assert resolve("auto", cpu, None) == "pinned_host"  # jax's CPU devices have it too
-    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:2]), ("tp",))
-    assert resolve("auto", jax.devices("cpu")[:2], mesh) is None  # tensor parallel: the replicated device token
-    assert resolve("device", cpu, None) is None and resolve(None, cpu, None) is None
-    assert resolve("pinned_host", cpu, None) == "pinned_host"
-    with pytest.raises(ValueError, match="tensor_parallel"):
-        resolve("pinned_host", cpu, mesh)
-    with pytest.raises(ValueError, match="token_memory must be"):
-        resolve("host", cpu, None)
-    monkeypatch.setenv("HYBRID_JAX_TOKEN_MEMORY", "device")
-    assert resolve("auto", cpu, None) is None
-    assert resolve("pinned_host", cpu, None) == "pinned_host"  # an explicit argument wins over the variable
-    monkeypatch.setenv("HYBRID_JAX_TOKEN_MEMORY", "gpu")
-    with pytest.raises(ValueError, match="HYBRID_JAX_TOKEN_MEMORY"):
-        resolve("auto", cpu, None)
-
-
 def test_token_in_pinned_host_memory(tiny, tmp_path):
     """By default the prefill and decode executables write the next token to pinned host memory (not to a
     new device buffer, whose allocation XLA shares with the step's temporaries: runs 76-77); the choice is in
@@ -438,7 +361,7 @@ def test_token_in_pinned_host_memory(tiny, tmp_path):
         e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, prefill_buckets=(16,), compile_sampling=False)
         e.close()
         e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, prefill_buckets=(16,), compile_sampling=False,
-                   token_memory=mode)
+                   options=KernelOptions(token_memory=mode))
         try:
             rt = e.runtime
             assert rt.stats()["token_memory"] == (None if mode == "device" else "pinned_host")
