@@ -2,7 +2,7 @@
 from .config import LLAMA2_7B, LLAMA2_13B, LLAMA2_70B, LlamaConfig
 
 __version__ = "0.1.0"
-__all__ = ["LlamaConfig", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "load", "generate"]
+__all__ = ["LlamaConfig", "LLAMA2_7B", "LLAMA2_13B", "LLAMA2_70B", "KernelOptions", "load", "generate"]
 
 
 def __getattr__(name):  # lazy: keep `import hybrid_jax` light
@@ -10,4 +10,7 @@ def __getattr__(name):  # lazy: keep `import hybrid_jax` light
         # (the submodule is `engine`: a submodule named `generate` would shadow the function once imported)
         from . import engine as _engine
         return getattr(_engine, name)
+    if name == "KernelOptions":
+        from .options import KernelOptions
+        return KernelOptions
     raise AttributeError(name)
