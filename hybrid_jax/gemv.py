@@ -53,7 +53,7 @@ class GemvConfig:
     stages: int = 3
 
 
-# The fastest tiling per shape (Kd, N, transposed), measured by scripts/gpu_gemv_tune.py on an H200 (a tiling
+# The fastest tiling per shape (Kd, N, transposed), measured by bench/probes/gemv_tune.py on an H200 (a tiling
 # is kept only when the whole decode step's A/B says so; see docs/performance.md, 'Defaults and why'); other
 # shapes get `default_config`'s heuristic.
 TUNED: dict[tuple[int, int, bool], GemvConfig] = {
@@ -300,8 +300,8 @@ def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tu
 # matmuls, which reach the matrix rate where the product stops being bound by the weight reads.
 ROWS_MAX = 128
 
-# The fastest tiling per (Kd, N, T, transposed) for bf16, measured on an H200 by scripts/gpu_prefill_probe.py's
-# tune for the output-major layout the model uses; others get `rows_config`. Only the 7B's output projection is
+# The fastest tiling per (Kd, N, T, transposed) for bf16, measured on an H200 by `bench/probes/gemv_tune.py --phase
+# rows` for the output-major layout the model uses; others get `rows_config`. Only the 7B's output projection is
 # tuned: it is the one product the prefill runs through `gemm` (options.KernelOptions.prefill_wo).
 TUNED_ROWS: dict[tuple[int, int, int, bool], GemvConfig] = {
     (4096, 4096, 16, True): GemvConfig(bn=32, bk=128, splits=4, warps=4, stages=3),  # 12.2 us (XLA's dot: 12.0)

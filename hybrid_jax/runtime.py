@@ -128,7 +128,7 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
 
 def prefill_jit(cfg: LlamaConfig, kv_len: int, opts: KernelOptions | None = None, **jit_kw):
     """The prefill step of a chunk attending over `kv_len` cache rows, jitted with the state donated (what
-    `Runtime` lowers and compiles for a prefill bucket; scripts/gpu_compile_stall.py times its phases)."""
+    `Runtime` lowers and compiles for a prefill bucket)."""
     def prefill_step(p, s, req):
         return _prefill_step(cfg, kv_len, p, s, req, opts)
     return jax.jit(prefill_step, donate_argnums=(1,), **jit_kw)
@@ -194,7 +194,7 @@ class Runtime:
         self.state = self._fresh_state()
         # The static path: compiled now (concurrently). The smallest prefill bucket over the whole cache
         # serves any chunk.
-        now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self._universal()]
+        now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec]
         for f in [self._get_async(s) for s in now]:
             if f is not None:
                 f.result()
@@ -231,7 +231,9 @@ class Runtime:
         return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p))
 
     # ---- compile / load --------------------------------------------------------------------------
-    def _universal(self) -> tuple:
+    @property
+    def universal_spec(self) -> tuple:
+        """The prefill executable that serves any chunk: (smallest bucket, the whole cache), compiled at load."""
         return ("prefill", self.min_bucket, self.cache_len)
 
     def step_options(self, spec: tuple) -> KernelOptions:
@@ -251,7 +253,8 @@ class Runtime:
                              prefill_matmuls="autotune")
         return KernelOptions.xla(matmul_2d=o.matmul_2d)
 
-    def _key(self, spec: tuple) -> dict:
+    def cache_key(self, spec: tuple) -> dict:
+        """The executable cache's key of `spec`: everything its compiled program depends on."""
         return {"spec": list(spec), "model": self.cfg.to_dict(), "cache_len": self.cache_len,
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh),
@@ -260,7 +263,8 @@ class Runtime:
                 "rows_max": gemv_lib.ROWS_MAX if spec[0] == "prefill" else None,
                 **self._env}
 
-    def _lower(self, spec: tuple):
+    def lower(self, spec: tuple):
+        """jax's Lowered of `spec`'s step (abstract arguments: nothing runs); `executable` compiles it."""
         cfg = self.cfg
         opts = self.step_options(spec)
         # With a mesh the returned state keeps the input state's shardings, so it feeds the next step as is.
@@ -287,14 +291,14 @@ class Runtime:
             self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
 
     def _build(self, spec: tuple):
-        key = self._key(spec)
+        key = self.cache_key(spec)
         if self.exec_cache is not None:
             ex = self.exec_cache.load(key, self._devices)
             if ex is not None:
                 return ex
         t0 = time.perf_counter()
         opts = PREFILL_MATMULS[self.step_options(spec).prefill_matmuls]  # None for "autotune" (and decode steps)
-        ex = self._lower(spec).compile(compiler_options=opts)
+        ex = self.lower(spec).compile(compiler_options=opts)
         dt = time.perf_counter() - t0
         with self._lock:
             self.stats_.compiles += 1
@@ -317,6 +321,16 @@ class Runtime:
         with self._lock:
             self._execs[spec] = ex
         return ex
+
+    def executable(self, spec: tuple):
+        """The compiled executable of `spec` (a step spec: ("decode", kv_len, do_sample), ("prefill", T, kv_len),
+        ("logits", T)), compiling or loading it now if needed; `.as_text()` gives its optimised HLO."""
+        return self._get(spec)
+
+    def compile_async(self, spec: tuple) -> cf.Future | None:
+        """Compile (or load) `spec`'s executable in the background: its future (the pending one if a compile is
+        under way), None if it is already built."""
+        return self._get_async(spec)
 
     def _get_async(self, spec: tuple) -> cf.Future | None:
         with self._lock:

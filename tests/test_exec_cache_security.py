@@ -78,8 +78,8 @@ def clean(tmp_path_factory) -> Clean:
         try:
             greedy, sampled = workload(e)
             rt = e.runtime
-            specs = [("decode", k, s) for k in rt.decode_kv_buckets for s in (False, True)] + [rt._universal()]
-            keys = {s: rt._key(s) for s in specs}
+            specs = [("decode", k, s) for k in rt.decode_kv_buckets for s in (False, True)] + [rt.universal_spec]
+            keys = {s: rt.cache_key(s) for s in specs}
             names = {s: rt.exec_cache.path(k).name for s, k in keys.items()}
             assert e.stats()["compiles"] == 3 and sorted(q.name for q in cache.iterdir()) == sorted(names.values())
         finally:

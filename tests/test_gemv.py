@@ -300,9 +300,9 @@ def test_runtime_prefill_wo_greedy_equals_hf(tmp_path, monkeypatch):
                              pad_token_id=0, eos_token_id=None)[0, n:].tolist()
             assert generate(eng, ids, max_new_tokens=6, ignore_eos=True).token_ids == ref, n
         pre, dec = ("prefill", 16, 16), eng.runtime.decode_spec(1, False)
-        pkey, dkey = eng.runtime._key(pre), eng.runtime._key(dec)
+        pkey, dkey = eng.runtime.cache_key(pre), eng.runtime.cache_key(dec)
         eng.runtime.options = eng.runtime.options.replace(prefill_wo="xla")
-        assert eng.runtime._key(pre) != pkey and eng.runtime._key(dec) == dkey
+        assert eng.runtime.cache_key(pre) != pkey and eng.runtime.cache_key(dec) == dkey
     finally:
         eng.close()
 
@@ -377,20 +377,20 @@ def test_runtime_with_kernels_greedy_equals_hf(tmp_path, monkeypatch):
         # the row reductions' choice changes the traced step: its executables must not be shared on disk
         rt = eng.runtime
         spec = rt.decode_spec(1, False)
-        key = rt._key(spec)
+        key = rt.cache_key(spec)
         opts = rt.options
         rt.options = opts.replace(row_reduce=frozenset({"w13"}))
-        assert rt._key(spec) != key
+        assert rt.cache_key(spec) != key
         rt.options = opts
-        assert rt._key(spec) == key
+        assert rt.cache_key(spec) == key
         monkeypatch.setenv("HYBRID_JAX_ROW_REDUCE", "w13")  # the ablations' variable: not read by the library
-        assert rt._key(spec) == key
+        assert rt.cache_key(spec) == key
         monkeypatch.delenv("HYBRID_JAX_ROW_REDUCE")
         # the prefill's kernel choice is in the prefill's key only (decode steps are shared)
         pre = ("prefill", 16, 16)
-        pkey = rt._key(pre)
+        pkey = rt.cache_key(pre)
         rt.options = opts.replace(prefill_wo="xla")
-        assert rt._key(pre) != pkey and rt._key(spec) == key
+        assert rt.cache_key(pre) != pkey and rt.cache_key(spec) == key
         rt.options = opts
     finally:
         eng.close()

@@ -159,19 +159,19 @@ def test_options_are_in_the_executables_key(tiny_engine_args):
     try:
         assert rt.options.token_memory == "device" and rt.stats()["token_memory"] is None
         dec, pre = rt.decode_spec(1, False), ("prefill", 16, 16)
-        keys = {s: rt._key(s) for s in (dec, pre)}
+        keys = {s: rt.cache_key(s) for s in (dec, pre)}
         assert keys[dec]["options"] == rt.step_options(dec).to_dict()
         base = rt.options
         for kw in (dict(matmul_2d=False), dict(gemv="interpret"), dict(decode_attention="interpret"),
                    dict(token_memory="pinned_host")):
             rt.options = base.replace(**kw)
-            assert rt._key(dec) != keys[dec] and rt._key(pre) != keys[pre], kw
+            assert rt.cache_key(dec) != keys[dec] and rt.cache_key(pre) != keys[pre], kw
         for kw in (dict(prefill_wo="interpret"), dict(prefill_attention="xla", prefill_attention_min_rows=0),
                    dict(prefill_matmuls="cublas")):  # the prefill's choices: not in the decode step's key
             rt.options = base.replace(**kw)
-            assert rt._key(dec) == keys[dec] and rt._key(pre) != keys[pre], kw
+            assert rt.cache_key(dec) == keys[dec] and rt.cache_key(pre) != keys[pre], kw
         rt.options = base.replace(prefill_matmuls="autotune")  # what "split" compiles a 16-row bucket with
-        assert rt._key(pre) == keys[pre]
+        assert rt.cache_key(pre) == keys[pre]
     finally:
         rt.close()
 

@@ -190,11 +190,11 @@ def test_fused_prefill_attention_greedy_equals_hf(tiny, tmp_path):
             r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
             assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         pre = ("prefill", 16, 16)
-        key = e.runtime._key(pre)
-        dec = e.runtime._key(e.runtime.decode_spec(1, False))
+        key = e.runtime.cache_key(pre)
+        dec = e.runtime.cache_key(e.runtime.decode_spec(1, False))
         e.runtime.options = e.runtime.options.replace(prefill_attention="off")
-        assert e.runtime._key(pre) != key  # its own executables on disk
-        assert e.runtime._key(e.runtime.decode_spec(1, False)) == dec  # decode steps shared
+        assert e.runtime.cache_key(pre) != key  # its own executables on disk
+        assert e.runtime.cache_key(e.runtime.decode_spec(1, False)) == dec  # decode steps shared
     finally:
         e.close()
 
@@ -211,15 +211,15 @@ def test_fused_attention_from_a_bucket_size(tiny, tmp_path, monkeypatch):
         assert rt.options.prefill_attention_min_rows == 0 and e.stats()["prefill_attention_buckets"] == [16, 32]
         rt.options = rt.options.replace(prefill_attention_min_rows=32)  # as "auto" does at 128 rows on a GPU
         assert e.stats()["prefill_attention_buckets"] == [32]
-        assert rt._key(("prefill", 16, 16))["options"]["prefill_attention"] == "off"
-        assert rt._key(("prefill", 32, 32))["options"]["prefill_attention"] == "xla"
+        assert rt.cache_key(("prefill", 16, 16))["options"]["prefill_attention"] == "off"
+        assert rt.cache_key(("prefill", 32, 32))["options"]["prefill_attention"] == "xla"
         from hybrid_jax import model
         traced = []
         real = model.fused_attention
         monkeypatch.setattr(model, "fused_attention", lambda *a: traced.append(a[-1]) or real(*a))
         for b, calls in ((16, []), (32, ["xla"] * cfg.n_layers)):
             traced.clear()
-            rt._lower(("prefill", b, b))  # what the bucket's executable is compiled from
+            rt.lower(("prefill", b, b))  # what the bucket's executable is compiled from
             assert traced == calls
         monkeypatch.undo()
         e.warmup()
@@ -233,7 +233,7 @@ def test_fused_attention_from_a_bucket_size(tiny, tmp_path, monkeypatch):
 
 def _record_compile_options(rt) -> list:
     """From now on, every (spec, compiler_options) `rt` compiles an executable with, in order."""
-    compiled, lower = [], rt._lower
+    compiled, lower = [], rt.lower
 
     def spy(spec):
         low = lower(spec)
@@ -244,7 +244,7 @@ def _record_compile_options(rt) -> list:
                 return low.compile(compiler_options=compiler_options)
         return Spy()
 
-    rt._lower = spy
+    rt.lower = spy
     return compiled
 
 
@@ -263,16 +263,16 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
         r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
         assert r.token_ids == hf_greedy(m, ids, NEW)
         e.runtime.wait_background()  # the prompt's bucket (32), compiled in the background
-        rt._get(("decode", rt.cache_len, True))
+        rt.executable(("decode", rt.cache_len, True))
         seen = [(spec[0], o) for spec, o in compiled]
         assert ("prefill", PREFILL_MATMULS["cublas"]) in seen and ("decode", None) in seen
         assert all(o == PREFILL_MATMULS["cublas"] for k, o in seen if k == "prefill")
         r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
         assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         pre, dec = ("prefill", 32, 32), rt.decode_spec(1, False)
-        keys = rt._key(pre), rt._key(dec)
+        keys = rt.cache_key(pre), rt.cache_key(dec)
         rt.options = rt.options.replace(prefill_matmuls="autotune")
-        assert rt._key(pre) != keys[0] and rt._key(dec) == keys[1]  # its own prefill executables on disk
+        assert rt.cache_key(pre) != keys[0] and rt.cache_key(dec) == keys[1]  # its own prefill executables on disk
     finally:
         e.close()
 
@@ -303,20 +303,20 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
         compiled = _record_compile_options(rt)
         for n in (12, 20, 40):  # buckets 16, 32, 64
             ids = prompt(n, seed=15)
-            rt._get(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
+            rt.executable(("prefill", rt.bucket_for(n), rt.bucket_for(n)))
             r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
             assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
-        rt._get(("decode", rt.cache_len, True))
+        rt.executable(("decode", rt.cache_len, True))
         seen = dict(compiled)
         assert seen[("prefill", 16, 16)] is None and seen[("decode", rt.cache_len, True)] is None
         assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == R.PREFILL_MATMULS["cublas"]
-        k16, k32 = rt._key(("prefill", 16, 16)), rt._key(("prefill", 32, 32))
+        k16, k32 = rt.cache_key(("prefill", 16, 16)), rt.cache_key(("prefill", 32, 32))
         rt.options = rt.options.replace(prefill_matmuls="autotune")
-        assert rt._key(("prefill", 16, 16)) == k16 and rt._key(("prefill", 32, 32)) != k32
+        assert rt.cache_key(("prefill", 16, 16)) == k16 and rt.cache_key(("prefill", 32, 32)) != k32
         rt.options = rt.options.replace(prefill_matmuls="cublas")
-        assert rt._key(("prefill", 16, 16)) != k16 and rt._key(("prefill", 32, 32)) == k32
+        assert rt.cache_key(("prefill", 16, 16)) != k16 and rt.cache_key(("prefill", 32, 32)) == k32
         rt.options = rt.options.replace(matmul_2d=False)  # another traced form: another executable on disk
-        assert rt._key(("prefill", 32, 32)) != k32
+        assert rt.cache_key(("prefill", 32, 32)) != k32
     finally:
         e.close()
 

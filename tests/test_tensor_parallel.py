@@ -1,6 +1,6 @@
 """Tensor parallelism on 8 virtual CPU devices (conftest sets --xla_force_host_platform_device_count=8):
 TP = 1, 2, 4, 8 give TP=1's logits and HF's greedy ids; restore lands in shards; bad N is refused; no
-recompilation; a psum across two JAX processes (the multi-host path) on one machine; scripts/gpu_tp_check.py
+recompilation; a psum across two JAX processes (the multi-host path) on one machine; bench/probes/tp_check.py
 (sharded random init, one process per TP) on the tiny model."""
 from __future__ import annotations
 
@@ -183,16 +183,12 @@ def test_psum_across_two_processes():
 
 
 def _tp_check_module():
-    import importlib.util
-    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_tp_check.py")
-    spec = importlib.util.spec_from_file_location("gpu_tp_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from bench.probes import tp_check
+    return tp_check
 
 
 def test_tp_check_random_weights_are_made_in_their_shards():
-    """scripts/gpu_tp_check.py draws random weights straight into their TP shards, the same values at every TP."""
+    """bench/probes/tp_check.py draws random weights straight into their TP shards, the same values at every TP."""
     mod = _tp_check_module()
     cfg = LlamaConfig(vocab_size=96, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, dtype="float32")
     # blocks of at most 512 elements: whole rows of axis 0 (embed, lm_head), within a layer rows of the first
@@ -217,10 +213,10 @@ def test_tp_check_random_weights_are_made_in_their_shards():
 def test_tp_check_script_runs_on_cpu(tmp_path):
     """The whole script (floors, one process per TP degree, summary) on the tiny model; a bad TP is recorded."""
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_tp_check.py"),
+    p = subprocess.run([sys.executable, "-m", "bench.probes.tp_check",
                         "--shape", "tiny", "--tp", "1,2,3", "--out", str(out), "--reps", "2", "--lengths", "10,20",
                         "--new-tokens", "6", "--pipelined-steps", "10", "--floor-bytes", str(2**22)],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert p.returncode == 0, p.stderr[-3000:]
     res = {r["tp"]: r for r in json.load(open(out / "summary.json"))["results"]}
     assert res[1]["status"] == res[2]["status"] == "ok" and res[3]["status"] == "error"

@@ -1,7 +1,8 @@
 """Where the host time of a prefill call goes before its graph starts (issue 5, docs/ENGINEERING_LOG.md session 12).
 
-  PYTHONPATH=. python3 scripts/gpu_host_timeline.py --out $OUT/host [--shape llama2-7b] [--lengths 10,100]
+  python3 -m bench.probes.host_timeline --out $OUT/host [--shape llama2-7b] [--lengths 10,100]
       [--variants default,cudnn_all,xla_attn,cublas]
+  python3 -m bench.probes.host_timeline --parse LOG [--summary]     # a run's stderr, cut per call
 
 Runs 63-64 measured ~1.0 ms of host time in a 10-token prefill call with the device idle, of which a plain
 448-kernel command buffer costs ~0.1 ms (run 26); run 27 added ~0.5 ms with the 32 cuDNN attention calls. One
@@ -18,7 +19,6 @@ timelines by --parse, or summed up one line per call (host times, graph nodes re
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.probes import harness as H
 
 
 def mark(label: str) -> None:
@@ -50,19 +50,15 @@ def run(args) -> None:
     import jax.numpy as jnp
 
     from hybrid_jax import gemv as G
-    from hybrid_jax import weights
     from hybrid_jax.engine import Engine
     from hybrid_jax.runtime import pack_request
-    from shapes import shape_config  # scripts/ is this script's folder
 
-    os.makedirs(args.out, exist_ok=True)
-    cfg = shape_config(args.shape)
+    cfg = H.shape_config(args.shape)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-    params = weights.init_random(cfg, jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
+    params = H.random_params(cfg)
     lengths = [int(x) for x in args.lengths.split(",")]
     buckets = {n: max(16, G.rows_padded(n)) for n in lengths}
     dev = jax.devices()[0]
@@ -76,7 +72,7 @@ def run(args) -> None:
         from hybrid_jax.options import KernelOptions
         eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=own, compile_sampling=False,
                      background_compiles=False, options=KernelOptions(**VARIANTS[name]))
-        for f in [eng.runtime._get_async(("prefill", b, b)) for b in own]:
+        for f in [eng.runtime.compile_async(("prefill", b, b)) for b in own]:
             if f is not None:  # the buckets concurrently (the runtime's compile pool), no sampling step
                 f.result()
         engines[name] = eng
@@ -93,8 +89,8 @@ def run(args) -> None:
             rt = eng.runtime
             (spec, _), = rt.plan_prefill(n)
             assert spec == ("prefill", T, T), spec
-            ex = rt._get(spec)
-            dex = rt._get(rt.decode_spec(n + 10, False))
+            ex = rt.executable(spec)
+            dex = rt.executable(rt.decode_spec(n + 10, False))
             req = pack_request(toks, T, (0, 0.0, None, None))
             same = jax.device_put(req, dev)
             r = {}
@@ -227,9 +223,7 @@ def summary(path: str) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--shape", default="llama2-7b")
+    ap = H.parser(__doc__)
     ap.add_argument("--lengths", default="10", help="prompt lengths, comma-separated (each its own bucket)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--variants", default="default,xla_attn", help=f"comma list of {', '.join(VARIANTS)}")
@@ -238,7 +232,7 @@ def main():
     ap.add_argument("--calls", default="default/10/prefill/3,default/10/decode/3,default/10/tiny/3")
     ap.add_argument("--window-us", type=int, default=8000)
     ap.add_argument("--summary", action="store_true", help="with --parse: one line per call (times, nodes re-pointed)")
-    args = ap.parse_args()
+    args = H.parse(ap)
     if args.parse and args.summary:
         summary(args.parse)
     elif args.parse:

@@ -2,7 +2,8 @@
 XLA's fusion and PyTorch's cuBLAS product, check them, then time the decode step of the LLaMA-2-7B shape
 with the tuned kernels against XLA's fusions, same process, same weights.
 
-  PYTHONPATH=. python3 scripts/gpu_gemv_tune.py --out $OUT [--shape llama2-7b] [--phase tune,engine]
+  python3 -m bench.probes.gemv_tune --out $OUT [--shape llama2-7b] [--phase check,tune,engine,ab,rows]
+  JAX_PLATFORMS=cpu python3 -m bench.probes.gemv_tune --shape tiny --phase check,tune --out /tmp/gt
 
 Phase `tune`: for each matrix shape of the model, Lw copies of bf16 random weights (the layer matrices
 output-major [Lw, N, Kd], the untied LM head [Lw, Kd, N]; Lw so that the set exceeds the L2 cache), x
@@ -17,32 +18,33 @@ Phase `engine`: Engine(gemv="pallas") with the tuned table, then Engine(gemv="xl
 decode step time (pipelined, no host reads), streaming TPOT p50/p99, TTFT at 10 tokens, the first 32
 greedy tokens of each (they may part where two logits nearly tie in bf16), and the decode executable's
 HLO: how many command buffers and kernels outside them.
+Phase `rows`: the few-rows kernel `gemv.gemm` (the prefill's output projection, KernelOptions.prefill_wo) per
+layer matrix (--row-matrices, default wo) and row count T (--rows): XLA's product against every candidate
+tiling (checked first against a float32 product), Lw copies back to back. Writes the best tiling per
+(Kd, N, T) into gemv_tune.json's tuned_rows (the table for gemv.TUNED_ROWS).
+On the CPU (`--shape tiny`) every phase is a dry run with the kernels in the interpreter.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import functools
 import itertools
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from gpu_prefill_wo import hlo_counts  # noqa: E402  (scripts/ is this script's folder)
-from hybrid_jax import gemv as G  # noqa: E402
-from hybrid_jax.options import KernelOptions, resolve  # noqa: E402
-from hybrid_jax.model import rms_norm  # noqa: E402
-from shapes import layer_matrices  # noqa: E402  (this folder)
+from bench.probes.harness import hlo_counts, interpret_kernels_on_cpu, layer_matrices, parse, parser, random_params, \
+    run_record, shape_config, timed, torch_seconds
+from hybrid_jax import gemv as G
+from hybrid_jax.model import rms_norm
+from hybrid_jax.options import KernelOptions, resolve
 
 
 def model_shapes(cfg):
@@ -90,18 +92,6 @@ def candidates(kd, n, transposed):
             if 100 <= progs <= 4096 or (s == 1 and progs >= 100):
                 out.append(G.GemvConfig(bn, bk, s, warps=4 if bn * bk <= 8192 else 8, stages=3))
     return out
-
-
-def timed(f, args, iters=30):
-    jax.block_until_ready(f(*args))
-    for _ in range(3):
-        r = f(*args)
-    jax.block_until_ready(r)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        r = f(*args)
-    jax.block_until_ready(r)
-    return (time.perf_counter() - t0) / iters
 
 
 def tune(cfg, out_dir, results, set_bytes=512e6, matrices=None):
@@ -216,21 +206,6 @@ def _try(make, c):
         return None, f"{type(e).__name__}: {e}"
 
 
-def torch_seconds(run, iters: int) -> float:
-    """Seconds per call of `run` (PyTorch work on the GPU), by CUDA events over `iters` calls after 3."""
-    import torch
-    for _ in range(3):
-        run()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        run()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) / 1e3 / iters
-
-
 def _torch_gemv(kd, n, tr, Lw):
     try:
         import torch
@@ -252,7 +227,7 @@ def _torch_gemv(kd, n, tr, Lw):
 
 
 def hlo_summary(runtime):
-    ex = runtime._get(runtime.decode_spec(1, False))
+    ex = runtime.executable(runtime.decode_spec(1, False))
     txt = ex.as_text() or ""
     cache = "[" + ",".join(map(str, runtime.state.cache.k.shape)) + "]"
     # a copy of the stacked cache per step would double the attention's bytes (the kernel writes in place)
@@ -273,10 +248,8 @@ MODES.update({f"pallas_p{n}": (f"pallas_p{n}", "pallas", "pallas") for n in (128
 
 
 def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tuple(MODES.values())):
-    from hybrid_jax import weights
     from hybrid_jax.engine import Engine, generate
-    params = weights.init_random(cfg, jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
+    params = random_params(cfg)
     G.TUNED.update(tuned)
     rng = np.random.RandomState(0)
     prompt = [int(t) for t in rng.randint(3, cfg.vocab_size, size=10)]
@@ -331,10 +304,8 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
 def ab_phase(cfg, base_path, out_dir, results, rounds=5, steps=200):
     """The decode step with gemv.TUNED as in the code (A) against the tilings of `base_path`'s tuned table
     laid over it (B): two engines on the same weights, one process, pipelined steps alternated."""
-    from hybrid_jax import weights
     from hybrid_jax.engine import Engine
-    params = weights.init_random(cfg, jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
+    params = random_params(cfg)
     code = dict(G.TUNED)
     engines = {}
     for name, table in (("code", code), ("base", {**code, **load_tuned(base_path)})):
@@ -397,43 +368,117 @@ def small_check(results):
     print("small check", out, flush=True)
 
 
+# ---- phase rows: the few-rows kernel `gemm` (the prefill's output projection) -------------------------
+
+ROWS = (16, 32, 64, 128)
+
+
+def rows_candidates(kd, n, t):
+    out = {G.rows_config(kd, n, t, transposed=True)}
+    for bn, bk, s in itertools.product((16, 32, 64, 128), (32, 64, 128, 256), (1, 2, 4, 8)):
+        if n % bn or kd % (bk * s) or not 4096 <= bn * bk * 2 <= 32768:
+            continue
+        if (n // bn) * s < 64 or 4 * s * t / kd > 0.25 or t * bn > 16384 or (t + bn) * bk * 2 * 3 > 160e3:
+            continue
+        out.add(G.GemvConfig(bn, bk, s, warps=8 if (t * bn >= 8192 or bn * bk * 2 >= 32768) else 4, stages=3))
+    return [c for c in out if c is not None]
+
+
+def tune_rows(cfg, out_dir, results, rows=ROWS, set_bytes=512e6, matrices=("wo",)):
+    """Per layer matrix and T rows: XLA's product (x @ W.T, bf16 out, as the model's einsum) against every
+    candidate tiling of `gemm`; the best per (Kd, N, T, True) -> results["tuned_rows"] (gemv.TUNED_ROWS)."""
+    table, tuned = [], {}
+    results.setdefault("tune_rows", [])
+    for (name, kd, n), t in itertools.product([s for s in layer_matrices(cfg) if s[0] in matrices], rows):
+        mat_bytes = kd * n * 2
+        Lw = min(32, max(2, math.ceil(set_bytes / mat_bytes)))
+        k1, k2 = jax.random.split(jax.random.PRNGKey(kd + n + t))
+        w = jax.random.normal(k1, (Lw, n, kd), jnp.bfloat16)
+        x = jax.random.normal(k2, (t, kd), jnp.bfloat16)
+        ref = np.asarray(jnp.dot(x.astype(jnp.float32), w[Lw - 1].astype(jnp.float32).T,
+                                 precision=jax.lax.Precision.HIGHEST))
+        # one x per product: with a shared x XLA merges the dots into one fusion that can exceed shared memory
+        xs = jnp.stack([x + jnp.asarray(l, x.dtype) for l in range(Lw)])
+        t_xla = timed(jax.jit(lambda xs, w: [jnp.einsum("td,nd->tn", xs[l], w[l]) for l in range(Lw)]), (xs, w)) / Lw
+
+        def make(c):
+            try:
+                fn = jax.jit(lambda x, w: [G.gemm(x, w, l, transposed=True, cfg=c) for l in range(Lw)])
+                fn.lower(x, w).compile()
+                return c, fn, None
+            except Exception as e:  # noqa: BLE001  (a tiling Triton rejects)
+                return c, None, f"{type(e).__name__}: {str(e)[:200]}"
+
+        t0 = time.perf_counter()
+        with cf.ThreadPoolExecutor(8) as pool:
+            built = list(pool.map(make, rows_candidates(kd, n, t)))
+        compile_s = time.perf_counter() - t0
+        cand = []
+        for c, fn, err in built:
+            if fn is None:
+                cand.append({"cfg": c.__dict__, "error": err})
+                continue
+            got = np.asarray(fn(x, w)[Lw - 1])
+            e = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            sec = timed(fn, (x, w)) / Lw
+            cand.append({"cfg": c.__dict__, "rel_err": e, "s": sec, "TBps": mat_bytes / sec / 1e12})
+        ok = sorted([r for r in cand if "s" in r and r["rel_err"] < 1e-3], key=lambda r: r["s"])
+        default = G.rows_config(kd, n, t, transposed=True).__dict__
+        d = next((r for r in cand if r["cfg"] == default and "s" in r), None)
+        best = ok[0] if ok else None
+        entry = {"name": name, "kd": kd, "n": n, "T": t, "Lw": Lw, "xla_s": t_xla, "xla_TBps": mat_bytes / t_xla / 1e12,
+                 "default": d, "best": best, "compile_s": compile_s, "n_candidates": len(cand),
+                 "n_errors": sum("error" in r for r in cand), "rows": cand}
+        results["tune_rows"].append(entry)
+        if best:
+            tuned[(kd, n, t, True)] = G.GemvConfig(**best["cfg"])
+        f = lambda r: f"{r['s']*1e6:.1f} ({r['TBps']:.2f})" if r else "-"  # noqa: E731
+        table.append(f"| {name} | {kd}x{n} | {t} | {t_xla*1e6:.1f} ({entry['xla_TBps']:.2f}) | {f(d)} | {f(best)} | "
+                     f"{best['cfg'] if best else entry['n_errors']} |")
+        print(table[-1], flush=True)
+        results["tuned_rows"] = {",".join(map(str, k)): v.__dict__ for k, v in tuned.items()}
+        _save(out_dir, results)
+        del w
+    results["tune_rows_table_md"] = ["| matrix | shape | T | XLA us (TB/s) | gemm default us (TB/s) | gemm best | best tiling |",
+                                     "|---|---|---|---|---|---|---|"] + table
+    _save(out_dir, results)
+    return tuned
+
+
 def _save(out_dir, results):
     with open(os.path.join(out_dir, "gemv_tune.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--shape", default="llama2-7b")
-    ap.add_argument("--phase", default="check,tune,engine")
-    ap.add_argument("--tuned", help="tune.json of an earlier run: skip tuning")
+    ap = parser(__doc__)
+    ap.add_argument("--phase", default="check,tune,engine", help="any of check, tune, ab, engine, rows")
+    ap.add_argument("--tuned", help="gemv_tune.json of an earlier run: skip tuning")
     ap.add_argument("--modes", default="pallas,pallas_gemv,xla", help=f"engine phase: any of {','.join(MODES)}")
     ap.add_argument("--ab-base", help="phase ab: a gemv_tune.json whose tuned table is B against the code's A")
     ap.add_argument("--matrices", help="tune phase: only these (of wqkv, wo, w13, w2, lm_head)")
-    args = ap.parse_args()
-    from shapes import shape_config  # scripts/ is this script's folder
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="rows phase: the row counts T")
+    ap.add_argument("--row-matrices", default="wo", help="rows phase: which layer matrices")
+    args = parse(ap)
     cfg = shape_config(args.shape)
-    if jax.default_backend() == "cpu":  # a dry run of the script: the kernels in the interpreter
-        from hybrid_jax import decode_attention as A
-        orig, orig_a = G.gemv, A.attend
-        G.gemv = lambda *a, **k: orig(*a, **{**k, "interpret": True})
-        A.attend = lambda *a, **k: orig_a(*a, **{**k, "interpret": True})
-    os.makedirs(args.out, exist_ok=True)
+    cpu = interpret_kernels_on_cpu()  # a dry run of the probe: the kernels in the interpreter
     phases = args.phase.split(",")
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "shape": args.shape,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "tune": [], "engine": []}
+    results = {**run_record(), "shape": args.shape, "tune": [], "engine": []}
     if "check" in phases:
         small_check(results)
         _save(args.out, results)
     tuned = load_tuned(args.tuned) if args.tuned else {}
     if "tune" in phases:
-        tuned = tune(cfg, args.out, results, 512e6 if jax.default_backend() != "cpu" else 1e6,
+        tuned = tune(cfg, args.out, results, 1e6 if cpu else 512e6,
                      matrices=args.matrices.split(",") if args.matrices else None)
     if "ab" in phases:
         ab_phase(cfg, args.ab_base, args.out, results)
     if "engine" in phases:
         engine_phase(cfg, tuned, args.out, results, modes=[MODES[m] for m in args.modes.split(",")])
+    if "rows" in phases:
+        tune_rows(cfg, args.out, results, rows=tuple(int(r) for r in args.rows.split(",")),
+                  set_bytes=1e6 if cpu else 512e6, matrices=tuple(args.row_matrices.split(",")))
+        print("\n".join(results["tune_rows_table_md"]))
     print("\n".join(results.get("tune_table_md", [])))
     for r in results["engine"]:
         print(f"| {r['mode']} rows {r.get('attn_rows')} | step {r['step_ms']:.3f} ms | TPOT p50 {r['tpot_p50_ms']:.3f} p99 {r['tpot_p99_ms']:.3f} | "

@@ -1,34 +1,81 @@
-"""Where does the decode step's time go? Profile N pipelined decode steps (JAX profiler, CUPTI) of the
-LLaMA-2-7B shape with random bf16 weights and sum the device time per kernel name, per step.
+"""Where does the decode step's time go? Profile N pipelined decode steps (JAX profiler, CUPTI) of a model
+shape with random weights and sum the device time per kernel name, per step.
 
-  PYTHONPATH=. python3 scripts/gpu_decode_profile.py --out $OUT [--gemv pallas+attn,xla] [--steps 20]
-      [--tuned gemv_tune.json] [--variants "base;pallas"]
+  python3 -m bench.probes.decode_profile --out $OUT [--shape llama2-7b] [--gemv pallas+attn,xla] [--steps 20]
+      [--tuned gemv_tune.json] [--variants "base;pallas;rr:w13;tile:w13=1/4096/4/1"]
+  JAX_PLATFORMS=cpu python3 -m bench.probes.decode_profile --shape tiny --kernels interpret --steps 2 --out /tmp/p
 
 Modes: `pallas+attn` is the default step on one GPU (the projection kernels and the attention kernel),
-`pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only. `--variants` (the syntax of
-scripts/gpu_rowreduce_ab.py: which projections are row reductions, tilings) profiles
-each kernel mode once per variant; results are keyed "mode" for base, else "mode|variant".
+`pallas` the projection kernels with XLA's attention, `xla` XLA's fusions only. Variants, separated by ";",
+each profiled once per mode (results keyed "mode" for base, else "mode|variant"):
+  base                      the default step (row_reduce "auto")
+  pallas                    every projection through gemv.gemv, none an XLA row reduction
+  rr:NAMES                  exactly the projections NAMES (wqkv, wo, w13, w2, joined by +) as row reductions
+  tile:NAME=BN/BK/W/S,...   the base step with these gemv tilings (block_n, block_k, warps, stages) over gemv.TUNED
 
-Writes profile_<gemv>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and
+Writes profile<tag>.json (kernel name -> us per step, count per step; busy time vs wall time per step) and
 prints the top kernels. Run it under XLA_FLAGS=--xla_gpu_enable_command_buffer= as well: with command
 buffers the kernels run inside a CUDA graph, which CUPTI may report as one graph launch.
 """
 from __future__ import annotations
 
-import argparse
 import collections
+import contextlib
+import dataclasses
 import glob
 import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import jax
 
-import jax  # noqa: E402
+from bench.probes import harness as H
+
+
+@dataclasses.dataclass
+class Variant:
+    """One variant's switches: KernelOptions.row_reduce (None: the code's default), gemv.TUNED overrides."""
+    row_reduce: frozenset[str] | None = None
+    tiles: dict = dataclasses.field(default_factory=dict)
+
+
+def parse_variant(v: str, cfg) -> Variant:
+    """A variant's name (see the module's docstring) -> its switches."""
+    from hybrid_jax import gemv as G
+    from hybrid_jax import model
+    var = Variant()
+    shapes = {name: (kd, n) for name, kd, n in H.layer_matrices(cfg)}
+    if v == "pallas":
+        var.row_reduce = frozenset()
+    elif v.startswith("rr:"):
+        var.row_reduce = frozenset(v[3:].split("+"))
+        if not var.row_reduce <= set(model.PROJECTIONS.values()):
+            raise ValueError(f"unknown projection in {v!r}")
+    elif v.startswith("tile:"):
+        for part in v[5:].split(","):
+            name, _, t = part.partition("=")
+            bn, bk, wp, st = (int(a) for a in t.split("/"))
+            var.tiles[(*shapes[name], True)] = G.GemvConfig(bn, bk, 1, wp, st)
+    elif v != "base":
+        raise ValueError(f"unknown variant {v!r}")
+    return var
+
+
+@contextlib.contextmanager
+def applied(var: Variant):
+    """The variant's tilings set while an engine traces its steps; the previous ones restored after (its row
+    reductions go in the engine's options)."""
+    from hybrid_jax import gemv as G
+    tuned = dict(G.TUNED)
+    G.TUNED.update(var.tiles)
+    try:
+        yield
+    finally:
+        G.TUNED.clear()
+        G.TUNED.update(tuned)
 
 
 def kernel_table(trace_path: str, steps: int) -> dict:
@@ -66,40 +113,32 @@ def kernel_table(trace_path: str, steps: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap = H.parser(__doc__)
     ap.add_argument("--gemv", default="pallas+attn,xla", help="modes: pallas+attn (the default step: the "
                     "projection kernels and the attention kernel), pallas (XLA's attention), xla")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--tuned", help="gemv_tune.json of scripts/gpu_gemv_tune.py: its tilings over gemv.TUNED")
-    ap.add_argument("--variants", default="base", help="';'-separated, as scripts/gpu_rowreduce_ab.py's")
+    ap.add_argument("--tuned", help="gemv_tune.json of bench.probes.gemv_tune: its tilings over gemv.TUNED")
+    ap.add_argument("--variants", default="base", help="';'-separated (see above)")
     ap.add_argument("--kernels", default="pallas", help="the mode of the kernels (interpret: a CPU dry run)")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    args = H.parse(ap)
+    from hybrid_jax.options import KernelOptions
     if args.tuned:
-        from gpu_gemv_tune import load_tuned  # scripts/ is this script's folder
+        from bench.probes.gemv_tune import load_tuned
         from hybrid_jax import gemv as G
         G.TUNED.update(load_tuned(args.tuned))
-    from hybrid_jax import weights
-    from shapes import shape_config  # scripts/ is this script's folder
-    from hybrid_jax.engine import Engine
-    from gpu_rowreduce_ab import applied, options, parse  # scripts/ is this script's folder
-    cfg = shape_config(args.shape)
-    params = weights.init_random(cfg, jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
-    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "tuned": args.tuned}
+    cfg = H.shape_config(args.shape)
+    params = H.random_params(cfg)
+    out = {**H.run_record(), "tuned": args.tuned}
     runs = [(m, v) for m in args.gemv.split(",") for v in args.variants.split(";")]
     for mode, variant in runs:
         gemv, _, attn = mode.partition("+")
         kern = args.kernels if gemv == "pallas" else gemv
-        var = parse(variant, cfg)
+        var = parse_variant(variant, cfg)
         with applied(var):  # the decode steps are traced and compiled in the constructor
-            eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 1024),
-                         compile_sampling=False,
-                         options=options(var, gemv=kern, decode_attention=args.kernels if attn else "xla"))
+            eng, _ = H.random_engine(cfg, params, prefill_buckets=(16, 1024), compile_sampling=False,
+                                     options=KernelOptions(row_reduce="auto" if var.row_reduce is None else var.row_reduce,
+                                                           gemv=kern, decode_attention=args.kernels if attn else "xla"))
         key = mode if variant == "base" else f"{mode}|{variant}"
         eng.wait_background()  # background compiles autotune on the GPU: never time beside them
         rt = eng.runtime

@@ -1,12 +1,12 @@
 """Tensor-parallel evidence on several GPUs: per TP degree, engine build time, TTFT per prompt length,
 streaming TPOT and the pipelined decode step, against the weight-read floor of one GPU. Random weights.
 
-  PYTHONPATH=. python3 scripts/gpu_tp_check.py --shape llama2-13b --tp 1,2 --out $OUT
+  python3 -m bench.probes.tp_check --shape llama2-13b --tp 1,2 --out $OUT
       [--reps 20] [--lengths 10,100,500] [--new-tokens 64] [--per-tp-timeout 280] [--deadline 570]
       [--xla-flags-extra "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"]
       [--cache-dir .cache/tp_check]   (reuse compiled executables: a second run measures warm builds)
   On the CPU (tiny GQA float32 model; the children get --xla_force_host_platform_device_count=max(tp)):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 PYTHONPATH=. python3 scripts/gpu_tp_check.py \
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python3 -m bench.probes.tp_check \
       --shape tiny --tp 1,2 --out /tmp/tpout --reps 3 --lengths 10,20
 
 The parent never imports jax (JAX would take most of every GPU's memory for the whole run); it starts:
@@ -60,8 +60,9 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, ROOT)
+from bench.probes import harness as H  # noqa: E402  (imports no jax)
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FORCE = "--xla_force_host_platform_device_count"
 ENV_KEYS = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "NCCL_NVLS_ENABLE",
             "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS", "JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")
@@ -75,20 +76,11 @@ def pct(xs, q):
 
 
 def config_for(shape):
-    from hybrid_jax.config import PRESETS, LlamaConfig
-    if shape in PRESETS:
-        return PRESETS[shape]
-    if shape != "tiny":
-        raise SystemExit(f"unknown --shape {shape!r}: one of {', '.join(PRESETS)}, tiny")
-    return LlamaConfig(vocab_size=512, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=512, dtype="float32")
+    """The model of --shape; "tiny" in float32 (a GQA model the CPU dry run checks tokens on)."""
+    return H.shape_config(shape, dtype="float32")
 
 
-def write_json(path, obj):
-    """Atomic: a kill mid-write leaves the previous version."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+write_json = H.write_json
 
 
 def env_record():
@@ -333,7 +325,7 @@ def _tp_worker(args, n, rec, save):
 
     t0 = time.perf_counter()
     for b in sorted({rt.bucket_for(L) for L in args.lengths} - {None}):
-        rt._get_async(("prefill", b, b))  # the prompts' own buckets, concurrently (warmup() would add sampling)
+        rt.compile_async(("prefill", b, b))  # the prompts' own buckets, concurrently (warmup() would add sampling)
     eng.wait_background()
     rec["buckets_s"] = time.perf_counter() - t0
     rec["stats_after_buckets"] = eng.stats()
@@ -440,10 +432,8 @@ def table(results, lengths):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="llama2-13b", help="llama2-7b | llama2-13b | llama2-70b | tiny")
+    ap = H.parser(__doc__, shape="llama2-13b")
     ap.add_argument("--tp", default="1,2", help="TP degrees, comma-separated (one process each, in order)")
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--reps", type=int, default=20, help="timed generations per prompt length")
     ap.add_argument("--lengths", default="10,100,500", help="prompt lengths")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -494,7 +484,7 @@ def main(argv=None):
         return tp_worker(args)
 
     t_run = time.perf_counter()
-    me = [sys.executable, os.path.abspath(__file__)]
+    me = [sys.executable, "-m", "bench.probes.tp_check"]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
 

@@ -1,15 +1,15 @@
 """Host memory of a checkpoint restore (hybrid_jax.checkpoint.restore, the path generate.load takes), on the CPU.
 
   # 1. a ~2.5 GB bf16 checkpoint of random weights, written with checkpoint.save
-  JAX_PLATFORMS=cpu python3 scripts/restore_memory.py --make /tmp/rm_ckpt --params-gb 2.5
+  JAX_PLATFORMS=cpu python3 -m bench.probes.restore_memory --make /tmp/rm_ckpt --params-gb 2.5
   # 2. one fresh process per tensor-parallel degree; markdown table on stdout, JSON to --out
-  JAX_PLATFORMS=cpu python3 scripts/restore_memory.py --all /tmp/rm_ckpt --tp 1,2,4 --out /tmp/restore_mem.json
+  JAX_PLATFORMS=cpu python3 -m bench.probes.restore_memory --all /tmp/rm_ckpt --tp 1,2,4 --out /tmp/restore_mem.json
       [--variants default,dcc=16,gb=2]  (extra rows, set in the child only: 'default' is the project's restore
                                      as is; gb=G: Orbax StandardCheckpointer(restore_concurrent_gb=G) instead
                                      of its 96 GB default; dcc=K: TensorStore's data_copy_concurrency limit K
                                      instead of the CPU count, i.e. what a K-core host would run at once)
       [--delete]                    (remove the checkpoint folder at the end)
-  # (worker) JAX_PLATFORMS=cpu python3 scripts/restore_memory.py --restore /tmp/rm_ckpt --tp 2 [--out f.json]
+  # (worker) JAX_PLATFORMS=cpu python3 -m bench.probes.restore_memory --restore /tmp/rm_ckpt --tp 2 [--out f.json]
 
 Every --restore runs in its own process (the parent never imports jax) with
 XLA_FLAGS=--xla_force_host_platform_device_count=8. It imports jax, orbax and hybrid_jax, creates the
@@ -34,7 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.probes import harness as H  # imports no jax: the parent never does
+
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
@@ -121,8 +123,6 @@ def _dir_bytes(p: Path) -> int:
 # ---- --make ------------------------------------------------------------------------------------------
 
 def make(args) -> None:
-    sys.path.insert(0, str(ROOT))
-    import jax
     from hybrid_jax import checkpoint
     from hybrid_jax import weights as W
     from hybrid_jax.config import LlamaConfig
@@ -138,8 +138,7 @@ def make(args) -> None:
     print(f"config: {cfg.to_dict()}\nweights: {cfg.weight_bytes / 1e9:.3f} GB ({cfg.n_params / 1e6:.0f} M params)",
           flush=True)
     t = time.perf_counter()
-    params = W.init_random(cfg, jax.random.key(0))
-    jax.block_until_ready(params)
+    params = H.random_params(cfg)
     print(f"init_random {time.perf_counter() - t:.1f} s", flush=True)
     t = time.perf_counter()
     out = checkpoint.save(args.make, cfg, W.to_dict(params), force=args.force)
@@ -149,7 +148,6 @@ def make(args) -> None:
 # ---- --restore (worker) ------------------------------------------------------------------------------
 
 def restore_one(args) -> dict:
-    sys.path.insert(0, str(ROOT))
     import gc
     import resource
 
@@ -336,13 +334,14 @@ def run_all(args) -> None:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     recs = []
     tmp = Path(args.out).with_suffix(".part")
     for run in range(args.repeat):  # repeats outermost: drift over time hits every row alike
         for d in dirs:
             for v in variants:
                 for tp in tps:
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--restore", d, "--tp", str(tp),
+                    cmd = [sys.executable, "-m", "bench.probes.restore_memory", "--restore", d, "--tp", str(tp),
                            "--out", str(tmp)]
                     for kv in ([] if v == "default" else v.split("+")):
                         k, val = kv.split("=")
