@@ -144,7 +144,9 @@ def _logits_fn(cfg: LlamaConfig, params: W.Weights, tokens: jax.Array, opts: Ker
 class Stats:
     compiles: int = 0  # executables compiled by this runtime (not loaded from disk)
     compile_seconds: float = 0.0
-    background_compiles_started: int = 0
+    background_compiles_started: int = 0  # compiles queued for later requests (not those waited for at load)
+    compiled: list = dataclasses.field(default_factory=list)  # [(spec, seconds)] compiled here
+    loaded: list = dataclasses.field(default_factory=list)  # specs loaded from the disk cache
 
 
 class Runtime:
@@ -195,7 +197,7 @@ class Runtime:
         # The static path: compiled now (concurrently). The smallest prefill bucket over the whole cache
         # serves any chunk.
         now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec]
-        for f in [self._get_async(s) for s in now]:
+        for f in [self._get_async(s, background=False) for s in now]:
             if f is not None:
                 f.result()
         if compile_sampling:
@@ -295,6 +297,8 @@ class Runtime:
         if self.exec_cache is not None:
             ex = self.exec_cache.load(key, self._devices)
             if ex is not None:
+                with self._lock:
+                    self.stats_.loaded.append(spec)
                 return ex
         t0 = time.perf_counter()
         opts = PREFILL_MATMULS[self.step_options(spec).prefill_matmuls]  # None for "autotune" (and decode steps)
@@ -303,6 +307,7 @@ class Runtime:
         with self._lock:
             self.stats_.compiles += 1
             self.stats_.compile_seconds += dt
+            self.stats_.compiled.append((spec, dt))
         log.info("compiled %s in %.2fs", spec, dt)
         if self.exec_cache is not None:
             self.exec_cache.store(key, ex)
@@ -332,14 +337,31 @@ class Runtime:
         under way), None if it is already built."""
         return self._get_async(spec)
 
-    def _get_async(self, spec: tuple) -> cf.Future | None:
+    def _get_async(self, spec: tuple, background: bool = True) -> cf.Future | None:
         with self._lock:
             if spec in self._execs or spec in self._pending:
                 return self._pending.get(spec)
             fut = self._pool.submit(self._bg_build, spec)
             self._pending[spec] = fut
-            self.stats_.background_compiles_started += 1
+            self.stats_.background_compiles_started += background
         return fut
+
+    def _load_from_disk(self, spec: tuple) -> bool:
+        """Load `spec`'s executable where the disk cache holds an entry for it (a warmup's, or an earlier
+        process'); never compiles. True when it is now in memory."""
+        xc = self.exec_cache
+        if xc is None or not xc.enabled:
+            return False
+        key = self.cache_key(spec)
+        if not xc.path(key).is_file():
+            return False
+        ex = xc.load(key, self._devices)
+        if ex is None:
+            return False
+        with self._lock:
+            self._execs.setdefault(spec, ex)
+            self.stats_.loaded.append(spec)
+        return True
 
     def _bg_build(self, spec):
         try:
@@ -384,15 +406,20 @@ class Runtime:
     def plan_prefill(self, n: int) -> list[tuple[tuple, int]]:
         """Chunks [(spec, n_valid)] for a prompt of n tokens at position 0, using compiled executables only.
 
-        The prompt's own bucket is used when compiled; otherwise it is queued for a background compile
-        (unless `background_compiles` is off) and the prompt goes through compiled ones (at worst the
-        smallest bucket over the whole cache).
+        The prompt's own bucket is used when in memory, or loaded from the disk cache when an entry is there
+        (`hybrid-jax warmup` puts them there); otherwise it is queued for a background compile (unless
+        `background_compiles` is off) and the prompt goes through compiled ones (at worst the smallest bucket
+        over the whole cache).
         """
         if n > self.max_seq_len:
             raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
         b = self.bucket_for(n)
         own = ("prefill", b, b) if b is not None else None
         if own is not None and self.compiled(own):
+            return [(own, n)]
+        with self._lock:
+            pending = own in self._pending
+        if own is not None and not pending and self._load_from_disk(own):
             return [(own, n)]
         if own is not None and self.background_compiles:
             self._get_async(own)
@@ -462,6 +489,9 @@ class Runtime:
                 "logits_lengths_compiled": sorted(s[1] for s in self._execs if s[0] == "logits"),
                 "background_compiles_running": len(self._pending),
                 "background_compiles_started": self.stats_.background_compiles_started,
+                # exactly what this process compiled (with seconds) and what it loaded from the disk cache
+                "compiled": [[list(sp), round(dt, 3)] for sp, dt in self.stats_.compiled],
+                "loaded_from_disk": [list(sp) for sp in self.stats_.loaded],
                 "prefill_buckets": list(self.buckets),
                 "cache_len": self.cache_len,
                 # the resolved kernel options (options.KernelOptions), then a few of them as the keys read before

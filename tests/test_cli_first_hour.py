@@ -3,6 +3,7 @@ a ready line, chat that survives a full context, --help with defaults, --version
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -99,3 +100,22 @@ def test_chat_keeps_going_when_the_context_fills(smollm2_dir, tmp_path):
     answers = [a for a in r.stdout.split("> ") if a.strip()]
     assert len(answers) == 5, r.stdout  # five questions, five answers: none lost to the full context
     assert "Traceback" not in r.stderr and "error" not in r.stderr.lower(), r.stderr[-3000:]
+
+
+def test_warmed_buckets_are_used_by_a_later_generate(tiny_model, tmp_path, capsys):
+    """`hybrid-jax warmup` fills the disk cache; a later `hybrid-jax generate` process loads the prompt's own
+    bucket from it (one chunk, nothing compiled) instead of running the prompt through the 16-row chunk."""
+    cache = str(tmp_path / "xc")
+    assert main(["warmup", "--model", str(tiny_model), "--max-seq-len", "48", "--cache-dir", cache,
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 2)  # > 16 tokens: the 32-row bucket
+    r = subprocess.run([sys.executable, "-m", "hybrid_jax", "generate", "--model", str(tiny_model), "--raw",
+                        "--prompt", prompt, "--max-seq-len", "48", "--cache-dir", cache, "--max-new-tokens", "4",
+                        "--stats"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads(r.stderr.strip().splitlines()[-1])
+    assert stats["compiles"] == 0 and stats["compiled"] == [], stats
+    assert ["prefill", 32, 32] in stats["loaded_from_disk"] and stats["buckets_compiled"] == [32]
+    assert stats["background_compiles_started"] == 0  # the one-shot command queues nothing
+    assert "0 compiled" in r.stderr
