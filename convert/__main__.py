@@ -22,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (the default when stderr is no terminal)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress (a bar on a terminal, a line at start and end otherwise)")
     return p
 
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         from .api import convert
 
-        progress = not args.no_progress and sys.stderr.isatty()
+        progress = not args.no_progress
         out = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=progress)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     source = _open(kind, path, dtype)
     try:
         cfg = source.cfg
-        with tqdm(total=cfg.n_layers, desc=f"converting {path.name}", unit="layer", disable=not progress,
+        tty = sys.stderr.isatty()  # a bar on a terminal, two lines in a log
+        t0 = time.perf_counter()
+        if progress and not tty:
+            print(f"converting {path.name} ({cfg.n_layers} layers) ...", file=sys.stderr, flush=True)
+        with tqdm(total=cfg.n_layers, desc=f"converting {path.name}", unit="layer", disable=not (progress and tty),
                   file=sys.stderr) as bar:
             params = weights.from_hf_layers(cfg, _checked(source), progress=bar.update)
         extra = source.unused()
@@ -77,7 +82,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
             raise ValueError(f"unexpected tensors in {path.name}: {extra[:5]}{more} (not part of a LLaMA model)")
         if source.tokenizer_missing:
             warnings.warn(f"{source.tokenizer_missing}: the converted model will have no tokenizer", stacklevel=2)
-        return checkpoint.save(out, cfg, params, write_tokenizer=source.write_tokenizer, force=force,
-                               extra={"converted_from": {"format": kind, "path": str(path)}})
+        saved = checkpoint.save(out, cfg, params, write_tokenizer=source.write_tokenizer, force=force,
+                                extra={"converted_from": {"format": kind, "path": str(path)}})
+        if progress and not tty:
+            print(f"converted {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        return saved
     finally:
         source.close()

@@ -234,7 +234,7 @@ def cmd_warmup(args) -> int:
 
     t0 = time.perf_counter()
     engine = _engine(args)
-    engine.warmup(progress=not args.no_progress and sys.stderr.isatty())
+    engine.warmup(progress=not args.no_progress)
     st = engine.stats()
     xc = engine.runtime.exec_cache
     where = (xc.dir if xc is not None and xc.enabled
@@ -283,7 +283,7 @@ def main(argv=None) -> int:
                        "(give the --max-seq-len and --tp it will be served with)")
     _add_load_args(w)
     w.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (the default when stderr is no terminal)")
+                   help="no progress (a bar on a terminal, a line per executable otherwise)")
     v = sub.add_parser("verify", formatter_class=fmt,
                        help="check a converted model's files against its manifest (sizes, sha256)")
     v.add_argument("model_dir", help="converted model folder")

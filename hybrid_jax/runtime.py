@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -385,16 +386,22 @@ class Runtime:
 
     def warmup(self, background: bool = False, progress: bool = False) -> list[cf.Future]:
         """Compile (or load from the disk cache) every prefill bucket (prompt from position 0) and the sampling
-        decode steps; in the foreground with a progress bar where `progress`."""
+        decode steps; in the foreground with, where `progress`, a bar on a terminal or a line per executable."""
         specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
         if background:
             return [f for f in (self._get_async(s) for s in specs) if f is not None]
         from tqdm import tqdm
 
-        bar = tqdm(specs, desc="executables", unit="exe", disable=not progress)
-        for s in bar:
+        tty = sys.stderr.isatty()
+        bar = tqdm(specs, desc="executables", unit="exe", disable=not (progress and tty), file=sys.stderr)
+        for i, s in enumerate(bar, 1):
             bar.set_postfix_str(f"{s[0]} {s[1]}")
+            n, t0 = self.stats_.compiles, time.perf_counter()
             self._get(s)
+            if progress and not tty:
+                how = "compiled" if self.stats_.compiles > n else "ready (loaded or in memory)"
+                print(f"executable {i}/{len(specs)} ({s[0]} {s[1]}): {how} in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
         return []
 
     def wait_background(self, timeout: float | None = None) -> None:
