@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true",
-                   help="no progress (a bar on a terminal, a line at start and end otherwise)")
+                   help="no progress (a bar on a terminal, a line at the end otherwise)")
     return p
 
 

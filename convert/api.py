@@ -69,10 +69,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     source = _open(kind, path, dtype)
     try:
         cfg = source.cfg
-        tty = sys.stderr.isatty()  # a bar on a terminal, two lines in a log
+        # a bar on a terminal; in a log one line at the end (a failure stays one line: its error)
+        tty = sys.stderr.isatty()
         t0 = time.perf_counter()
-        if progress and not tty:
-            print(f"converting {path.name} ({cfg.n_layers} layers) ...", file=sys.stderr, flush=True)
         with tqdm(total=cfg.n_layers, desc=f"converting {path.name}", unit="layer", disable=not (progress and tty),
                   file=sys.stderr) as bar:
             params = weights.from_hf_layers(cfg, _checked(source), progress=bar.update)
@@ -85,7 +84,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
         saved = checkpoint.save(out, cfg, params, write_tokenizer=source.write_tokenizer, force=force,
                                 extra={"converted_from": {"format": kind, "path": str(path)}})
         if progress and not tty:
-            print(f"converted {path.name} in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+            print(f"converted {path.name} ({cfg.n_layers} layers) in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)
         return saved
     finally:
         source.close()
