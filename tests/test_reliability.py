@@ -340,7 +340,7 @@ def test_soak_mixed_abandoned_and_interrupted_requests(engine, compile_counter):
     armed, interrupted = [False], [0]
 
     def handler(signum, frame):
-        if armed[0]:
+        if armed[0] and frame.f_code.co_name != "__del__":  # (Python only prints what a finalizer raises)
             raise _Interrupt()
 
     old = signal.signal(signal.SIGALRM, handler)
