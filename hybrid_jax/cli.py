@@ -108,10 +108,9 @@ def _new_tokens(args, engine, n_prompt: int) -> int:
 
 def _check_sampling(args) -> None:
     """The generation arguments, checked before the model loads (the same checks as generate())."""
-    from .engine import _check_request
+    from .engine import _check_request, check_max_seq_len_arg
 
-    if args.max_seq_len is not None and args.max_seq_len < 2:
-        raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    check_max_seq_len_arg(args.max_seq_len)
     n = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     _check_request("x", n, args.temperature, args.top_k, args.top_p, args.seed, args.stop, None, {}, None)
 

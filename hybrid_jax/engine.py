@@ -72,6 +72,9 @@ class Engine:
         self.path = path
         self.tokenizer = tokenizer
         self.max_seq_len = check_max_seq_len(max_seq_len, cfg, allow_long_context)
+        if self.max_seq_len > cfg.max_position_embeddings:
+            log.warning("max_seq_len %d exceeds the model's max_position_embeddings %d: quality past them is "
+                        "untested", self.max_seq_len, cfg.max_position_embeddings)
         sharding.check(cfg, tensor_parallel)
         self.mesh = sharding.mesh(tensor_parallel) if tensor_parallel > 1 else None
         if self.mesh is not None:
@@ -183,12 +186,17 @@ def _check_ids(ids, cfg: LlamaConfig | None = None) -> list[int]:
     return ids
 
 
+def check_max_seq_len_arg(max_seq_len) -> None:
+    """`max_seq_len` as a caller may give it: None (the model's default) or an integer >= 2."""
+    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2 (or None for the model's default), got {max_seq_len!r}")
+
+
 def _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify) -> None:
     """Checks of `load`'s arguments that need no model (before anything is read)."""
     from .config import DTYPES
 
-    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 2):
-        raise ValueError(f"max_seq_len must be an integer >= 2 (or None for the model's default), got {max_seq_len!r}")
+    check_max_seq_len_arg(max_seq_len)
     if prefill_buckets is not None:
         if isinstance(prefill_buckets, (str, bytes)) or not hasattr(prefill_buckets, "__iter__"):
             raise TypeError(f"prefill_buckets must be a sequence of integers, got {prefill_buckets!r}")
@@ -207,17 +215,13 @@ def _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_para
 def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_context: bool = False) -> int:
     """The cache length to serve: `max_seq_len`, or the model's positions capped at 2048. Beyond the model's
     max_position_embeddings RoPE runs on positions it was never trained on: refused unless `allow_long_context`."""
+    check_max_seq_len_arg(max_seq_len)
     if max_seq_len is None:
         return min(cfg.max_position_embeddings, 2048)
-    if not _is_int(max_seq_len) or max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    if max_seq_len > cfg.max_position_embeddings:
-        if not allow_long_context:
-            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
-                             f"{cfg.max_position_embeddings} (pass allow_long_context=True, or "
-                             f"--allow-long-context, to run past the positions it was trained on)")
-        log.warning("max_seq_len %d exceeds the model's max_position_embeddings %d: quality past them is untested",
-                    max_seq_len, cfg.max_position_embeddings)
+    if max_seq_len > cfg.max_position_embeddings and not allow_long_context:
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings "
+                         f"{cfg.max_position_embeddings} (pass allow_long_context=True, or "
+                         f"--allow-long-context, to run past the positions it was trained on)")
     return int(max_seq_len)
 
 
@@ -244,7 +248,8 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     tok = Tokenizer(path) if any(Path(path, f).exists() for f in ("tokenizer.json", "tokenizer.model",
                                                                     "tokenizer_config.json")) else None
     return Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
-                  cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=True, **runtime_kw)
+                  cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=allow_long_context,
+                  **runtime_kw)
 
 
 _ENGINES: dict[str, Engine] = {}

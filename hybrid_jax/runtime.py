@@ -293,14 +293,19 @@ class Runtime:
         return prefill_jit(cfg, kvb, opts, **kw).lower(
             self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
 
+    def _load(self, spec: tuple, key: dict):
+        """`spec`'s executable from the disk cache (counted in stats), or None: no entry, or one not trusted."""
+        ex = self.exec_cache.load(key, self._devices) if self.exec_cache is not None else None
+        if ex is not None:
+            with self._lock:
+                self.stats_.loaded.append(spec)
+        return ex
+
     def _build(self, spec: tuple):
         key = self.cache_key(spec)
-        if self.exec_cache is not None:
-            ex = self.exec_cache.load(key, self._devices)
-            if ex is not None:
-                with self._lock:
-                    self.stats_.loaded.append(spec)
-                return ex
+        ex = self._load(spec, key)
+        if ex is not None:
+            return ex
         t0 = time.perf_counter()
         opts = PREFILL_MATMULS[self.step_options(spec).prefill_matmuls]  # None for "autotune" (and decode steps)
         ex = self.lower(spec).compile(compiler_options=opts)
@@ -354,14 +359,13 @@ class Runtime:
         if xc is None or not xc.enabled:
             return False
         key = self.cache_key(spec)
-        if not xc.path(key).is_file():
+        if not xc.path(key).is_file():  # (no entry: not counted as a cache miss)
             return False
-        ex = xc.load(key, self._devices)
+        ex = self._load(spec, key)
         if ex is None:
             return False
         with self._lock:
             self._execs.setdefault(spec, ex)
-            self.stats_.loaded.append(spec)
         return True
 
     def _bg_build(self, spec):
