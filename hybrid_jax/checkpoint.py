@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from . import weights as W
 from .config import LlamaConfig
+from .writer_lock import lock_if_abandoned
 
 try:
     import fcntl
@@ -220,15 +221,10 @@ def remove_stale_temps(out: str | os.PathLike) -> list[Path]:
     for d in entries:
         if d.is_symlink() or not d.is_dir():
             continue
-        try:
-            fd = os.open(d / LOCK_FILE, os.O_RDWR)
-        except OSError:
+        fd = lock_if_abandoned(d / LOCK_FILE)
+        if fd is None:  # its writer is alive, or it is not ours
             continue
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # its writer is alive
             shutil.rmtree(d, ignore_errors=True)
             if not d.exists():
                 removed.append(d)

@@ -41,6 +41,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .writer_lock import lock_if_abandoned
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"HYBRID_JAX_EXEC 2\n"
@@ -326,12 +328,10 @@ class ExecCache:
         """Remove temp files whose writer died (no flock on them); those being written are kept."""
         n = 0
         for p in self.dir.glob(TMP_PREFIX + "*.xla"):
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except OSError:
+            fd = lock_if_abandoned(p)
+            if fd is None:
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live writer has it
                 if _same_file(fd, p):
                     p.unlink()
                     n += 1
