@@ -6,11 +6,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from hybrid_jax import checkpoint, weights
-from hybrid_jax.config import DTYPES
+from hybrid_jax.config import DTYPES, LlamaConfig
 
 from .detect import detect
 from .source import Source, check_finite
@@ -44,8 +45,11 @@ def _checked(source: Source):
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = "bfloat16", force: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, on_config: Callable[[LlamaConfig], None] | None = None) -> Path:
     """Convert `src` into the folder `out` (written atomically); return `out`.
+
+    `on_config(cfg)` is called with the converted model's config once the source's header is read, before its
+    weights are (the loader compiles beside the conversion from it).
 
     dtype: bfloat16 | float16 | float32, or None for the source's own float type (bfloat16 for GGUF).
     Raises ValueError / FileNotFoundError / FileExistsError naming the problem; leaves no output on failure.
@@ -69,6 +73,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, dtype: str | None = 
     source = _open(kind, path, dtype)
     try:
         cfg = source.cfg
+        if on_config is not None:
+            on_config(cfg)
         # a bar on a terminal; in a log one line at the end (a failure stays one line: its error)
         tty = sys.stderr.isatty()
         t0 = time.perf_counter()

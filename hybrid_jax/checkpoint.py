@@ -50,6 +50,7 @@ FILES_KEY = "files"  # config.json: {relative path: {"size": bytes, "sha256": he
 CONFIG_HASH_KEY = "config_sha256"  # config.json: sha256 of its own content without this key (_config_hash)
 # Held (flock) by the process writing a temporary folder; removed before the folder is renamed into place.
 LOCK_FILE = ".writing.lock"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 _log = logging.getLogger(__name__)
 _warned_no_manifest: set[str] = set()
@@ -62,6 +63,13 @@ class CheckpointError(ValueError):
 def _checkpointer():
     import orbax.checkpoint as ocp
     return ocp.StandardCheckpointer()
+
+
+def _writer():
+    """Orbax's writer without its default zstd: every start reads all the weights, and decompressing them made
+    the restore 2x slower on 2 cores (SmolLM2 1.3 s against 0.6 s) for 22-40% less disk."""
+    import orbax.checkpoint as ocp
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
 
 
 def _meta(path: str | os.PathLike) -> dict | None:
@@ -250,16 +258,18 @@ def save(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict, write_token
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed folder should get the usual mode
-        ckptr = _checkpointer()
-        ckptr.save(tmp / WEIGHTS_DIR, params)
-        ckptr.wait_until_finished()
+        _writer().save(tmp / WEIGHTS_DIR, params)  # synchronous
+        tok_record = {}
         if write_tokenizer is not None:
             write_tokenizer(tmp)
+            if any((tmp / f).is_file() for f in TOKENIZER_FILES):
+                from .tokenizer import RECORD_KEY, check_fast
+                tok_record = {RECORD_KEY: check_fast(tmp)}
         rels = _list_files(tmp)
         sums = _hash_files(tmp, rels, progress=False)  # just written: read back from the page cache
         files = {r: {"size": (tmp / r).stat().st_size, "sha256": sums[r]} for r in rels}
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict(), **(extra or {}),
-                FILES_KEY: files}
+                **tok_record, FILES_KEY: files}
         meta[CONFIG_HASH_KEY] = _config_hash(meta)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
         if out.exists():
@@ -385,6 +395,18 @@ def _manifest(meta: dict, p: Path) -> dict[str, dict] | None:
                 or not isinstance(e.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", e["sha256"])):
             raise CheckpointError(f"{where}: the entry {rel!r} of '{FILES_KEY}' is malformed: {_fix(p, meta)}")
     return files
+
+
+def tokenizer_record(path: str | os.PathLike) -> dict | None:
+    """The converter's check of the fast tokenizer (tokenizer.check_fast), or None for an older checkpoint."""
+    from .tokenizer import RECORD_KEY
+
+    rec = _read_meta(Path(path)).get(RECORD_KEY)
+    return rec if isinstance(rec, dict) else None
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    return any(Path(path, f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_config(path: str | os.PathLike) -> LlamaConfig:

