@@ -290,16 +290,16 @@ def _default_model(max_seq_len, allow_long_context, prefill_buckets, cache_dir, 
     return path, sum(compiled)
 
 
-_ENGINES: dict[str, Engine] = {}
+_ENGINES: dict[str | None, Engine] = {}
 _ENGINES_LOCK = threading.Lock()  # one load per path, however many threads ask at once
 
 
 def _resolve(engine_or_path) -> Engine:
     if isinstance(engine_or_path, Engine):
         return engine_or_path
-    if not isinstance(engine_or_path, (str, Path)):
+    if engine_or_path is not None and not isinstance(engine_or_path, (str, Path)):
         raise TypeError(f"generate() takes an Engine or a model folder path, got {type(engine_or_path).__name__}")
-    key = str(Path(engine_or_path).absolute())
+    key = None if engine_or_path is None else str(Path(engine_or_path).absolute())  # None: the default model
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             _ENGINES[key] = load(engine_or_path)
@@ -441,9 +441,6 @@ def generate(engine_or_path=None, prompt: str | Sequence[int] | None = None, *, 
         raise TypeError("prompt must be a string or a sequence of token ids, got None")
     stops, stop_ids = _check_request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
                                      dict(stream=stream, raw=raw, ignore_eos=ignore_eos), system)
-    if engine_or_path is None:
-        from .default_model import ensure_default_model
-        engine_or_path = ensure_default_model()
     engine = _resolve(engine_or_path)
     ids = engine.encode(prompt, raw=raw, system=system)
     _validate(engine, len(ids), max_new_tokens)
