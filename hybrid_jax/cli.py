@@ -42,6 +42,11 @@ def _add_load_args(p: argparse.ArgumentParser):
                         "$HYBRID_JAX_CACHE/executables)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallel: split the model over the first N devices (must divide n_kv_heads)")
+    p.add_argument("--speculative", choices=("ngram",), default=None,
+                   help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
+                        "occurrence of the last few tokens (prompt lookup); the output is unchanged")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="proposals verified per step with --speculative (1..15)")
 
 
 def _add_model_args(p: argparse.ArgumentParser):
@@ -74,7 +79,8 @@ def _engine(args, **runtime_kw):
         raise FileNotFoundError(f"model folder {path} does not exist")
     _say(f"loading {path or default_model_dir()} ...")
     engine = load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp,
-                  allow_long_context=args.allow_long_context, **runtime_kw)
+                  allow_long_context=args.allow_long_context, speculative=args.speculative,
+                  num_speculative_tokens=args.num_speculative_tokens, **runtime_kw)
     st = engine.stats()
     pre = st["compiled_beside_conversion"]
     loaded = (f"{st['cache_hits']} executables loaded from the disk cache" if not pre else
@@ -114,9 +120,10 @@ def _new_tokens(args, engine, n_prompt: int) -> int:
 
 def _check_sampling(args) -> None:
     """The generation arguments, checked before the model loads (the same checks as generate())."""
-    from .engine import _check_request, check_max_seq_len_arg
+    from .engine import _check_request, check_max_seq_len_arg, check_speculative
 
     check_max_seq_len_arg(args.max_seq_len)
+    check_speculative(args.speculative, args.num_speculative_tokens)
     n = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     _check_request("x", n, args.temperature, args.top_k, args.top_p, args.seed, args.stop, None, {}, None)
 
@@ -132,6 +139,9 @@ def _print_stats(res, engine):
     print(f"[{len(res.prompt_token_ids)} prompt tokens, {len(res.token_ids)} generated, finish: {res.finish_reason}; "
           f"TTFT {t.ttft_s * 1e3:.1f} ms, TPOT p50 {t.tpot_s * 1e3:.2f} ms p99 {p99 * 1e3:.2f} ms, "
           f"{t.tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    if t.verify_steps:
+        print(f"[speculative: {t.verify_steps} verify steps, {t.accepted} of {t.proposed} proposals accepted]",
+              file=sys.stderr)
     print(json.dumps(engine.stats()), file=sys.stderr)
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from . import checkpoint, sharding
@@ -24,7 +25,11 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 log = logging.getLogger(__name__)
 
 SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream", "raw", "ignore_eos",
-                 "system", "stop_token_ids")
+                 "system", "stop_token_ids", "speculative")
+SPECULATIVE = ("ngram",)  # load(speculative=...): prompt lookup (speculative.py)
+SPEC_BREAK_EVEN = {"cpu": 2.0, "gpu": 1.25}  # a verify step's cost in one-token steps where a cache is too short
+# to time it in (H100, 7B shape: 1.22 at K = 4; docs/performance.md)
+MAX_SPECULATIVE_TOKENS = 15  # K + 1 rows must fit the cache's slack past max_seq_len (at least 16 rows)
 
 
 @dataclasses.dataclass
@@ -33,6 +38,11 @@ class Timings:
     itl_s: list[float] = dataclasses.field(default_factory=list)  # each inter-token interval
     total_s: float = 0.0
     prefill_chunks: int = 0
+    # speculative decoding: verify steps run, proposals they checked, proposals accepted. A verify step's
+    # tokens arrive together; each gets an equal share of the interval before them in itl_s.
+    verify_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,7 +77,13 @@ class Engine:
     """
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
-                 path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False, **runtime_kw):
+                 path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False,
+                 speculative: str | None = None, num_speculative_tokens: int = 4, **runtime_kw):
+        check_speculative(speculative, num_speculative_tokens)
+        self.speculative = speculative
+        self.num_speculative_tokens = int(num_speculative_tokens) if speculative else 0
+        self.spec_totals = {"verify_steps": 0, "proposed": 0, "accepted": 0}
+
         self.cfg = cfg
         self.path = path
         self.tokenizer = tokenizer
@@ -79,13 +95,17 @@ class Engine:
         self.mesh = sharding.mesh(tensor_parallel) if tensor_parallel > 1 else None
         if self.mesh is not None:
             params = sharding.shard_params(params, cfg, self.mesh)
-        self.runtime = Runtime(cfg, params, self.max_seq_len, mesh=self.mesh, **runtime_kw)
+        self.runtime = Runtime(cfg, params, self.max_seq_len, mesh=self.mesh,
+                               speculative_k=self.num_speculative_tokens, **runtime_kw)
         # Enqueue the first decode step before reading the first token (True) or after (False).
         self.lookahead_first = True
         # Guards the runtime's device state. Held while a request uses it, never across a yield to user code
         # (re-entrant: a stream dropped inside a locked section releases its claim there).
         self._lock = threading.RLock()
         self._owner: object | None = None  # the request that owns the state between its pieces
+        # tokens a verify step must yield to beat plain decode: its cost in one-token steps, timed now; below
+        # it over a window of steps, a request decodes plainly for a while (_Adapt)
+        self.spec_break_even = self.verify_cost() if self.speculative else 0.0
 
     def _claim(self, owner: object) -> None:
         """Make `owner` the request that owns the device state (under `_lock`); a stream waiting between its
@@ -117,7 +137,11 @@ class Engine:
         return self.runtime.warmup(background=background, progress=progress)
 
     def stats(self) -> dict:
-        return self.runtime.stats()
+        st = self.runtime.stats()
+        if self.speculative:
+            st["speculative"] = {"method": self.speculative, "num_speculative_tokens": self.num_speculative_tokens,
+                                 **self.spec_totals}
+        return st
 
     def wait_background(self, timeout: float | None = None) -> None:
         """Wait for background compiles (buckets queued by earlier prompts or warmup(background=True))."""
@@ -152,6 +176,30 @@ class Engine:
             dt = (time.perf_counter() - t0) / n
             rt.state = state
         return dt
+
+    def verify_cost(self) -> float:
+        """A verify step's time over a decode step's, both queued back to back on this model and device (the
+        cost a verify step's tokens must cover). Runs ~20 steps (3 + 3 on a CPU)."""
+        rt, k = self.runtime, self.num_speculative_tokens
+        n = 3 if jax.devices()[0].platform == "cpu" else 16
+        context = 8
+        if context + (n + 1) * (k + 2) + 1 >= self.max_seq_len:
+            return float(SPEC_BREAK_EVEN.get(jax.devices()[0].platform, 1.25))  # too short a cache to time in
+        with self._lock:
+            self._claim(object())
+            state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1] * context)
+            top = context + (n + 1) * (k + 2)
+            times = []
+            for spec in (rt.decode_spec(top, False), rt.verify_spec(top, k, False)):
+                state, r = rt.decode(state, spec)
+                r.block_until_ready()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    state, r = rt.decode(state, spec)
+                r.block_until_ready()
+                times.append(time.perf_counter() - t0)
+            rt.state = state
+        return times[1] / times[0]
 
     def close(self):
         self.runtime.close()
@@ -212,6 +260,13 @@ def _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_para
         raise TypeError(f"verify must be True or False, got {verify!r}")
 
 
+def check_speculative(speculative, k) -> None:
+    if speculative is not None and speculative not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(map(repr, SPECULATIVE))} or None, got {speculative!r}")
+    if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+        raise ValueError(f"num_speculative_tokens must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
+
+
 def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_context: bool = False) -> int:
     """The cache length to serve: `max_seq_len`, or the model's positions capped at 2048. Beyond the model's
     max_position_embeddings RoPE runs on positions it was never trained on: refused unless `allow_long_context`."""
@@ -227,14 +282,18 @@ def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_cont
 
 def load(path: str | Path | None = None, max_seq_len: int | None = None,
          prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None, dtype: str | None = None,
-         tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False, **runtime_kw) -> Engine:
+         tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False,
+         speculative: str | None = None, num_speculative_tokens: int = 4, **runtime_kw) -> Engine:
     """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
 
     `path=None` loads the embedded default model (SmolLM2-135M-Instruct, converted on first use). With
     `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices. Every file's size
     is checked against the checkpoint's manifest; `verify=True` also checks every file's sha256 first.
+    `speculative="ngram"`: prompt-lookup speculative decoding, K = `num_speculative_tokens` proposals a step
+    (exact: greedy output is the output without it; sampled tokens keep the model's distribution).
     """
     _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify)
+    check_speculative(speculative, num_speculative_tokens)
     if path is None:
         path, precompiled = _default_model(max_seq_len, allow_long_context, prefill_buckets, cache_dir,
                                            precompile=dtype is None and tensor_parallel == 1, **runtime_kw)
@@ -250,7 +309,7 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     tok = Tokenizer(path, checkpoint.tokenizer_record(path)) if checkpoint.has_tokenizer(path) else None
     engine = Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
                     cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=allow_long_context,
-                    **runtime_kw)
+                    speculative=speculative, num_speculative_tokens=num_speculative_tokens, **runtime_kw)
     engine.runtime.stats_.precompiled = precompiled
     return engine
 
@@ -425,12 +484,13 @@ def generate(engine_or_path=None, prompt: str | Sequence[int] | None = None, *, 
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: str | Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
              stream: bool = False, raw: bool = False, ignore_eos: bool = False, system: str | None = None,
-             **unknown):
+             speculative: bool = True, **unknown):
     """Generate a continuation of `prompt` (text through the chat template unless raw=True, or token ids).
 
     `engine_or_path`: an Engine, a converted model folder (loaded once per process, thread-safe), or None for
     the embedded default model. Returns a GenerationResult, or with stream=True a `Stream` yielding
-    `Piece(token_id, text)`. Every argument is checked before any model loads.
+    `Piece(token_id, text)`. Every argument is checked before any model loads. `speculative=False` turns the
+    engine's speculative decoding off for this request.
     """
     if unknown:
         raise ValueError(f"unknown generation argument(s): {sorted(unknown)} (known: {', '.join(SAMPLING_ARGS)})")
@@ -440,7 +500,8 @@ def generate(engine_or_path=None, prompt: str | Sequence[int] | None = None, *, 
                             "generate(prompt=...) for the embedded default model")
         raise TypeError("prompt must be a string or a sequence of token ids, got None")
     stops, stop_ids = _check_request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids,
-                                     dict(stream=stream, raw=raw, ignore_eos=ignore_eos), system)
+                                     dict(stream=stream, raw=raw, ignore_eos=ignore_eos, speculative=speculative),
+                                     system)
     engine = _resolve(engine_or_path)
     ids = engine.encode(prompt, raw=raw, system=system)
     _validate(engine, len(ids), max_new_tokens)
@@ -454,7 +515,8 @@ def generate(engine_or_path=None, prompt: str | Sequence[int] | None = None, *, 
     top_k = min(int(top_k), engine.cfg.vocab_size) if top_k else None
     progress = _Progress(prompt_ids=list(ids))
     it = _run(engine, ids, progress, int(max_new_tokens), float(temperature), top_k,
-              None if top_p is None else float(top_p), int(seed), stops, stop_ids)
+              None if top_p is None else float(top_p), int(seed), stops, stop_ids,
+              engine.num_speculative_tokens if speculative else 0)
     st = Stream(it, progress)
     if stream:
         return st
@@ -475,10 +537,36 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+class _Adapt:
+    """Whether the next step speculates. A verify step pays off while its tokens (accepted proposals + 1)
+    exceed its cost in one-token steps (`break_even`); after a window of verify steps below that, plain
+    decode runs `pause` tokens before speculation is tried again."""
+    WINDOW, PAUSE = 4, 128  # a window that loses costs ~(cost - 1) x WINDOW steps per PAUSE tokens
+
+    def __init__(self, k: int, break_even: float):
+        self.k, self.break_even = k, break_even
+        self.recent: list[int] = []
+        self.pause = 0
+
+    def speculate(self) -> bool:
+        return self.k > 0 and self.pause <= 0
+
+    def saw_verify(self, n: int) -> None:
+        self.recent.append(n)
+        if len(self.recent) >= self.WINDOW:
+            if sum(self.recent) / len(self.recent) < self.break_even:
+                self.pause = self.PAUSE
+            self.recent.clear()
+
+    def saw_decode(self) -> None:
+        self.pause -= 1
+
+
 def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperature, top_k, top_p, seed,
-         stops: list[str], stop_ids: set[int]) -> Iterator[Piece]:
+         stops: list[str], stop_ids: set[int], spec_k: int = 0) -> Iterator[Piece]:
     """The request's pieces. The engine's lock is held only while the device state is used, never across a
-    yield; the request owns the state from its prefill until it ends or another request claims the engine."""
+    yield; the request owns the state from its prefill until it ends or another request claims the engine.
+    With spec_k > 0, verify steps (K proposals each) replace decode steps while they pay off (_Adapt)."""
     rt = engine.runtime
     do_sample = temperature > 0
     dec = IncrementalDecoder(engine.tokenizer) if engine.tokenizer is not None else None
@@ -486,7 +574,8 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
     emitted = 0
     longest_stop = max(map(len, stops), default=0)
     me = object()  # this request's claim on the engine
-    pending: list = []
+    pending: list = []  # [(result on the device, its width: 0 for a token, K + 1 for a verify step's [n, ...])]
+    adapt = _Adapt(spec_k, engine.spec_break_even)
     try:
         with engine._lock:
             engine._claim(me)
@@ -494,11 +583,11 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
             # the request's position, key and sampling parameters travel with its first prefill chunk
             rt.state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
             timings.prefill_chunks = rt.last_prefill_chunks
-        pending.append(tok)
-        issued = 1  # tokens requested from the device so far
-        pos = len(ids)  # position the next decode step writes
+        pending.append((tok, 0))
+        pos = len(ids)  # position after every token read so far (the device's, once pending is empty)
         last = t0
-        while True:
+        done = False
+        while not done:
             with engine._lock:
                 if engine._owner is not me:  # another request claimed the engine while this one waited
                     pending.clear()
@@ -506,54 +595,80 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
                     return
                 # The first token is read before the next step is enqueued when that step's executable is
                 # still compiling (a first sampled request), so that the compile does not delay it.
-                ahead = out or (engine.lookahead_first and rt.compiled(rt.decode_spec(pos, do_sample)))
+                upper = pos + sum(max(w, 1) for _, w in pending)  # the device's position at most
+                ahead = out or (engine.lookahead_first and rt.compiled(rt.decode_spec(upper, do_sample)))
                 depth = 2 if ahead else 1
-                while issued < max_new and len(pending) < depth:  # enqueue step n+1 before reading token n
-                    rt.state, nxt = rt.decode(rt.state, rt.decode_spec(pos, do_sample))
-                    pending.append(nxt)
-                    issued += 1
-                    pos += 1
+                # enqueue step n+1 before reading step n; each unread step yields at least one token
+                while len(out) + len(pending) < max_new and len(pending) < depth:
+                    upper = pos + sum(max(w, 1) for _, w in pending)
+                    vspec = rt.verify_spec(upper, spec_k, do_sample) if adapt.speculate() else None
+                    if vspec is not None and (out or rt.compiled(vspec)):
+                        rt.state, res = rt.decode(rt.state, vspec)
+                        pending.append((res, spec_k + 1))
+                    else:
+                        rt.state, nxt = rt.decode(rt.state, rt.decode_spec(upper, do_sample))
+                        pending.append((nxt, 0))
             if not pending:
                 break
-            t = int(np.asarray(pending.pop(0)))
-            now = time.perf_counter()
-            if not out:
-                timings.ttft_s = now - t0
+            res, width = pending.pop(0)
+            if width:
+                a = np.asarray(res)
+                toks = [int(t) for t in a[1:1 + int(a[0])]]
+                adapt.saw_verify(len(toks))
+                timings.verify_steps += 1
+                timings.proposed += spec_k
+                timings.accepted += len(toks) - 1
             else:
-                timings.itl_s.append(now - last)
+                toks = [int(np.asarray(res))]
+                adapt.saw_decode()
+            pos += len(toks)
+            now = time.perf_counter()
+            share = (now - last) / len(toks)
             last = now
-            if t in stop_ids:
-                pr.finish = "stop"
-                break
-            out.append(t)
-            piece = dec.push(t) if dec is not None else ""
-            if dec is not None:
-                pr.text += piece
-                # a stop string first seen now ends inside the new piece: search only the tail
-                lo = max(0, len(pr.text) - len(piece) - longest_stop + 1)
-                hit = [i for i in (pr.text.find(s, lo) for s in stops) if i >= 0]
-                if hit:
-                    pr.text = pr.text[:min(hit)]
+            for t in toks:
+                if not out and not timings.ttft_s:
+                    timings.ttft_s = now - t0
+                else:
+                    timings.itl_s.append(share)
+                if t in stop_ids:
                     pr.finish = "stop"
-                    if len(pr.text) > emitted:
-                        yield Piece(t, pr.text[emitted:])
-                        emitted = len(pr.text)
+                    done = True
                     break
-                safe = len(pr.text) - _held_back(pr.text, stops)
-                if safe > emitted or not stops:
-                    yield Piece(t, pr.text[emitted:safe])
-                    emitted = safe
+                out.append(t)
+                piece = dec.push(t) if dec is not None else ""
+                if dec is not None:
+                    pr.text += piece
+                    # a stop string first seen now ends inside the new piece: search only the tail
+                    lo = max(0, len(pr.text) - len(piece) - longest_stop + 1)
+                    hit = [i for i in (pr.text.find(s, lo) for s in stops) if i >= 0]
+                    if hit:
+                        pr.text = pr.text[:min(hit)]
+                        pr.finish = "stop"
+                        if len(pr.text) > emitted:
+                            yield Piece(t, pr.text[emitted:])
+                            emitted = len(pr.text)
+                        done = True
+                        break
+                    safe = len(pr.text) - _held_back(pr.text, stops)
+                    if safe > emitted or not stops:
+                        yield Piece(t, pr.text[emitted:safe])
+                        emitted = safe
+                    else:
+                        yield Piece(t, "")
                 else:
                     yield Piece(t, "")
-            else:
-                yield Piece(t, "")
-            if len(out) >= max_new:
-                break
-        for p in pending:  # the step computed past a stop: dropped
+                if len(out) >= max_new:
+                    done = True
+                    break
+        for p, _ in pending:  # steps computed past the end: dropped
             p.block_until_ready()
         pending.clear()
         timings.total_s = time.perf_counter() - t0
         pr.finish = pr.finish or "length"
+        if spec_k:
+            with engine._lock:
+                for k in ("verify_steps", "proposed", "accepted"):
+                    engine.spec_totals[k] += getattr(timings, k)
         engine._release(me)
         if dec is not None and emitted < len(pr.text):  # text held back as a possible stop-string prefix
             yield Piece(out[-1], pr.text[emitted:])

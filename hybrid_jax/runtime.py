@@ -30,7 +30,7 @@ from flax import struct
 
 from . import decode_attention as attn_lib
 from . import gemv as gemv_lib
-from . import kv_cache, model, sampling, sharding
+from . import kv_cache, model, sampling, sharding, speculative
 from . import options as options_lib
 from . import weights as W
 from .config import LlamaConfig
@@ -49,6 +49,7 @@ class DecodeState:
     token: jax.Array  # [] int32: the last token produced, fed to the next step
     key: jax.Array  # [2] uint32: PRNG key
     sp: SamplingParams
+    hist: jax.Array  # [S] int32: the tokens at positions 0 .. pos-1 (speculative.ngram_propose reads it)
 
 
 def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
@@ -63,9 +64,10 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
 def _source_digest() -> str:
     """Changes to the traced code invalidate cached executables."""
     h = hashlib.sha256()
-    for mod in (model, kv_cache, sampling, W, gemv_lib, attn_lib, options_lib):
+    for mod in (model, kv_cache, sampling, speculative, W, gemv_lib, attn_lib, options_lib):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
+    h.update(inspect.getsource(_verify_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
     h.update(inspect.getsource(pack_request).encode())
     h.update(inspect.getsource(_logits_fn).encode())
@@ -79,7 +81,29 @@ def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weigh
     logits, cache = model.forward(cfg, params, state.cache, state.token[None], state.pos[None], kv_len, opts)
     key, sub = jax.random.split(state.key)
     nxt = sampling.sample(logits[0], sub, state.sp) if do_sample else sampling.greedy(logits[0])
-    return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key), nxt
+    hist = jax.lax.dynamic_update_slice(state.hist, state.token[None], (state.pos,))
+    return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key, hist=hist), nxt
+
+
+def _verify_step(cfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params: W.Weights, state: DecodeState,
+                 opts: KernelOptions | None = None):
+    """One speculative iteration: K prompt-lookup proposals made from the token history, verified with the
+    last token in one K+1-row forward, accepted on the device (speculative.py). Returns the state advanced by
+    the n emitted tokens (cache rows past them are scratch) and int32 [K + 2] = [n, the K + 1 candidates],
+    of which the first n are emitted. Rows pos .. pos + K must lie inside the cache."""
+    hist = jax.lax.dynamic_update_slice(state.hist, state.token[None], (state.pos,))
+    proposals = speculative.ngram_propose(hist, state.pos + 1, k)
+    tokens = jnp.concatenate([state.token[None], proposals])
+    positions = state.pos + jnp.arange(k + 1, dtype=jnp.int32)
+    logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
+    key, sub = jax.random.split(state.key)
+    if do_sample:
+        out, n = speculative.accept_sample(logits, proposals, sub, state.sp)
+    else:
+        out, n = speculative.accept_greedy(logits, proposals)
+    hist = jax.lax.dynamic_update_slice(hist, tokens, (state.pos,))
+    state = state.replace(cache=cache, pos=state.pos + n, token=out[n - 1], key=key, hist=hist)
+    return state, jnp.concatenate([n[None], out])
 
 
 # The prefill's one host->device argument: int32 [T + REQ_FIELDS] = the chunk's T token slots, then
@@ -119,6 +143,7 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
                           top_k=jnp.where(fresh, meta[5], state.sp.top_k),
                           top_p=jnp.where(fresh, f32(meta[6]), state.sp.top_p)))
     positions = state.pos + jnp.arange(T, dtype=jnp.int32)
+    state = state.replace(hist=jax.lax.dynamic_update_slice(state.hist, tokens, (state.pos,)))
     x, cache = model.trunk(cfg, params, state.cache, tokens, positions, kv_len, opts)
     last = jax.lax.dynamic_index_in_dim(x, n - 1, axis=0, keepdims=False)  # final norm on this row only
     logits = model.logits_from_hidden(cfg, params, last, opts, normed=False)
@@ -156,7 +181,7 @@ class Runtime:
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
-                 options: KernelOptions | None = None, background_compiles: bool = True):
+                 options: KernelOptions | None = None, background_compiles: bool = True, speculative_k: int = 0):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -198,13 +223,19 @@ class Runtime:
         self.state = self._fresh_state()
         # The static path: compiled now (concurrently). The smallest prefill bucket over the whole cache
         # serves any chunk.
-        now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec]
+        # With speculation (speculative_k = K proposals a step) its verify steps too.
+        self.speculative_k = int(speculative_k)
+        verify = [("verify", kvb, self.speculative_k, False) for kvb in self.decode_kv_buckets
+                  if self.speculative_k and kvb >= self.speculative_k + 1]
+        now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec] + verify
         for f in [self._get_async(s, background=False) for s in now]:
             if f is not None:
                 f.result()
         if compile_sampling:
             for kvb in self.decode_kv_buckets:
                 self._get_async(("decode", kvb, True))
+            for s in verify:
+                self._get_async(s[:3] + (True,))
 
     # ---- state -------------------------------------------------------------------------------
     def _small(self, shape, dtype) -> jax.ShapeDtypeStruct:
@@ -214,7 +245,8 @@ class Runtime:
     def _abstract_state(self) -> DecodeState:
         i32, f32 = self._small((), jnp.int32), self._small((), jnp.float32)
         return DecodeState(cache=kv_cache.abstract(self.cfg, self.cache_len, self._cache_sharding), pos=i32, token=i32,
-                           key=self._small((2,), jnp.uint32), sp=SamplingParams(f32, i32, f32))
+                           key=self._small((2,), jnp.uint32), sp=SamplingParams(f32, i32, f32),
+                           hist=self._small((self.cache_len,), jnp.int32))
 
     def _fresh_state(self) -> DecodeState:
         return self.reset_state(kv_cache.zeros(self.cfg, self.cache_len, self._cache_sharding), seed=0)
@@ -229,10 +261,10 @@ class Runtime:
     def reset_state(self, cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""
         small = jax.device_put((np.int32(0), np.int32(0), _key_data(seed),
-                                *_sampling_scalars(temperature, top_k, top_p)),
+                                *_sampling_scalars(temperature, top_k, top_p), np.zeros(self.cache_len, np.int32)),
                                self._small_sharding)  # one transfer call; replicated over the mesh if any
-        pos, token, key, t, k, p = small
-        return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p))
+        pos, token, key, t, k, p, hist = small
+        return DecodeState(cache=cache, pos=pos, token=token, key=key, sp=SamplingParams(t, k, p), hist=hist)
 
     # ---- compile / load --------------------------------------------------------------------------
     @property
@@ -247,8 +279,8 @@ class Runtime:
         (PREFILL_MATMULS, per bucket under "split"); a decode step: none of the prefill's choices; the logits
         executable: XLA's path."""
         o = self.options
-        if spec[0] == "prefill":
-            T = spec[1]
+        if spec[0] in ("prefill", "verify"):  # a verify step is a (K + 1)-row chunk over the cache
+            T = spec[1] if spec[0] == "prefill" else spec[2] + 1
             return o.replace(prefill_attention=o.prefill_attention if T >= o.prefill_attention_min_rows else "off",
                              prefill_attention_min_rows=0,
                              prefill_matmuls=prefill_matmuls_for(o.prefill_matmuls, T, self.cfg.n_params, self.mesh))
@@ -264,7 +296,7 @@ class Runtime:
                 "mesh": sharding.describe(self.mesh),
                 # everything the traced step reads besides the source (the digest in self._env) and the shapes
                 "options": self.step_options(spec).to_dict(),
-                "rows_max": gemv_lib.ROWS_MAX if spec[0] == "prefill" else None,
+                "rows_max": gemv_lib.ROWS_MAX if spec[0] in ("prefill", "verify") else None,
                 **self._env}
 
     def lower(self, spec: tuple):
@@ -290,6 +322,11 @@ class Runtime:
             def decode_step(p, s):
                 return _decode_step(cfg, kvb, do_sample, p, s, opts)
             return jax.jit(decode_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
+        if spec[0] == "verify":
+            _, kvb, k, do_sample = spec
+            def verify_step(p, s):
+                return _verify_step(cfg, kvb, k, do_sample, p, s, opts)
+            return jax.jit(verify_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
         _, T, kvb = spec
         return prefill_jit(cfg, kvb, opts, **kw).lower(
             self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
@@ -452,6 +489,11 @@ class Runtime:
         kvb = next(k for k in self.decode_kv_buckets if k > pos)
         return ("decode", kvb, do_sample)
 
+    def verify_spec(self, pos: int, k: int, do_sample: bool) -> tuple | None:
+        """The verify step writing rows pos .. pos + k, or None where they do not fit the cache."""
+        kvb = next((b for b in self.decode_kv_buckets if b >= pos + k + 1), None)
+        return None if kvb is None else ("verify", kvb, k, do_sample)
+
     # ---- execution ----------------------------------------------------------------------------
     def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None
                 ) -> tuple[DecodeState, jax.Array]:
@@ -472,6 +514,7 @@ class Runtime:
         return state, nxt
 
     def decode(self, state: DecodeState, spec: tuple) -> tuple[DecodeState, jax.Array]:
+        """A decode step ("decode", ...: the next token) or a verify step ("verify", ...: [n, candidates])."""
         return self._get(spec)(self.params, state)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,180 @@
+"""Speculative decoding (prompt lookup) on one device: what a verify step costs, and what it gives.
+
+    python -m bench.probes.spec_check --shape llama2-7b            # step costs, random weights
+    python -m bench.probes.spec_check --model DIR [--hf-gguf FILE]  # real model: tokens/s, identical output
+
+Step costs (random weights, so acceptance is whatever it is: only the cost is read): a prompt of 100 tokens,
+then `--steps` steps enqueued back to back and waited for at the end (the device's time a step), for the
+one-token decode step and verify steps of K = 4 and 8 (5 and 9 rows). The tokens/s such a verify step would
+give on a real model is projected from its cost and the acceptance measured on one (marked as a projection).
+
+Real model: each prompt of bench/workloads/speculative.json ("grounded": answers that copy from the prompt;
+"chat": open questions), greedy, up to --new-tokens, EOS honoured, through generate(): plain decode, and
+prompt lookup at K = 4 and 8 (back-off off, and on). Decode tokens/s = (tokens - 1) / (total - TTFT), median of
+--reps. Output equality with plain decode is counted per prompt. With --hf-gguf, HF transformers (bf16, eager)
+on the same prompts, with and without its prompt lookup (prompt_lookup_num_tokens), as a peer.
+Writes spec_check.json and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from bench.probes.harness import parse, parser, random_engine, random_params, run_record, shape_config, write_json
+
+WORKLOADS = Path(__file__).resolve().parents[1] / "workloads" / "speculative.json"
+KS = (4, 8)
+
+
+def step_costs(cfg, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    import tempfile
+
+    params = random_params(cfg)
+    cache = tempfile.mkdtemp()  # the engines share their prefill and decode executables
+    out = {}
+    for k in (0,) + KS:
+        eng, _ = random_engine(cfg, params, lengths=(100,), max_seq_len=1024, compile_sampling=False, cache_dir=cache,
+                               speculative="ngram" if k else None, num_speculative_tokens=k or 4)
+        rt = eng.runtime
+        ids = list(np.random.default_rng(0).integers(3, cfg.vocab_size, 100))
+        spec = ("verify", rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
+        times = []
+        for _ in range(3):
+            rt.state, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
+            jax.block_until_ready(tok)
+            rt.state, r = rt.decode(rt.state, spec)  # warm
+            jax.block_until_ready(r)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                rt.state, r = rt.decode(rt.state, spec)
+            jax.block_until_ready(r)
+            times.append((time.perf_counter() - t0) / steps)
+        out["decode" if not k else f"verify_k{k}"] = round(statistics.median(times) * 1e3, 4)
+        eng.close()
+        del eng
+    for k in KS:
+        out[f"verify_k{k}_over_decode"] = round(out[f"verify_k{k}"] / out["decode"], 3)
+    return out
+
+
+def _gen(eng, prompt, new, reps, **kw):
+    import hybrid_jax
+    runs = [hybrid_jax.generate(eng, prompt, max_new_tokens=new, **kw) for _ in range(reps + 1)][1:]
+    tps = [(len(r.token_ids) - 1) / max(r.timings.total_s - r.timings.ttft_s, 1e-9) for r in runs]
+    r = runs[-1]
+    return {"tok_s": round(statistics.median(tps), 1), "tokens": len(r.token_ids), "ids": r.token_ids,
+            "verify_steps": r.timings.verify_steps, "accepted": r.timings.accepted, "proposed": r.timings.proposed}
+
+
+def real_model(path: str, new: int, reps: int) -> dict:
+    import hybrid_jax
+
+    work = json.loads(WORKLOADS.read_text())
+    # nothing compiles beside the timed decode (a prompt goes through the chunks it finds: TTFT is not timed)
+    kw = dict(max_seq_len=1024, compile_sampling=False, background_compiles=False)
+    engines = {"plain": hybrid_jax.load(path, **kw)}
+    for k in KS:
+        engines[f"ngram_k{k}"] = hybrid_jax.load(path, speculative="ngram", num_speculative_tokens=k, **kw)
+    res = {"break_even": {n: round(e.spec_break_even, 3) for n, e in engines.items() if e.speculative}}
+    for wl in ("grounded", "chat"):
+        rows = []
+        for prompt in work[wl]:
+            row = {"prompt": prompt[:60]}
+            base = _gen(engines["plain"], prompt, new, reps)
+            row["plain"] = {k: v for k, v in base.items() if k != "ids"}
+            for k in KS:
+                e = engines[f"ngram_k{k}"]
+                for adapt in (False, True):
+                    saved = e.spec_break_even
+                    if not adapt:
+                        e.spec_break_even = 0.0
+                    try:
+                        r = _gen(e, prompt, new, reps)
+                    finally:
+                        e.spec_break_even = saved
+                    r["same_as_plain"] = r.pop("ids") == base["ids"]
+                    row[f"ngram_k{k}" + ("_adaptive" if adapt else "")] = r
+            rows.append(row)
+        res[wl] = rows
+    return res
+
+
+def hf_peer(gguf: str, new: int, reps: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(gguf)
+    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.bfloat16).cuda().eval()
+    work = json.loads(WORKLOADS.read_text())
+    res = {}
+    for wl in ("grounded", "chat"):
+        rows = []
+        for prompt in work[wl]:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"].cuda()
+            row = {}
+            for name, kw in (("hf_eager", {}), ("hf_prompt_lookup", {"prompt_lookup_num_tokens": 10})):
+                tps = []
+                for _ in range(2):  # one warm-up, one timed: HF eager is ~10x slower than the rest
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    out = model.generate(ids, max_new_tokens=new, do_sample=False, **kw)
+                    torch.cuda.synchronize()
+                    n = out.shape[1] - ids.shape[1]
+                    tps.append(n / (time.perf_counter() - t0))
+                row[name] = {"tok_s": round(tps[-1], 1), "tokens": int(n)}
+            rows.append(row)
+        res[wl] = rows
+    return res
+
+
+def main(argv=None) -> None:
+    ap = parser(__doc__, shape="llama2-7b")
+    ap.add_argument("--model", help="a converted real model: tokens/s on the workloads (else step costs)")
+    ap.add_argument("--hf-gguf", help="with --model: the GGUF it came from, for HF transformers as a peer")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--new-tokens", type=int, default=160)
+    ap.add_argument("--reps", type=int, default=3)
+    args = parse(ap, argv)
+    rec = {"run": run_record(), "args": vars(args)}
+    if args.model:
+        rec["real"] = real_model(args.model, args.new_tokens, args.reps)
+        if args.hf_gguf:
+            rec["hf"] = hf_peer(args.hf_gguf, args.new_tokens, args.reps)
+    else:
+        rec["step_ms"] = step_costs(shape_config(args.shape), args.steps)
+    write_json(os.path.join(args.out, "spec_check.json"), rec)
+
+    print(f"\n{rec['run']['device']}")
+    if "step_ms" in rec:
+        s = rec["step_ms"]
+        print(f"{args.shape}: decode step {s['decode']:.3f} ms; " + "; ".join(
+            f"verify K={k} ({k + 1} rows) {s[f'verify_k{k}']:.3f} ms = {s[f'verify_k{k}_over_decode']:.3f}x" for k in KS))
+        return
+    print(f"verify step / decode step, timed at load: {rec['real']['break_even']}")
+    for wl in ("grounded", "chat"):
+        rows = rec["real"][wl]
+        print(f"\n{wl}: decode tok/s (median of {args.reps}); same = output identical to plain")
+        cols = ["plain"] + [f"ngram_k{k}{a}" for k in KS for a in ("", "_adaptive")]
+        print("prompt".ljust(24) + "".join(c.rjust(18) for c in cols) + ("  hf / hf_lookup" if "hf" in rec else ""))
+        for i, row in enumerate(rows):
+            cells = [f"{row['plain']['tok_s']:.0f}"]
+            for c in cols[1:]:
+                r = row[c]
+                cells.append(f"{r['tok_s']:.0f} {r['accepted']}/{r['proposed']}{'' if r['same_as_plain'] else ' DIFF'}")
+            hf = ""
+            if "hf" in rec:
+                h = rec["hf"][wl][i]
+                hf = f"  {h['hf_eager']['tok_s']:.0f} / {h['hf_prompt_lookup']['tok_s']:.0f}"
+            print(row["prompt"][:22].replace("\n", " ").ljust(24) + "".join(x.rjust(18) for x in cells) + hf)
+
+
+if __name__ == "__main__":
+    main()
