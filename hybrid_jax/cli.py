@@ -42,9 +42,12 @@ def _add_load_args(p: argparse.ArgumentParser):
                         "$HYBRID_JAX_CACHE/executables)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="tensor parallel: split the model over the first N devices (must divide n_kv_heads)")
-    p.add_argument("--speculative", choices=("ngram",), default=None,
+    p.add_argument("--speculative", choices=("ngram", "draft"), default=None,
                    help="speculative decoding: ngram proposes the tokens that followed the latest earlier "
-                        "occurrence of the last few tokens (prompt lookup); the output is unchanged")
+                        "occurrence of the last few tokens (prompt lookup), draft those of --draft's model; "
+                        "the output is unchanged")
+    p.add_argument("--draft", default=None, metavar="DIR",
+                   help="with --speculative draft: a smaller converted model of the same vocabulary")
     p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="proposals verified per step with --speculative (1..15)")
 
@@ -80,7 +83,7 @@ def _engine(args, **runtime_kw):
     _say(f"loading {path or default_model_dir()} ...")
     engine = load(path, max_seq_len=args.max_seq_len, cache_dir=args.cache_dir, tensor_parallel=args.tp,
                   allow_long_context=args.allow_long_context, speculative=args.speculative,
-                  num_speculative_tokens=args.num_speculative_tokens, **runtime_kw)
+                  num_speculative_tokens=args.num_speculative_tokens, draft=args.draft, **runtime_kw)
     st = engine.stats()
     pre = st["compiled_beside_conversion"]
     loaded = (f"{st['cache_hits']} executables loaded from the disk cache" if not pre else
@@ -124,6 +127,8 @@ def _check_sampling(args) -> None:
 
     check_max_seq_len_arg(args.max_seq_len)
     check_speculative(args.speculative, args.num_speculative_tokens)
+    if (args.speculative == "draft") != (args.draft is not None):
+        raise ValueError("--speculative draft needs --draft DIR, and --draft needs --speculative draft")
     n = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     _check_request("x", n, args.temperature, args.top_k, args.top_p, args.seed, args.stop, None, {}, None)
 

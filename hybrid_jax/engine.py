@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SAMPLING_ARGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "stream", "raw", "ignore_eos",
                  "system", "stop_token_ids", "speculative")
-SPECULATIVE = ("ngram",)  # load(speculative=...): prompt lookup (speculative.py)
+SPECULATIVE = ("ngram", "draft")  # load(speculative=...): prompt lookup, or a draft model (speculative.py)
 SPEC_BREAK_EVEN = {"cpu": 2.0, "gpu": 1.25}  # a verify step's cost in one-token steps where a cache is too short
 # to time it in (H100, 7B shape: 1.22 at K = 4; docs/performance.md)
 MAX_SPECULATIVE_TOKENS = 15  # K + 1 rows must fit the cache's slack past max_seq_len (at least 16 rows)
@@ -78,8 +78,17 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
                  path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False,
-                 speculative: str | None = None, num_speculative_tokens: int = 4, **runtime_kw):
+                 speculative: str | None = None, num_speculative_tokens: int = 4,
+                 draft: tuple[LlamaConfig, object] | None = None, **runtime_kw):
+        """`draft`: (config, weights) of the draft model, for speculative="draft"."""
         check_speculative(speculative, num_speculative_tokens)
+        if (speculative == "draft") != (draft is not None):
+            raise ValueError('speculative="draft" needs a draft model (load(..., draft=DIR)), and a draft model '
+                             'needs speculative="draft"')
+        if draft is not None:
+            check_draft(cfg, draft[0])
+            if tensor_parallel != 1:
+                raise ValueError('speculative="draft" runs on one device (tensor_parallel=1)')
         self.speculative = speculative
         self.num_speculative_tokens = int(num_speculative_tokens) if speculative else 0
         self.spec_totals = {"verify_steps": 0, "proposed": 0, "accepted": 0}
@@ -95,8 +104,12 @@ class Engine:
         self.mesh = sharding.mesh(tensor_parallel) if tensor_parallel > 1 else None
         if self.mesh is not None:
             params = sharding.shard_params(params, cfg, self.mesh)
+        self.draft_runtime = None
+        if draft is not None:  # its prefill executables and state; its one-token steps run inside the draft step
+            dkw = {k: v for k, v in runtime_kw.items() if k not in ("compile_sampling",)}
+            self.draft_runtime = Runtime(draft[0], draft[1], self.max_seq_len, compile_sampling=False, **dkw)
         self.runtime = Runtime(cfg, params, self.max_seq_len, mesh=self.mesh,
-                               speculative_k=self.num_speculative_tokens, **runtime_kw)
+                               speculative_k=self.num_speculative_tokens, draft=self.draft_runtime, **runtime_kw)
         # Enqueue the first decode step before reading the first token (True) or after (False).
         self.lookahead_first = True
         # Guards the runtime's device state. Held while a request uses it, never across a yield to user code
@@ -203,6 +216,8 @@ class Engine:
 
     def close(self):
         self.runtime.close()
+        if self.draft_runtime is not None:
+            self.draft_runtime.close()
 
 
 def _is_int(v) -> bool:
@@ -267,6 +282,22 @@ def check_speculative(speculative, k) -> None:
         raise ValueError(f"num_speculative_tokens must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
 
 
+def check_draft(cfg: LlamaConfig, dcfg: LlamaConfig, path=None, draft_path=None) -> None:
+    """A draft model must share the target's vocabulary: the same size, and the same tokens where both
+    folders hold a tokenizer.json."""
+    if dcfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the draft model's vocabulary has {dcfg.vocab_size} tokens, the model's {cfg.vocab_size}: "
+                         f"a draft must share the model's tokenizer")
+    if path is not None and draft_path is not None:
+        import json
+        a, b = Path(path, "tokenizer.json"), Path(draft_path, "tokenizer.json")
+        if a.is_file() and b.is_file():
+            va, vb = (json.loads(f.read_text(encoding="utf-8")).get("model", {}).get("vocab") for f in (a, b))
+            if va != vb:
+                raise ValueError(f"the draft model {draft_path} has another vocabulary than {path} (their "
+                                 f"tokenizer.json differ): a draft must share the model's tokenizer")
+
+
 def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_context: bool = False) -> int:
     """The cache length to serve: `max_seq_len`, or the model's positions capped at 2048. Beyond the model's
     max_position_embeddings RoPE runs on positions it was never trained on: refused unless `allow_long_context`."""
@@ -283,17 +314,22 @@ def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_cont
 def load(path: str | Path | None = None, max_seq_len: int | None = None,
          prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None, dtype: str | None = None,
          tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False,
-         speculative: str | None = None, num_speculative_tokens: int = 4, **runtime_kw) -> Engine:
+         speculative: str | None = None, num_speculative_tokens: int = 4, draft: str | Path | None = None,
+         **runtime_kw) -> Engine:
     """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
 
     `path=None` loads the embedded default model (SmolLM2-135M-Instruct, converted on first use). With
     `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices. Every file's size
     is checked against the checkpoint's manifest; `verify=True` also checks every file's sha256 first.
     `speculative="ngram"`: prompt-lookup speculative decoding, K = `num_speculative_tokens` proposals a step
-    (exact: greedy output is the output without it; sampled tokens keep the model's distribution).
+    (exact: greedy output is the output without it; sampled tokens keep the model's distribution);
+    `speculative="draft", draft=DIR`: the proposals come from a smaller converted model of the same vocabulary.
     """
     _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify)
     check_speculative(speculative, num_speculative_tokens)
+    if (speculative == "draft") != (draft is not None):
+        raise ValueError('speculative="draft" needs draft=DIR (a converted model of the same vocabulary), and '
+                         'draft=DIR needs speculative="draft"')
     if path is None:
         path, precompiled = _default_model(max_seq_len, allow_long_context, prefill_buckets, cache_dir,
                                            precompile=dtype is None and tensor_parallel == 1, **runtime_kw)
@@ -305,11 +341,16 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     if tensor_parallel != 1:
         sharding.check(cfg, tensor_parallel)
         fn = sharding.sharding_fn(sharding.mesh(tensor_parallel))
+    draft_model = None
+    if draft is not None:
+        check_draft(cfg, checkpoint.load_config(draft), path, draft)
+        draft_model = checkpoint.restore(draft, dtype=dtype, verify=verify)
     cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype, verify=verify)
     tok = Tokenizer(path, checkpoint.tokenizer_record(path)) if checkpoint.has_tokenizer(path) else None
     engine = Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
                     cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=allow_long_context,
-                    speculative=speculative, num_speculative_tokens=num_speculative_tokens, **runtime_kw)
+                    speculative=speculative, num_speculative_tokens=num_speculative_tokens, draft=draft_model,
+                    **runtime_kw)
     engine.runtime.stats_.precompiled = precompiled
     return engine
 
@@ -575,7 +616,8 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
     longest_stop = max(map(len, stops), default=0)
     me = object()  # this request's claim on the engine
     pending: list = []  # [(result on the device, its width: 0 for a token, K + 1 for a verify step's [n, ...])]
-    adapt = _Adapt(spec_k, engine.spec_break_even)
+    # a draft's cache would miss the rows of plain steps: a draft request speculates throughout
+    adapt = _Adapt(spec_k, engine.spec_break_even if engine.draft_runtime is None else 0.0)
     try:
         with engine._lock:
             engine._claim(me)
@@ -583,6 +625,9 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
             # the request's position, key and sampling parameters travel with its first prefill chunk
             rt.state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
             timings.prefill_chunks = rt.last_prefill_chunks
+            if spec_k and engine.draft_runtime is not None:  # the draft's cache holds the prompt too
+                d = engine.draft_runtime
+                d.state, _ = d.prefill(d.state, ids, request=(seed, temperature, top_k, top_p))
         pending.append((tok, 0))
         pos = len(ids)  # position after every token read so far (the device's, once pending is empty)
         last = t0

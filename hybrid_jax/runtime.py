@@ -68,6 +68,7 @@ def _source_digest() -> str:
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_verify_step).encode())
+    h.update(inspect.getsource(_draft_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
     h.update(inspect.getsource(pack_request).encode())
     h.update(inspect.getsource(_logits_fn).encode())
@@ -104,6 +105,41 @@ def _verify_step(cfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params:
     hist = jax.lax.dynamic_update_slice(hist, tokens, (state.pos,))
     state = state.replace(cache=cache, pos=state.pos + n, token=out[n - 1], key=key, hist=hist)
     return state, jnp.concatenate([n[None], out])
+
+
+def _draft_step(cfg: LlamaConfig, dcfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params: W.Weights,
+                dparams: W.Weights, state: DecodeState, dstate: DecodeState, opts: KernelOptions | None = None,
+                dopts: KernelOptions | None = None):
+    """One draft-model iteration: the draft (dcfg, dparams, dstate) proposes K tokens with K + 1 of its own
+    one-token steps from the target's position and last token (the last step writes the K-th proposal's row,
+    needed when all K are accepted), then the target verifies them as _verify_step does, accepting against the
+    draft's distributions when sampling. Both states come back at the target's new position; the draft's cache
+    rows up to it hold the accepted tokens (proposals it fed itself). Returns (state, dstate, [n, K + 1
+    candidates])."""
+    def body(i, carry):
+        ds, toks, qlog = carry
+        logits, cache = model.forward(dcfg, dparams, ds.cache, ds.token[None], ds.pos[None], kv_len, dopts)
+        key, sub = jax.random.split(ds.key)
+        nxt = sampling.sample(logits[0], sub, ds.sp) if do_sample else sampling.greedy(logits[0])
+        ds = ds.replace(cache=cache, pos=ds.pos + 1, token=nxt, key=key)
+        return ds, toks.at[i].set(nxt), qlog.at[i].set(logits[0].astype(jnp.float32))
+
+    ds = dstate.replace(pos=state.pos, token=state.token, sp=state.sp)
+    toks = jnp.zeros((k + 1,), jnp.int32)
+    qlog = jnp.zeros((k + 1, dcfg.vocab_size), jnp.float32)
+    ds, toks, qlog = jax.lax.fori_loop(0, k + 1, body, (ds, toks, qlog))
+    proposals = toks[:k]
+    tokens = jnp.concatenate([state.token[None], proposals])
+    positions = state.pos + jnp.arange(k + 1, dtype=jnp.int32)
+    logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
+    key, sub = jax.random.split(state.key)
+    if do_sample:
+        out, n = speculative.accept_draft_sample(logits, qlog[:k], proposals, sub, state.sp)
+    else:
+        out, n = speculative.accept_greedy(logits, proposals)
+    hist = jax.lax.dynamic_update_slice(state.hist, tokens, (state.pos,))
+    state = state.replace(cache=cache, pos=state.pos + n, token=out[n - 1], key=key, hist=hist)
+    return state, ds.replace(pos=state.pos, token=state.token), jnp.concatenate([n[None], out])
 
 
 # The prefill's one host->device argument: int32 [T + REQ_FIELDS] = the chunk's T token slots, then
@@ -181,7 +217,8 @@ class Runtime:
                  prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None,
                  use_disk_cache: bool = True, decode_kv_buckets: Sequence[int] | None = None,
                  compile_sampling: bool = True, mesh: jax.sharding.Mesh | None = None, compile_workers: int = 4,
-                 options: KernelOptions | None = None, background_compiles: bool = True, speculative_k: int = 0):
+                 options: KernelOptions | None = None, background_compiles: bool = True, speculative_k: int = 0,
+                 draft: "Runtime | None" = None):
         if max_seq_len < 1:
             raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
         self.cfg = cfg
@@ -223,9 +260,14 @@ class Runtime:
         self.state = self._fresh_state()
         # The static path: compiled now (concurrently). The smallest prefill bucket over the whole cache
         # serves any chunk.
-        # With speculation (speculative_k = K proposals a step) its verify steps too.
+        # With speculation (speculative_k = K proposals a step) its verify steps too: prompt lookup's, or with a
+        # draft model (`draft`: its Runtime, of the same cache length) the draft-and-verify steps.
         self.speculative_k = int(speculative_k)
-        verify = [("verify", kvb, self.speculative_k, False) for kvb in self.decode_kv_buckets
+        self.draft = draft
+        if draft is not None and (draft.cache_len != self.cache_len or draft.mesh is not None or mesh is not None):
+            raise ValueError("a draft model needs one device and the target's cache length")
+        kind = "verify" if draft is None else "draft"
+        verify = [(kind, kvb, self.speculative_k, False) for kvb in self.decode_kv_buckets
                   if self.speculative_k and kvb >= self.speculative_k + 1]
         now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec] + verify
         for f in [self._get_async(s, background=False) for s in now]:
@@ -279,7 +321,7 @@ class Runtime:
         (PREFILL_MATMULS, per bucket under "split"); a decode step: none of the prefill's choices; the logits
         executable: XLA's path."""
         o = self.options
-        if spec[0] in ("prefill", "verify"):  # a verify step is a (K + 1)-row chunk over the cache
+        if spec[0] in ("prefill", "verify", "draft"):  # a verify step is a (K + 1)-row chunk over the cache
             T = spec[1] if spec[0] == "prefill" else spec[2] + 1
             return o.replace(prefill_attention=o.prefill_attention if T >= o.prefill_attention_min_rows else "off",
                              prefill_attention_min_rows=0,
@@ -296,7 +338,12 @@ class Runtime:
                 "mesh": sharding.describe(self.mesh),
                 # everything the traced step reads besides the source (the digest in self._env) and the shapes
                 "options": self.step_options(spec).to_dict(),
-                "rows_max": gemv_lib.ROWS_MAX if spec[0] in ("prefill", "verify") else None,
+                "rows_max": gemv_lib.ROWS_MAX if spec[0] in ("prefill", "verify", "draft") else None,
+                # a draft step's other model: its shapes, placement and one-token step options
+                "draft": None if spec[0] != "draft" else {
+                    "model": self.draft.cfg.to_dict(), "cache_len": self.draft.cache_len,
+                    "params": [str(a.sharding) for a in jax.tree.leaves(self.draft._abs_params)],
+                    "options": self.draft.step_options(("decode",) + tuple(spec[1:2]) + tuple(spec[3:])).to_dict()},
                 **self._env}
 
     def lower(self, spec: tuple):
@@ -327,6 +374,16 @@ class Runtime:
             def verify_step(p, s):
                 return _verify_step(cfg, kvb, k, do_sample, p, s, opts)
             return jax.jit(verify_step, donate_argnums=(1,), **kw).lower(self._abs_params, self._abs_state)
+        if spec[0] == "draft":
+            _, kvb, k, do_sample = spec
+            d = self.draft
+            dopts = d.step_options(("decode", kvb, do_sample))
+            def draft_step(p, dp, s, ds):
+                return _draft_step(cfg, d.cfg, kvb, k, do_sample, p, dp, s, ds, opts, dopts)
+            if "out_shardings" in kw:
+                kw = {"out_shardings": (kw["out_shardings"][0],) + kw["out_shardings"]}
+            return jax.jit(draft_step, donate_argnums=(2, 3), **kw).lower(
+                self._abs_params, d._abs_params, self._abs_state, d._abs_state)
         _, T, kvb = spec
         return prefill_jit(cfg, kvb, opts, **kw).lower(
             self._abs_params, self._abs_state, self._small((T + REQ_FIELDS,), jnp.int32))
@@ -490,9 +547,9 @@ class Runtime:
         return ("decode", kvb, do_sample)
 
     def verify_spec(self, pos: int, k: int, do_sample: bool) -> tuple | None:
-        """The verify step writing rows pos .. pos + k, or None where they do not fit the cache."""
+        """The verify (or draft) step writing rows pos .. pos + k, or None where they do not fit the cache."""
         kvb = next((b for b in self.decode_kv_buckets if b >= pos + k + 1), None)
-        return None if kvb is None else ("verify", kvb, k, do_sample)
+        return None if kvb is None else ("verify" if self.draft is None else "draft", kvb, k, do_sample)
 
     # ---- execution ----------------------------------------------------------------------------
     def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None
@@ -514,7 +571,12 @@ class Runtime:
         return state, nxt
 
     def decode(self, state: DecodeState, spec: tuple) -> tuple[DecodeState, jax.Array]:
-        """A decode step ("decode", ...: the next token) or a verify step ("verify", ...: [n, candidates])."""
+        """A decode step ("decode", ...: the next token) or a verify step ("verify", ...: [n, candidates]); a
+        draft step ("draft", ...) advances the draft's state (self.draft.state) too."""
+        if spec[0] == "draft":
+            d = self.draft
+            state, d.state, out = self._get(spec)(self.params, d.params, state, d.state)
+            return state, out
         return self._get(spec)(self.params, state)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:

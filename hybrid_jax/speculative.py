@@ -74,3 +74,34 @@ def accept_sample(logits: jax.Array, proposals: jax.Array, key: jax.Array, sp: S
     drawn = order[row, jax.random.categorical(k_draw, resid)].astype(jnp.int32)
     tokens = jnp.where(jnp.arange(W) == row, drawn, prop).astype(jnp.int32)
     return tokens, n.astype(jnp.int32)
+
+
+def _probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """The filtered distribution sampling.sample draws from, over the vocabulary in id order: [..., V]."""
+    s, order = jax.vmap(lambda l: filtered_logits(l, sp))(logits.reshape(-1, logits.shape[-1]))
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.zeros_like(p).at[jnp.arange(p.shape[0])[:, None], order].set(p)
+    return out.reshape(logits.shape)
+
+
+def accept_draft_sample(logits: jax.Array, draft_logits: jax.Array, proposals: jax.Array, key: jax.Array,
+                        sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """As accept_sample for proposals drawn from a draft model's distributions q (its logits [K, V], filtered
+    the same way): proposal i is accepted with probability min(1, p(x) / q(x)); at the first rejection the token
+    is drawn from max(p - q, 0) renormalised (from p where that is empty); after K acceptances from row K."""
+    W = logits.shape[0]
+    p = _probs(logits, sp)  # [W, V]
+    q = jnp.concatenate([_probs(draft_logits, sp), jnp.zeros_like(p[:1])])  # row K: no proposal
+    prop = jnp.concatenate([proposals, proposals[-1:]])
+    px = jnp.take_along_axis(p, prop[:, None], axis=1)[:, 0]
+    qx = jnp.take_along_axis(q, prop[:, None], axis=1)[:, 0]
+    k_acc, k_draw = jax.random.split(key)
+    u = jax.random.uniform(k_acc, (W,))
+    ok = (u * qx < px) & (jnp.arange(W) < W - 1)  # u < p/q without dividing by a zero q
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32))) + 1
+    row = n - 1
+    resid = jnp.maximum(p[row] - q[row], 0.0)
+    resid = jnp.where(jnp.sum(resid) > 0, resid, p[row])
+    drawn = jax.random.categorical(k_draw, jnp.log(resid)).astype(jnp.int32)
+    tokens = jnp.where(jnp.arange(W) == row, drawn, prop).astype(jnp.int32)
+    return tokens, n.astype(jnp.int32)

@@ -171,7 +171,7 @@ def test_bad_speculative_arguments(tmp_path):
     m = make_hf_model("gqa", seed=5)
     cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
     p = hf_params(m, cfg)
-    with pytest.raises(ValueError, match=r"speculative must be one of 'ngram'"):
+    with pytest.raises(ValueError, match=r"speculative must be one of .ngram., .draft."):
         Engine(cfg, p, max_seq_len=32, speculative="medusa")
     for k in (0, 16, 2.5):
         with pytest.raises(ValueError, match=r"num_speculative_tokens must be an integer in 1\.\.15"):
@@ -197,3 +197,108 @@ def test_smollm2_greedy_equal_with_and_without(smollm2_dir):
     copy = generate(spec, f"Repeat this sentence exactly, twice: {text}", max_new_tokens=40)
     # copying text: at least half the tokens after the first were accepted proposals
     assert copy.timings.accepted * 2 >= len(copy.token_ids) - 1 >= 8, copy.timings
+
+
+# ---- a draft model ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sp", [dict(temperature=1.0), dict(temperature=0.8, top_k=4)])
+def test_draft_acceptance_keeps_the_target_distribution(sp):
+    """Proposals drawn from the draft's q, accepted with min(1, p/q), the residual max(p - q, 0) on rejection:
+    the first emitted token has the target's row-0 distribution and, after an acceptance, the second row 1's."""
+    from hybrid_jax.sampling import filtered_logits
+
+    V, N = 6, 200_000
+    rng = np.random.default_rng(2)
+    logits = jnp.asarray(rng.normal(size=(3, V)) * 1.5, jnp.float32)
+    dlogits = jnp.asarray(rng.normal(size=(2, V)) * 1.5, jnp.float32)
+    params = make_params(**sp)
+
+    def one(key):
+        k0, k1, k2 = jax.random.split(key, 3)
+        props = []
+        for row, kk in ((0, k0), (1, k1)):  # what the draft step does: sample each proposal from q
+            s, order = filtered_logits(dlogits[row], params)
+            props.append(order[jax.random.categorical(kk, s)])
+        return speculative.accept_draft_sample(logits, dlogits, jnp.asarray(props, jnp.int32), k2, params)
+
+    toks, n = jax.vmap(one)(jax.random.split(jax.random.PRNGKey(3), N))
+    toks, n = np.asarray(toks), np.asarray(n)
+    p = np.asarray(speculative._probs(logits, params))
+
+    def check(samples, want):
+        freq = np.bincount(samples, minlength=V) / len(samples)
+        se = np.sqrt(want * (1 - want) / len(samples)) + 1e-4
+        assert np.all(np.abs(freq - want) < 4 * se), (freq, want)
+
+    check(toks[:, 0], p[0])
+    acc = n >= 2
+    assert 0.05 < acc.mean() < 0.95
+    check(toks[acc, 1], p[1])
+
+
+@pytest.fixture(scope="module")
+def draft_engines():
+    m = make_hf_model("gqa", seed=5)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    p = hf_params(m, cfg)
+    dm = make_hf_model("gqa", seed=6, num_hidden_layers=1)  # a smaller model of the same vocabulary
+    dcfg = LlamaConfig.from_hf(dm.config.to_dict(), dtype="float32")
+    kw = dict(max_seq_len=128, use_disk_cache=False, speculative="draft", num_speculative_tokens=4)
+    engines = (Engine(cfg, p, max_seq_len=128, use_disk_cache=False), Engine(cfg, p, draft=(dcfg, hf_params(dm, dcfg)), **kw),
+               Engine(cfg, p, draft=(cfg, p), **kw))  # the model as its own draft: every proposal right
+    yield engines
+    for e in engines:
+        e.close()
+
+
+def test_draft_greedy_output_is_the_output_without_it(draft_engines):
+    plain, other, same = draft_engines
+    for ids in PROMPTS.values():
+        for n in (1, 6, 50):
+            a = generate(plain, ids, max_new_tokens=n, ignore_eos=True).token_ids
+            for e in (other, same):
+                assert generate(e, ids, max_new_tokens=n, ignore_eos=True).token_ids == a
+    r = generate(same, PROMPTS["plain"], max_new_tokens=50, ignore_eos=True)
+    assert r.timings.accepted == r.timings.proposed > 0  # its own proposals are always its greedy tokens
+    assert same.stats()["speculative"]["method"] == "draft"
+
+
+def test_draft_sampling(draft_engines):
+    plain, other, same = draft_engines
+    ids = PROMPTS["plain"]
+    greedy = generate(plain, ids, max_new_tokens=30, ignore_eos=True).token_ids
+    assert generate(other, ids, max_new_tokens=30, temperature=1.0, top_k=1, seed=1, ignore_eos=True).token_ids == greedy
+    r = generate(same, ids, max_new_tokens=30, temperature=0.9, seed=2, ignore_eos=True)
+    assert len(r.token_ids) == 30 and r.timings.accepted == r.timings.proposed  # p = q: always accepted
+    r2 = generate(other, ids, max_new_tokens=30, temperature=0.9, seed=2, ignore_eos=True)
+    assert len(r2.token_ids) == 30 and r2.timings.verify_steps > 0
+
+
+def test_a_draft_of_another_vocabulary_is_refused(tmp_path, tiny_tokenizer_dir):
+    from convert.api import convert
+    from convert_fixtures import save_hf
+
+    m = make_hf_model("gqa", seed=5)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    other = make_hf_model("gqa", seed=6, vocab_size=200)
+    ocfg = LlamaConfig.from_hf(other.config.to_dict(), dtype="float32")
+    with pytest.raises(ValueError, match="vocabulary has 200 tokens, the model's 160"):
+        Engine(cfg, hf_params(m, cfg), max_seq_len=32, speculative="draft", draft=(ocfg, hf_params(other, ocfg)))
+    with pytest.raises(ValueError, match='speculative="draft" needs a draft model'):
+        Engine(cfg, hf_params(m, cfg), max_seq_len=32, speculative="draft")
+    target = convert(save_hf(m, tmp_path / "t", tiny_tokenizer_dir), tmp_path / "tc", dtype="float32", progress=False)
+    draft = convert(save_hf(make_hf_model("gqa", seed=6, num_hidden_layers=1), tmp_path / "d", tiny_tokenizer_dir),
+                    tmp_path / "dc", dtype="float32", progress=False)
+    e = load(target, max_seq_len=64, speculative="draft", draft=draft, use_disk_cache=False, compile_sampling=False)
+    assert generate(e, "the quick fox", max_new_tokens=8, ignore_eos=True).timings.verify_steps > 0
+    e.close()
+    import json
+    tj = json.loads((draft / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    a, b = list(vocab)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # same size, two tokens swapped
+    (draft / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match="has another vocabulary"):
+        load(target, max_seq_len=64, speculative="draft", draft=draft)
+    with pytest.raises(ValueError, match='needs draft=DIR'):
+        load(target, speculative="draft")

@@ -29,21 +29,31 @@ WORKLOADS = Path(__file__).resolve().parents[1] / "workloads" / "speculative.jso
 KS = (4, 8)
 
 
+# a draft for the 7B's vocabulary: ~0.2 B parameters (random weights: only its cost is read)
+DRAFT_DIMS = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816)
+
+
 def step_costs(cfg, steps: int) -> dict:
+    import tempfile
+
     import jax
     import numpy as np
 
-    import tempfile
-
     params = random_params(cfg)
+    dcfg = cfg.replace(**DRAFT_DIMS)
+    dparams = random_params(dcfg, seed=1)
     cache = tempfile.mkdtemp()  # the engines share their prefill and decode executables
-    out = {}
-    for k in (0,) + KS:
+    out = {"draft_params": dcfg.n_params}
+    for k, kind in [(0, None)] + [(k, "ngram") for k in KS] + [(4, "draft")]:
         eng, _ = random_engine(cfg, params, lengths=(100,), max_seq_len=1024, compile_sampling=False, cache_dir=cache,
-                               speculative="ngram" if k else None, num_speculative_tokens=k or 4)
+                               speculative=kind, num_speculative_tokens=k or 4,
+                               draft=(dcfg, dparams) if kind == "draft" else None)
         rt = eng.runtime
         ids = list(np.random.default_rng(0).integers(3, cfg.vocab_size, 100))
-        spec = ("verify", rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
+        spec = (("verify" if kind == "ngram" else "draft"), rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
+        if kind == "draft":
+            d = eng.draft_runtime
+            d.state, _ = d.prefill(d.state, ids, request=(0, 0.0, None, None))
         times = []
         for _ in range(3):
             rt.state, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
@@ -55,11 +65,12 @@ def step_costs(cfg, steps: int) -> dict:
                 rt.state, r = rt.decode(rt.state, spec)
             jax.block_until_ready(r)
             times.append((time.perf_counter() - t0) / steps)
-        out["decode" if not k else f"verify_k{k}"] = round(statistics.median(times) * 1e3, 4)
+        name = "decode" if not k else (f"verify_k{k}" if kind == "ngram" else f"draft_k{k}")
+        out[name] = round(statistics.median(times) * 1e3, 4)
         eng.close()
         del eng
-    for k in KS:
-        out[f"verify_k{k}_over_decode"] = round(out[f"verify_k{k}"] / out["decode"], 3)
+    for name in [f"verify_k{k}" for k in KS] + ["draft_k4"]:
+        out[f"{name}_over_decode"] = round(out[name] / out["decode"], 3)
     return out
 
 
@@ -72,7 +83,7 @@ def _gen(eng, prompt, new, reps, **kw):
             "verify_steps": r.timings.verify_steps, "accepted": r.timings.accepted, "proposed": r.timings.proposed}
 
 
-def real_model(path: str, new: int, reps: int) -> dict:
+def real_model(path: str, new: int, reps: int, draft: str | None = None) -> dict:
     import hybrid_jax
 
     work = json.loads(WORKLOADS.read_text())
@@ -81,6 +92,8 @@ def real_model(path: str, new: int, reps: int) -> dict:
     engines = {"plain": hybrid_jax.load(path, **kw)}
     for k in KS:
         engines[f"ngram_k{k}"] = hybrid_jax.load(path, speculative="ngram", num_speculative_tokens=k, **kw)
+    if draft:
+        engines["draft_k4"] = hybrid_jax.load(path, speculative="draft", draft=draft, num_speculative_tokens=4, **kw)
     res = {"break_even": {n: round(e.spec_break_even, 3) for n, e in engines.items() if e.speculative}}
     for wl in ("grounded", "chat"):
         rows = []
@@ -88,6 +101,10 @@ def real_model(path: str, new: int, reps: int) -> dict:
             row = {"prompt": prompt[:60]}
             base = _gen(engines["plain"], prompt, new, reps)
             row["plain"] = {k: v for k, v in base.items() if k != "ids"}
+            if draft:
+                r = _gen(engines["draft_k4"], prompt, new, reps)
+                r["same_as_plain"] = r.pop("ids") == base["ids"]
+                row["draft_k4"] = r
             for k in KS:
                 e = engines[f"ngram_k{k}"]
                 for adapt in (False, True):
@@ -139,13 +156,14 @@ def main(argv=None) -> None:
     ap = parser(__doc__, shape="llama2-7b")
     ap.add_argument("--model", help="a converted real model: tokens/s on the workloads (else step costs)")
     ap.add_argument("--hf-gguf", help="with --model: the GGUF it came from, for HF transformers as a peer")
+    ap.add_argument("--draft", help="with --model: a draft model folder (speculative='draft', K = 4)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--reps", type=int, default=3)
     args = parse(ap, argv)
     rec = {"run": run_record(), "args": vars(args)}
     if args.model:
-        rec["real"] = real_model(args.model, args.new_tokens, args.reps)
+        rec["real"] = real_model(args.model, args.new_tokens, args.reps, args.draft)
         if args.hf_gguf:
             rec["hf"] = hf_peer(args.hf_gguf, args.new_tokens, args.reps)
     else:
@@ -156,13 +174,15 @@ def main(argv=None) -> None:
     if "step_ms" in rec:
         s = rec["step_ms"]
         print(f"{args.shape}: decode step {s['decode']:.3f} ms; " + "; ".join(
-            f"verify K={k} ({k + 1} rows) {s[f'verify_k{k}']:.3f} ms = {s[f'verify_k{k}_over_decode']:.3f}x" for k in KS))
+            f"verify K={k} ({k + 1} rows) {s[f'verify_k{k}']:.3f} ms = {s[f'verify_k{k}_over_decode']:.3f}x" for k in KS)
+            + f"; draft ({s['draft_params'] / 1e9:.2f} B) K=4: 5 draft steps + verify {s['draft_k4']:.3f} ms = "
+              f"{s['draft_k4_over_decode']:.3f}x")
         return
     print(f"verify step / decode step, timed at load: {rec['real']['break_even']}")
     for wl in ("grounded", "chat"):
         rows = rec["real"][wl]
         print(f"\n{wl}: decode tok/s (median of {args.reps}); same = output identical to plain")
-        cols = ["plain"] + [f"ngram_k{k}{a}" for k in KS for a in ("", "_adaptive")]
+        cols = ["plain"] + [f"ngram_k{k}{a}" for k in KS for a in ("", "_adaptive")] + (["draft_k4"] if args.draft else [])
         print("prompt".ljust(24) + "".join(c.rjust(18) for c in cols) + ("  hf / hf_lookup" if "hf" in rec else ""))
         for i, row in enumerate(rows):
             cells = [f"{row['plain']['tok_s']:.0f}"]
