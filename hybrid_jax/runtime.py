@@ -485,8 +485,12 @@ class Runtime:
 
     def warmup(self, background: bool = False, progress: bool = False) -> list[cf.Future]:
         """Compile (or load from the disk cache) every prefill bucket (prompt from position 0) and the sampling
-        decode steps; in the foreground with, where `progress`, a bar on a terminal or a line per executable."""
+        decode (and verify) steps; in the foreground with, where `progress`, a bar on a terminal or a line per executable."""
         specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
+        if self.speculative_k:  # the sampling variants of the verify (or draft) steps
+            kind = "verify" if self.draft is None else "draft"
+            specs += [(kind, kvb, self.speculative_k, True) for kvb in self.decode_kv_buckets
+                      if kvb >= self.speculative_k + 1]
         if background:
             return [f for f in (self._get_async(s) for s in specs) if f is not None]
         from tqdm import tqdm

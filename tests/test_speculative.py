@@ -302,3 +302,15 @@ def test_a_draft_of_another_vocabulary_is_refused(tmp_path, tiny_tokenizer_dir):
         load(target, max_seq_len=64, speculative="draft", draft=draft)
     with pytest.raises(ValueError, match='needs draft=DIR'):
         load(target, speculative="draft")
+
+
+def test_warmup_compiles_the_sampling_verify_step(tmp_path):
+    m = make_hf_model("gqa", seed=5)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    e = Engine(cfg, hf_params(m, cfg), max_seq_len=32, cache_dir=tmp_path, compile_sampling=False,
+               speculative="ngram", num_speculative_tokens=3)
+    rt = e.runtime
+    assert rt.compiled(("verify", rt.cache_len, 3, False)) and not rt.compiled(("verify", rt.cache_len, 3, True))
+    e.warmup()
+    assert rt.compiled(("verify", rt.cache_len, 3, True))
+    e.close()
