@@ -174,21 +174,8 @@ class Engine:
         prompt of `context` tokens (the steps attend over that many cached rows and more)."""
         if not 1 <= context <= self.max_seq_len - 3:
             raise ValueError(f"context must be in [1, {self.max_seq_len - 3}], got {context}")
-        rt = self.runtime
-        with self._lock:
-            self._claim(object())
-            state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1] * context)
-            spec = rt.decode_spec(min(context + n_steps, self.max_seq_len - 1), False)
-            state, tok = rt.decode(state, spec)
-            tok.block_until_ready()
-            n = min(n_steps, self.max_seq_len - 2 - context)
-            t0 = time.perf_counter()
-            for _ in range(n):
-                state, tok = rt.decode(state, spec)
-            tok.block_until_ready()
-            dt = (time.perf_counter() - t0) / n
-            rt.state = state
-        return dt
+        spec = self.runtime.decode_spec(min(context + n_steps, self.max_seq_len - 1), False)
+        return self.step_seconds([spec], min(n_steps, self.max_seq_len - 2 - context), [1] * context)[0]
 
     def verify_cost(self) -> float:
         """A verify step's time over a decode step's, both queued back to back on this model and device (the
@@ -196,23 +183,31 @@ class Engine:
         rt, k = self.runtime, self.num_speculative_tokens
         n = 3 if jax.devices()[0].platform == "cpu" else 16
         context = 8
-        if context + (n + 1) * (k + 2) + 1 >= self.max_seq_len:
+        top = context + (n + 1) * (k + 2)
+        if top + 1 >= self.max_seq_len:
             return float(SPEC_BREAK_EVEN.get(jax.devices()[0].platform, 1.25))  # too short a cache to time in
+        decode, verify = self.step_seconds([rt.decode_spec(top, False), rt.verify_spec(top, k, False)], n,
+                                           [1] * context)
+        return verify / decode
+
+    def step_seconds(self, specs: Sequence[tuple], n: int, prompt: Sequence[int]) -> list[float]:
+        """Seconds per step of each step spec (decode, verify or draft), n of each queued back to back (one
+        untimed first) after `prompt` (token ids); the caller keeps every step inside the cache."""
+        rt = self.runtime
+        out = []
         with self._lock:
             self._claim(object())
-            state, _ = rt.prefill(rt.reset_state(rt.state.cache), [1] * context)
-            top = context + (n + 1) * (k + 2)
-            times = []
-            for spec in (rt.decode_spec(top, False), rt.verify_spec(top, k, False)):
+            state, _ = rt.prefill(rt.reset_state(rt.state.cache), list(prompt))
+            for spec in specs:
                 state, r = rt.decode(state, spec)
                 r.block_until_ready()
                 t0 = time.perf_counter()
                 for _ in range(n):
                     state, r = rt.decode(state, spec)
                 r.block_until_ready()
-                times.append(time.perf_counter() - t0)
+                out.append((time.perf_counter() - t0) / n)
             rt.state = state
-        return times[1] / times[0]
+        return out
 
     def close(self):
         self.runtime.close()

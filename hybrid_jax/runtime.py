@@ -67,6 +67,7 @@ def _source_digest() -> str:
     for mod in (model, kv_cache, sampling, speculative, W, gemv_lib, attn_lib, options_lib):
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
+    h.update(inspect.getsource(_verify).encode())
     h.update(inspect.getsource(_verify_step).encode())
     h.update(inspect.getsource(_draft_step).encode())
     h.update(inspect.getsource(_prefill_step).encode())
@@ -86,25 +87,35 @@ def _decode_step(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weigh
     return state.replace(cache=cache, pos=state.pos + 1, token=nxt, key=key, hist=hist), nxt
 
 
-def _verify_step(cfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params: W.Weights, state: DecodeState,
-                 opts: KernelOptions | None = None):
-    """One speculative iteration: K prompt-lookup proposals made from the token history, verified with the
-    last token in one K+1-row forward, accepted on the device (speculative.py). Returns the state advanced by
-    the n emitted tokens (cache rows past them are scratch) and int32 [K + 2] = [n, the K + 1 candidates],
-    of which the first n are emitted. Rows pos .. pos + K must lie inside the cache."""
-    hist = jax.lax.dynamic_update_slice(state.hist, state.token[None], (state.pos,))
-    proposals = speculative.ngram_propose(hist, state.pos + 1, k)
+def _verify(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, state: DecodeState,
+            proposals: jax.Array, opts: KernelOptions | None, draft_logits: jax.Array | None = None):
+    """The last token and K proposals as one K+1-row forward, accepted on the device (speculative.py; against
+    the draft's distributions `draft_logits` [K, V] when a draft model proposed them). Returns the state advanced
+    by the n emitted tokens (cache rows past them are scratch) and int32 [K + 2] = [n, the K + 1 candidates], of
+    which the first n are emitted. Rows pos .. pos + K must lie inside the cache."""
+    k = proposals.shape[0]
     tokens = jnp.concatenate([state.token[None], proposals])
     positions = state.pos + jnp.arange(k + 1, dtype=jnp.int32)
     logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
     key, sub = jax.random.split(state.key)
-    if do_sample:
+    if not do_sample:
+        out, n = speculative.accept_greedy(logits, proposals)
+    elif draft_logits is None:
         out, n = speculative.accept_sample(logits, proposals, sub, state.sp)
     else:
-        out, n = speculative.accept_greedy(logits, proposals)
-    hist = jax.lax.dynamic_update_slice(hist, tokens, (state.pos,))
+        out, n = speculative.accept_draft_sample(logits, draft_logits, proposals, sub, state.sp)
+    hist = jax.lax.dynamic_update_slice(state.hist, tokens, (state.pos,))
     state = state.replace(cache=cache, pos=state.pos + n, token=out[n - 1], key=key, hist=hist)
     return state, jnp.concatenate([n[None], out])
+
+
+def _verify_step(cfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params: W.Weights, state: DecodeState,
+                 opts: KernelOptions | None = None):
+    """One prompt-lookup iteration: K proposals made from the token history (with the last token in it), then
+    `_verify`."""
+    hist = jax.lax.dynamic_update_slice(state.hist, state.token[None], (state.pos,))
+    proposals = speculative.ngram_propose(hist, state.pos + 1, k)
+    return _verify(cfg, kv_len, do_sample, params, state, proposals, opts)
 
 
 def _draft_step(cfg: LlamaConfig, dcfg: LlamaConfig, kv_len: int, k: int, do_sample: bool, params: W.Weights,
@@ -112,10 +123,9 @@ def _draft_step(cfg: LlamaConfig, dcfg: LlamaConfig, kv_len: int, k: int, do_sam
                 dopts: KernelOptions | None = None):
     """One draft-model iteration: the draft (dcfg, dparams, dstate) proposes K tokens with K + 1 of its own
     one-token steps from the target's position and last token (the last step writes the K-th proposal's row,
-    needed when all K are accepted), then the target verifies them as _verify_step does, accepting against the
-    draft's distributions when sampling. Both states come back at the target's new position; the draft's cache
-    rows up to it hold the accepted tokens (proposals it fed itself). Returns (state, dstate, [n, K + 1
-    candidates])."""
+    needed when all K are accepted), then `_verify`, accepting against the draft's distributions when sampling.
+    Both states come back at the target's new position; the draft's cache rows up to it hold the accepted
+    tokens (proposals it fed itself). Returns (state, dstate, [n, K + 1 candidates])."""
     def body(i, carry):
         ds, toks, qlog = carry
         logits, cache = model.forward(dcfg, dparams, ds.cache, ds.token[None], ds.pos[None], kv_len, dopts)
@@ -128,18 +138,8 @@ def _draft_step(cfg: LlamaConfig, dcfg: LlamaConfig, kv_len: int, k: int, do_sam
     toks = jnp.zeros((k + 1,), jnp.int32)
     qlog = jnp.zeros((k + 1, dcfg.vocab_size), jnp.float32)
     ds, toks, qlog = jax.lax.fori_loop(0, k + 1, body, (ds, toks, qlog))
-    proposals = toks[:k]
-    tokens = jnp.concatenate([state.token[None], proposals])
-    positions = state.pos + jnp.arange(k + 1, dtype=jnp.int32)
-    logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
-    key, sub = jax.random.split(state.key)
-    if do_sample:
-        out, n = speculative.accept_draft_sample(logits, qlog[:k], proposals, sub, state.sp)
-    else:
-        out, n = speculative.accept_greedy(logits, proposals)
-    hist = jax.lax.dynamic_update_slice(state.hist, tokens, (state.pos,))
-    state = state.replace(cache=cache, pos=state.pos + n, token=out[n - 1], key=key, hist=hist)
-    return state, ds.replace(pos=state.pos, token=state.token), jnp.concatenate([n[None], out])
+    state, out = _verify(cfg, kv_len, do_sample, params, state, toks[:k], opts, draft_logits=qlog[:k])
+    return state, ds.replace(pos=state.pos, token=state.token), out
 
 
 # The prefill's one host->device argument: int32 [T + REQ_FIELDS] = the chunk's T token slots, then
@@ -266,8 +266,7 @@ class Runtime:
         self.draft = draft
         if draft is not None and (draft.cache_len != self.cache_len or draft.mesh is not None or mesh is not None):
             raise ValueError("a draft model needs one device and the target's cache length")
-        kind = "verify" if draft is None else "draft"
-        verify = [(kind, kvb, self.speculative_k, False) for kvb in self.decode_kv_buckets
+        verify = [(self.verify_kind, kvb, self.speculative_k, False) for kvb in self.decode_kv_buckets
                   if self.speculative_k and kvb >= self.speculative_k + 1]
         now = [("decode", kvb, False) for kvb in self.decode_kv_buckets] + [self.universal_spec] + verify
         for f in [self._get_async(s, background=False) for s in now]:
@@ -488,8 +487,7 @@ class Runtime:
         decode (and verify) steps; in the foreground with, where `progress`, a bar on a terminal or a line per executable."""
         specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
         if self.speculative_k:  # the sampling variants of the verify (or draft) steps
-            kind = "verify" if self.draft is None else "draft"
-            specs += [(kind, kvb, self.speculative_k, True) for kvb in self.decode_kv_buckets
+            specs += [(self.verify_kind, kvb, self.speculative_k, True) for kvb in self.decode_kv_buckets
                       if kvb >= self.speculative_k + 1]
         if background:
             return [f for f in (self._get_async(s) for s in specs) if f is not None]
@@ -553,7 +551,12 @@ class Runtime:
     def verify_spec(self, pos: int, k: int, do_sample: bool) -> tuple | None:
         """The verify (or draft) step writing rows pos .. pos + k, or None where they do not fit the cache."""
         kvb = next((b for b in self.decode_kv_buckets if b >= pos + k + 1), None)
-        return None if kvb is None else ("verify" if self.draft is None else "draft", kvb, k, do_sample)
+        return None if kvb is None else (self.verify_kind, kvb, k, do_sample)
+
+    @property
+    def verify_kind(self) -> str:
+        """The speculative step's spec name: "verify" (prompt lookup), or "draft" with a draft model."""
+        return "verify" if self.draft is None else "draft"
 
     # ---- execution ----------------------------------------------------------------------------
     def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None

@@ -58,22 +58,17 @@ def accept_sample(logits: jax.Array, proposals: jax.Array, key: jax.Array, sp: S
                   ) -> tuple[jax.Array, jax.Array]:
     """As accept_greedy for temperature > 0 (point-mass proposals): tokens [W] where tokens[i] for i < n - 1
     are the accepted proposals and tokens[n - 1] is drawn from the residual at the first rejection (or from
-    the last row when all are accepted)."""
-    W = logits.shape[0]
-    s, order = jax.vmap(lambda l: filtered_logits(l, sp))(logits)  # [W, V] sorted masked logits, ids
-    probs = jax.nn.softmax(s, axis=-1)
-    prop = jnp.concatenate([proposals, proposals[-1:]])  # row K has no proposal: never "accepted"
-    hit = order == prop[:, None]  # [W, V]: where each row's proposal sits in its sorted order
-    p_prop = jnp.sum(jnp.where(hit, probs, 0.0), axis=-1)  # [W]
-    k_acc, k_draw = jax.random.split(key)
-    u = jax.random.uniform(k_acc, (W,))
-    ok = (u < p_prop) & (jnp.arange(W) < W - 1)
-    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32))) + 1  # emitted: accepted proposals + one drawn token
-    row = n - 1
-    resid = jnp.where(hit[row] & (row < W - 1), -jnp.inf, s[row])  # the rejected proposal removed
-    drawn = order[row, jax.random.categorical(k_draw, resid)].astype(jnp.int32)
-    tokens = jnp.where(jnp.arange(W) == row, drawn, prop).astype(jnp.int32)
-    return tokens, n.astype(jnp.int32)
+    the last row when all are accepted). The point mass q makes `_accept`'s rule: accept x with p(x), else draw
+    from p without x."""
+    q = jax.nn.one_hot(proposals, logits.shape[-1], dtype=jnp.float32)
+    return _accept(_probs(logits, sp), q, proposals, key)
+
+
+def accept_draft_sample(logits: jax.Array, draft_logits: jax.Array, proposals: jax.Array, key: jax.Array,
+                        sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """As accept_sample for proposals drawn from a draft model's distributions q (its logits [K, V], filtered
+    the same way)."""
+    return _accept(_probs(logits, sp), _probs(draft_logits, sp), proposals, key)
 
 
 def _probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
@@ -84,14 +79,13 @@ def _probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     return out.reshape(logits.shape)
 
 
-def accept_draft_sample(logits: jax.Array, draft_logits: jax.Array, proposals: jax.Array, key: jax.Array,
-                        sp: SamplingParams) -> tuple[jax.Array, jax.Array]:
-    """As accept_sample for proposals drawn from a draft model's distributions q (its logits [K, V], filtered
-    the same way): proposal i is accepted with probability min(1, p(x) / q(x)); at the first rejection the token
-    is drawn from max(p - q, 0) renormalised (from p where that is empty); after K acceptances from row K."""
-    W = logits.shape[0]
-    p = _probs(logits, sp)  # [W, V]
-    q = jnp.concatenate([_probs(draft_logits, sp), jnp.zeros_like(p[:1])])  # row K: no proposal
+def _accept(p: jax.Array, q: jax.Array, proposals: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling: p [W, V] the target's distributions after each input, q [K, V] those the K
+    proposals were drawn from. Proposal i is accepted with probability min(1, p(x) / q(x)); at the first
+    rejection the token is drawn from max(p - q, 0) renormalised (from p where that is empty); after K
+    acceptances from row K. Returns (tokens [W], n emitted)."""
+    W = p.shape[0]
+    q = jnp.concatenate([q, jnp.zeros_like(p[:1])])  # row K: no proposal
     prop = jnp.concatenate([proposals, proposals[-1:]])
     px = jnp.take_along_axis(p, prop[:, None], axis=1)[:, 0]
     qx = jnp.take_along_axis(q, prop[:, None], axis=1)[:, 0]

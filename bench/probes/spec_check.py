@@ -36,7 +36,6 @@ DRAFT_DIMS = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816)
 def step_costs(cfg, steps: int) -> dict:
     import tempfile
 
-    import jax
     import numpy as np
 
     params = random_params(cfg)
@@ -49,22 +48,9 @@ def step_costs(cfg, steps: int) -> dict:
                                speculative=kind, num_speculative_tokens=k or 4,
                                draft=(dcfg, dparams) if kind == "draft" else None)
         rt = eng.runtime
-        ids = list(np.random.default_rng(0).integers(3, cfg.vocab_size, 100))
-        spec = (("verify" if kind == "ngram" else "draft"), rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
-        if kind == "draft":
-            d = eng.draft_runtime
-            d.state, _ = d.prefill(d.state, ids, request=(0, 0.0, None, None))
-        times = []
-        for _ in range(3):
-            rt.state, tok = rt.prefill(rt.state, ids, request=(0, 0.0, None, None))
-            jax.block_until_ready(tok)
-            rt.state, r = rt.decode(rt.state, spec)  # warm
-            jax.block_until_ready(r)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                rt.state, r = rt.decode(rt.state, spec)
-            jax.block_until_ready(r)
-            times.append((time.perf_counter() - t0) / steps)
+        ids = [int(t) for t in np.random.default_rng(0).integers(3, cfg.vocab_size, 100)]
+        spec = (rt.verify_kind, rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
+        times = [eng.step_seconds([spec], steps, ids)[0] for _ in range(3)]
         name = "decode" if not k else (f"verify_k{k}" if kind == "ngram" else f"draft_k{k}")
         out[name] = round(statistics.median(times) * 1e3, 4)
         eng.close()
