@@ -20,7 +20,13 @@ def _parser() -> argparse.ArgumentParser:
                             "consolidated.NN.pth folder, or GGUF file) into a hybrid_jax checkpoint folder.")
     p.add_argument("--src", required=True, help="checkpoint folder or .gguf file")
     p.add_argument("--out", required=True, help="output folder (must not exist, unless --force)")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) | float16 | float32")
+    p.add_argument("--dtype", default=None, help="bfloat16 (default) | float16 | float32: the float tensors; given "
+                   "for a GGUF source without --quantize, every tensor is dequantized to it")
+    p.add_argument("--quantize", default=None,
+                   help="the layer matrices' weight-only quantization: int8 (per output channel; int8-g32: a scale per "
+                        "32 inputs), int4 (a scale and an offset per 32 inputs; int4-g64, int4-g128: other groups; "
+                        "-sym: no offset), none. Default: "
+                        "a GGUF's own Q8_0 / Q4_0 / Q4_1 blocks as they are (unless --dtype is given), else none")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress (a bar on a terminal, a line at the end otherwise)")
@@ -34,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         from .api import convert
 
         progress = not args.no_progress
-        out = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=progress)
+        quantize = args.quantize or ("none" if args.dtype else "auto")
+        out = convert(args.src, args.out, dtype=args.dtype or "bfloat16", force=args.force, progress=progress,
+                      quantize=quantize)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(1)

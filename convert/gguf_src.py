@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp) of architecture `llama`: every tensor dequantised to float32.
+"""GGUF files (llama.cpp) of architecture `llama`: tensors dequantised to float32, or (`get_quantized`) layer
+matrices of Q8_0 / Q4_0 / Q4_1 blocks taken over as they are (quant.from_gguf_blocks).
 
 GGUF lists shapes fastest-axis first, so a tensor's logical [out, in] shape is its `shape` reversed; that is
 the shape `gguf.quants.dequantize` returns. llama.cpp stores attn_q / attn_k rows in Meta's interleaved
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hybrid_jax import quant
 from hybrid_jax.config import LlamaConfig
 
 from .gguf_rope import rope_scaling
@@ -146,6 +148,25 @@ def open_source(path: Path, dtype: str | None) -> Source:
             check_shape(gguf_name(hf_name), reversed(tensors[gguf_name(hf_name)].shape), shape, f" in {path.name}")
     tok = _tokenizer(path) if meta("tokenizer.ggml.model") else None
     used = {"rope_freqs.weight"}
+    matrices = [gguf_name(n) for n in expected if n.endswith("proj.weight")]
+    types = {tensors[n].tensor_type.name for n in matrices if n in tensors}
+    native = quant.GGUF_TYPES[types.pop()][0] if len(types) == 1 and next(iter(types)) in quant.GGUF_TYPES else None
+
+    def rows_to_hf(name, a):
+        return qk_rows_to_hf(a, name.endswith("attn_q.weight"), name.endswith("attn_k.weight"), cfg.n_heads,
+                             cfg.n_kv_heads, cfg.hd)
+
+    def get_quantized(hf_name: str) -> dict:
+        """A layer matrix's blocks as quant.py's stored arrays (rows in HF's order), without dequantizing."""
+        name = gguf_name(hf_name)
+        if name not in tensors:
+            raise KeyError(hf_name)
+        t = tensors[name]
+        n, kd = expected[hf_name]
+        check_shape(name, reversed(t.shape), (n, kd), f" in {path.name}")
+        a = quant.from_gguf_blocks(t.data, t.tensor_type.name, n, kd)
+        used.add(name)
+        return {k: rows_to_hf(name, v) for k, v in a.items()}
 
     def get(hf_name: str) -> np.ndarray:
         name = gguf_name(hf_name)
@@ -155,9 +176,10 @@ def open_source(path: Path, dtype: str | None) -> Source:
         check_shape(name, reversed(t.shape), expected[hf_name], f" in {path.name}")
         a = dequantize(t)
         used.add(name)
-        return qk_rows_to_hf(a, name.endswith("attn_q.weight"), name.endswith("attn_k.weight"), cfg.n_heads, cfg.n_kv_heads, cfg.hd)
+        return rows_to_hf(name, a)
 
     return Source(cfg, get, lambda: sorted(set(tensors) - used),
                   (lambda out: tok.save_pretrained(str(out))) if tok is not None else None,
                   tokenizer_missing=None if tok is not None else f"{path.name} holds no tokenizer",
-                  where=lambda hf_name: f" (GGUF {gguf_name(hf_name)!r}, dequantised) in {path.name}")
+                  where=lambda hf_name: f" (GGUF {gguf_name(hf_name)!r}, dequantised) in {path.name}",
+                  native_quant=native, get_quantized=get_quantized)

@@ -24,6 +24,10 @@ class Source:
     close: Callable[[], None] = lambda: None
     tokenizer_missing: str | None = None  # why there is no tokenizer, when there is none
     where: Callable[[str], str] = lambda name: ""  # HF name -> " (source name) in FILE", for error messages
+    # the quantization the source's layer matrices are stored in, when they can be taken over as they are
+    # (quant.py's scheme name: GGUF's Q8_0 / Q4_0 / Q4_1 blocks), and the getter of those stored arrays
+    native_quant: str | None = None
+    get_quantized: Callable[[str], dict] | None = None
 
 
 def check_finite(name: str, a: np.ndarray, where: str = "") -> None:

@@ -527,8 +527,10 @@ def _check_stored(p: Path, cfg: LlamaConfig, dtype: str, meta: dict, source: str
         stored = _flat(dict(_checkpointer().metadata(p / WEIGHTS_DIR).item_metadata.tree))
     except Exception as e:
         raise CheckpointError(f"cannot read the tensor list of checkpoint {p} ({_reason(e)}): {fix}") from e
-    want = _flat(W.shapes(cfg))
-    for name, shape in want.items():
+    specs = _flat(W.specs(cfg))
+    floats = _flat(W.float_mask(cfg))
+    want = {name: shape for name, (shape, _) in specs.items()}
+    for name, (shape, kind) in specs.items():
         if name not in stored:
             raise CheckpointError(f"tensor {name!r} is not in {p / WEIGHTS_DIR}, but {source} implies it "
                                   f"({_FIELDS.get(name, 'model')}): {fix}")
@@ -536,9 +538,11 @@ def _check_stored(p: Path, cfg: LlamaConfig, dtype: str, meta: dict, source: str
         if got != tuple(shape):
             raise CheckpointError(f"tensor {name!r} in {p / WEIGHTS_DIR} has shape {got}, but {source} implies "
                                   f"{tuple(shape)} (from {_FIELDS.get(name, 'model')}): {fix}")
-        if np.dtype(stored[name].dtype) != jnp.dtype(dtype):
+        expect = dtype if floats[name] else kind  # a float tensor in config.json's dtype; quantized arrays as stored
+        if np.dtype(stored[name].dtype) != jnp.dtype(expect):
+            what = f"{CONFIG_FILE} says dtype {dtype}" if floats[name] else f"quantization {cfg.quant} stores {kind}"
             raise CheckpointError(f"tensor {name!r} in {p / WEIGHTS_DIR} is stored as {np.dtype(stored[name].dtype)}, "
-                                  f"but {CONFIG_FILE} says dtype {dtype}: {fix}")
+                                  f"but {what}: {fix}")
     extra = sorted(set(stored) - set(want))
     if extra:
         raise CheckpointError(f"{p / WEIGHTS_DIR} holds tensor(s) {extra} that {source} does not imply "
@@ -625,5 +629,6 @@ def restore(path: str | os.PathLike, cfg: LlamaConfig | None = None, sharding_fn
                               f"{_fix(p, meta)}") from e
     if dtype is not None and dtype != cfg.dtype:
         cfg = cfg.replace(dtype=dtype)
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        # the float tensors (a quantized matrix's codes and float16 scales stay as stored)
+        params = jax.tree.map(lambda a, f: a.astype(dtype) if f else a, params, W.float_mask(cfg))
     return cfg, W.from_dict(params)

@@ -40,6 +40,7 @@ class LlamaConfig:
     dtype: str = "bfloat16"
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
+    quant: str | None = None  # the layer matrices' quantization (quant.py), None: stored in `dtype`
 
     def __post_init__(self):
         problems = []
@@ -52,6 +53,15 @@ class LlamaConfig:
             problems.append(f"dim ({self.dim}) must be a multiple of n_heads ({self.n_heads}) when head_dim is unset")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quant is not None:
+            from . import quant
+
+            try:
+                q = quant.parse(self.quant)
+                if q.name != self.quant:
+                    problems.append(f"quant must be written {q.name!r}, got {self.quant!r}")
+            except ValueError as e:
+                problems.append(str(e))
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
         if self.head_dim % 2 and self.head_dim:
@@ -79,9 +89,26 @@ class LlamaConfig:
     def dtype_bytes(self) -> int:
         return 4 if self.dtype == "float32" else 2
 
+    def layer_matrices(self) -> dict[str, tuple[int, int]]:
+        """The layer matrices as [N, Kd] (outputs, inputs): wqkv, wo, w13, w2."""
+        d, f, hd = self.dim, self.ffn_dim, self.hd
+        return {"wqkv": ((self.n_heads + 2 * self.n_kv_heads) * hd, d), "wo": (d, self.n_heads * hd),
+                "w13": (2 * f, d), "w2": (d, f)}
+
     @property
     def weight_bytes(self) -> int:
-        return self.n_params * self.dtype_bytes
+        """Bytes of the stored weights (the quantized layer matrices as stored: values, scales, offsets)."""
+        if self.quant is None:
+            return self.n_params * self.dtype_bytes
+        from . import quant
+        import math
+
+        q = quant.parse(self.quant)
+        mats = self.layer_matrices()
+        quantized = sum(math.prod(shape) * (1 if dt != "float16" else 2) for n, kd in mats.values()
+                        for shape, dt in q.stored(n, kd).values())
+        dense = self.n_params - self.n_layers * sum(n * kd for n, kd in mats.values())
+        return dense * self.dtype_bytes + self.n_layers * quantized
 
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)

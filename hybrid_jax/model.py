@@ -20,6 +20,7 @@ import numpy as np
 from . import decode_attention
 from . import gemv as gemv_lib
 from . import kv_cache
+from . import quant
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .options import KernelOptions
@@ -105,9 +106,12 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
     [T, *out_shape] returns residual + the product; `gated` (out_shape (2, F): gate and up) returns
     silu(gate) * up [T, F]."""
     n = math.prod(out_shape)
-    kd = math.prod(stacked.shape[1:]) // n
     t = x.shape[0]
     dt = x.dtype
+    if isinstance(stacked, dict):  # quantized (quant.py): XLA's products over the matrix dequantized in the fusion
+        return _project_quantized(opts, PROJECTIONS[spec], x, stacked, l, tuple(out_shape), norm, eps, partials,
+                                  residual, gated)
+    kd = math.prod(stacked.shape[1:]) // n
     name = PROJECTIONS[spec]
     mode = opts.gemv if t == 1 else (opts.prefill_wo if name == "wo" else "xla")
     w = stacked.reshape(stacked.shape[0], n, kd)  # a bitcast of the stacked parameter: no copy
@@ -138,9 +142,51 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
             y = jnp.einsum(spec, h, stacked[l])
         if partials:
             return y.astype(jnp.float32)  # [1, *out_shape]: one "split"
+    return _consume(y, residual, gated)
+
+
+def _consume(y: jax.Array, residual: jax.Array | None, gated: bool) -> jax.Array:
+    """A product's consumer in XLA, on y [T, *out_shape] in x's dtype: silu(gate) * up, or residual + y."""
     if gated:
-        return jax.nn.silu(y[:, 0].astype(jnp.float32)).astype(dt) * y[:, 1]
+        return jax.nn.silu(y[:, 0].astype(jnp.float32)).astype(y.dtype) * y[:, 1]
     return y if residual is None else residual + y
+
+
+def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l: int, out_shape: tuple,
+                       norm: jax.Array | None, eps: float, partials: bool, residual: jax.Array | None,
+                       gated: bool) -> jax.Array:
+    """`_project` of a quantized matrix in XLA: one token as float32 sums over the codes (quant.matvec or
+    matvec_grouped, as `opts.quant_matvec` says); a chunk as a matmul over the values dequantized to x's dtype
+    (quant.dequantize), or with one int8 scale a row over the codes, the scales applied to the product. int8 with
+    one scale a row, one token, where `opts.gemv` runs kernels and `name` is not in `opts.row_reduce`: the Pallas
+    `gemv` over the codes, the scale (and norm, consumer) inside it, as for 16-bit weights."""
+    t = x.shape[0]
+    kd = math.prod(x.shape[1:])
+    n = math.prod(out_shape)
+    dt = x.dtype
+    scheme = quant.scheme_of(qm, kd)
+    if (t == 1 and opts.gemv != "xla" and name not in opts.row_reduce and scheme.bits == 8 and scheme.group is None
+            and gemv_lib.supported(kd, n, transposed=True)):
+        res = None if residual is None else residual.reshape(n)
+        y = gemv_lib.gemv(x.reshape(kd), qm["q"], l, transposed=True, norm=norm, eps=eps, reduce=not partials,
+                          residual=res, gated=gated, scale=qm["scale"], interpret=opts.gemv == "interpret")
+        if partials:
+            return y.reshape((-1,) + out_shape)
+        return y.astype(dt).reshape((1,) + (out_shape[1:] if gated else out_shape))
+    h = (x if norm is None else rms_norm(x, norm[l], eps)).reshape(t, kd)
+    if t == 1:
+        mv = quant.matvec if opts.quant_matvec == "rowsum" else quant.matvec_grouped
+        y = mv(qm, l, scheme, h[0])  # [N] float32
+        if partials:
+            return y.reshape((1,) + out_shape)  # one "split"
+    elif scheme.bits == 8 and scheme.group is None:  # one scale a row: applied to the product's columns
+        y = jnp.dot(h, qm["q"][l].astype(dt).T, preferred_element_type=jnp.float32) * qm["scale"][l][:, 0].astype(jnp.float32)
+    else:
+        w = quant.dequantize(qm, l, scheme, dt)  # [N, Kd]
+        y = jnp.dot(h, w.T, preferred_element_type=jnp.float32)
+        if partials:
+            return y.astype(dt).astype(jnp.float32).reshape((1,) + out_shape)
+    return _consume(y.astype(dt).reshape((t,) + out_shape), residual, gated)
 
 
 # Fused attention for a chunk that is its own whole context (`fused_attention`): jax.nn.dot_product_attention
@@ -176,14 +222,14 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
     if t == 1 and opts.decode_attention != "xla" and decode_attention.supported(cache.max_seq_len, cfg.hd):
         # One token: norm + QKV projection (partial sums) -> one attention kernel that adds them, applies
         # rope, writes the cache row and attends over the filled rows only.
-        parts = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, lw.wqkv.shape[1:4], norm=lw.attn_norm,
+        parts = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd), norm=lw.attn_norm,
                          eps=cfg.norm_eps, partials=True)  # [splits, K, G+2, h]
         o, kc, vc = decode_attention.attend(parts, cos[0], sin[0], cache.k, cache.v, l, positions[:1],
                                             dtype=x.dtype, interpret=opts.decode_attention == "interpret")
         cache = KVCache(k=kc, v=vc)
         o = o[None]
     else:
-        qkv = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, lw.wqkv.shape[1:4],
+        qkv = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd),
                        norm=lw.attn_norm, eps=cfg.norm_eps)  # [T, K, G+2, h]
         q = apply_rope(qkv[:, :, :G], cos, sin)
         k = apply_rope(qkv[:, :, G], cos, sin)
@@ -205,7 +251,7 @@ def mlp_block(cfg: LlamaConfig, params: Weights, l: int, x: jax.Array, opts: Ker
     the kernels run)."""
     opts = _options(opts)
     lw = params.layers
-    a = _project(opts, "td,cfd->tcf", x, lw.w13, l, lw.w13.shape[1:3], norm=lw.mlp_norm, eps=cfg.norm_eps,
+    a = _project(opts, "td,cfd->tcf", x, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm, eps=cfg.norm_eps,
                  gated=True)  # silu(gate) * up [T, F]
     return _project(opts, "tf,df->td", a, lw.w2, l, (cfg.dim,), residual=residual)
 

@@ -25,6 +25,10 @@ PREFILL_ATTENTION = ("off", "cudnn", "xla")
 # "autotune" (XLA's autotuning everywhere), "cublas" (cuBLAS's heuristics everywhere): runtime.PREFILL_MATMULS.
 PREFILL_MATMULS = ("split", "autotune", "cublas")
 TOKEN_MEMORY = ("device", "pinned_host")
+# How the decode step sums a quantized matrix's product (quant.py): "rowsum" (one reduction over each row, every
+# term dequantized as read: faster on an H100) or "grouped" (sums per group on the codes, scaled once a group:
+# ~3x faster on XLA's CPU backend). docs/performance.md has the runs.
+QUANT_MATVEC = ("rowsum", "grouped")
 # The layer projections of the decode step by name (model.PROJECTIONS), and those written as XLA row
 # reductions where the Pallas GEMVs run.
 PROJECTION_NAMES = ("wqkv", "wo", "w13", "w2")
@@ -45,7 +49,7 @@ class KernelOptions:
                        KERNEL_MODES. auto: as `gemv`.
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
                        reductions instead of the GEMV kernel, where `gemv` is not "xla". auto: ROW_REDUCE_AUTO
-                       in mode "pallas", none in "interpret".
+                       in mode "pallas" (all four for a quantized model), none in "interpret".
     matmul_2d          XLA's projections as one 2-D matmul [T, Kd] x [N, Kd]^T (True) or the einsum over the
                        weight's dims (False). auto: True on the CPU only (its matmul library takes the 2-D form).
     prefill_wo         the prefill's output projection (chunks up to gemv.ROWS_MAX rows) through `gemv.gemm`:
@@ -56,6 +60,8 @@ class KernelOptions:
     prefill_attention_min_rows  the smallest bucket that takes `prefill_attention`. auto: FUSED_MIN_ROWS when
                        `prefill_attention` is auto, 0 (every bucket) when it is named.
     prefill_matmuls    PREFILL_MATMULS. auto: "split".
+    quant_matvec       the decode step's products of quantized matrices: QUANT_MATVEC. auto: "rowsum" on a GPU,
+                       "grouped" elsewhere.
     token_memory       where the steps write the next token: TOKEN_MEMORY (None means "device"). auto:
                        "pinned_host" on one device that has it, "device" elsewhere.
     """
@@ -68,6 +74,7 @@ class KernelOptions:
     prefill_attention_min_rows: Any = AUTO  # "auto" or an int >= 0
     prefill_matmuls: str = AUTO
     token_memory: Any = AUTO
+    quant_matvec: str = AUTO
 
     def __post_init__(self):
         def setf(name, v):
@@ -85,6 +92,7 @@ class KernelOptions:
         if self.token_memory is None:
             setf("token_memory", "device")
         _check("token_memory", self.token_memory, TOKEN_MEMORY)
+        _check("quant_matvec", self.quant_matvec, QUANT_MATVEC)
         rr = self.row_reduce
         if rr != AUTO:
             if isinstance(rr, str):
@@ -120,7 +128,8 @@ class KernelOptions:
         """Resolved options with XLA's path everywhere (no Pallas kernel, no fused attention)."""
         return cls(gemv="xla", decode_attention="xla", row_reduce=frozenset(), matmul_2d=matmul_2d,
                    prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
-                   prefill_matmuls="autotune", token_memory="device")
+                   prefill_matmuls="autotune", token_memory="device",
+                   quant_matvec="grouped" if matmul_2d else "rowsum")
 
     @classmethod
     def from_env(cls, environ=None) -> "KernelOptions":
@@ -163,6 +172,9 @@ class KernelOptions:
         v = get("HYBRID_JAX_TOKEN_MEMORY", ("auto",) + TOKEN_MEMORY)
         if v not in ("", AUTO):
             kw["token_memory"] = v
+        v = get("HYBRID_JAX_QUANT_MATVEC", ("auto",) + QUANT_MATVEC)
+        if v not in ("", AUTO):
+            kw["quant_matvec"] = v
         if env.get("HYBRID_JAX_PREFILL_GEMM", "").strip().lower() not in ("", "auto", "xla"):
             raise ValueError("HYBRID_JAX_PREFILL_GEMM was removed (the Pallas kernel for every prefill projection "
                              "lost its A/B; see docs/performance.md); unset it")
@@ -197,7 +209,9 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     if gemv == "xla":
         rr = frozenset()  # XLA's path has no kernels to replace
     elif o.row_reduce == AUTO:
-        rr = ROW_REDUCE_AUTO if gemv == "pallas" else frozenset()
+        # a quantized model's products: XLA's reductions over the codes, the path measured (docs/performance.md)
+        rr = (frozenset(PROJECTION_NAMES) if getattr(cfg, "quant", None) else ROW_REDUCE_AUTO) if gemv == "pallas" \
+            else frozenset()
     else:
         rr = o.row_reduce
     m2d = all(d.platform == "cpu" for d in devices) if o.matmul_2d == AUTO else o.matmul_2d
@@ -214,9 +228,10 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
         token = "pinned_host" if "pinned_host" in kinds else "device"
     else:
         token = o.token_memory
+    qmv = ("rowsum" if gpu else "grouped") if o.quant_matvec == AUTO else o.quant_matvec
     for name, v in (("gemv", gemv), ("decode_attention", attn), ("prefill_wo", wo),
                     ("prefill_attention", "off" if fused == "xla" else fused), ("token_memory", token)):
         _one_device(name, v, mesh)
     return KernelOptions(gemv=gemv, decode_attention=attn, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
                          prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
-                         token_memory=token)
+                         token_memory=token, quant_matvec=qmv)

@@ -66,6 +66,9 @@ def check(cfg: LlamaConfig, n: int) -> None:
     """Raise ValueError unless the model splits evenly over n devices."""
     if not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"tensor_parallel must be an integer >= 1, got {n!r}")
+    if n > 1 and cfg.quant is not None:
+        raise ValueError(f"tensor_parallel={n}: quantized weights ({cfg.quant}) run on one device only; convert the "
+                         f"model without --quantize (or with --dtype, for a GGUF source) to split it")
     for name, size in (("n_kv_heads", cfg.n_kv_heads), ("n_heads", cfg.n_heads), ("ffn_dim", cfg.ffn_dim)):
         if size % n:
             hint = (" (replicating kv heads over devices would be the alternative; not supported)"

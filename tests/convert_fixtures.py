@@ -51,7 +51,8 @@ def smollm2_dir(smollm2_gguf, tmp_path_factory) -> Path:
     """The SmolLM2-135M-Instruct GGUF converted (float32) into a hybrid_jax checkpoint folder."""
     from convert.api import convert
 
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", dtype="float32", progress=False)
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "model", dtype="float32", progress=False,
+                   quantize=None)
 
 
 def save_hf(model, folder: Path, tokenizer_dir: Path | None = None, shard: bool = False) -> Path:

@@ -193,3 +193,18 @@ def test_options_are_hashable_and_a_jit_static_argument():
     x = jnp.ones(3)
     assert float(g(x, a)[0]) == 2.0 and float(g(x, b)[0]) == 2.0 and len(traces) == 1  # equal options: one trace
     assert float(g(x, a.replace(matmul_2d=False))[0]) == 2.0 and len(traces) == 2
+
+
+def test_quantized_model_options():
+    """A quantized model: on one GPU every decode product an XLA reduction over the codes (the measured path) and
+    the row-sum form; the CPU the grouped form; both named fields can be overridden."""
+    q = BF16.replace(quant="int8")
+    o = resolve(None, q, gpu(), None)
+    assert o.row_reduce == frozenset({"wqkv", "wo", "w13", "w2"}) and o.quant_matvec == "rowsum"
+    assert resolve(None, BF16, gpu(), None).row_reduce == frozenset({"wqkv", "wo", "w13"})
+    assert resolve(KernelOptions(row_reduce=()), q, gpu(), None).row_reduce == frozenset()
+    assert resolve(None, q, CPU, None).quant_matvec == "grouped"
+    assert resolve(KernelOptions(quant_matvec="rowsum"), q, CPU, None).quant_matvec == "rowsum"
+    assert KernelOptions.from_env({"HYBRID_JAX_QUANT_MATVEC": "grouped"}).quant_matvec == "grouped"
+    with pytest.raises(ValueError, match="quant_matvec must be"):
+        KernelOptions(quant_matvec="fast")
