@@ -29,7 +29,8 @@ from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
 ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
-               "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "plainjit", "hf_eager", "hf_compile")
+               "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_spec_ngram", "hybrid_spec_draft", "plainjit",
+               "hf_eager", "hf_compile", "hf_lookup")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
 QUICK_SYSTEMS = ("hybrid", "plainjit", "hf_eager", "hf_compile")
@@ -55,6 +56,9 @@ HYBRID_VARIANTS = {
     # at every length; the default splits them at runtime.CUBLAS_MIN_ROWS
     "hybrid_cublas": ("", (("HYBRID_JAX_PREFILL_MATMULS", "cublas"),)),
     "hybrid_autotune": ("", (("HYBRID_JAX_PREFILL_MATMULS", "autotune"),)),
+    # speculative decoding (the worker builds the engine with it: --num-speculative-tokens, --draft)
+    "hybrid_spec_ngram": ("", ()),
+    "hybrid_spec_draft": ("", ()),
 }
 UNSUPPORTED = ("Unknown flag in XLA_FLAGS", "Flag parsing failed", "Unknown command line flag")
 
@@ -89,6 +93,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker-timeout", type=float, default=None, help="seconds before a worker is killed")
     p.add_argument("--lean", action="store_true", help="hybrid: skip the background compile of the sampling step")
+    p.add_argument("--workload", default=None, help="text prompts instead of random ids at --prompt-lengths: a JSON "
+                   "file of bench/workloads (name or path) whose lists of prompts are sent through the model's chat "
+                   "template (needs --model); answers end at EOS or --new-tokens")
+    p.add_argument("--num-speculative-tokens", type=int, default=8, help="hybrid_spec_*: K proposals a step")
+    p.add_argument("--draft", default=None, help="hybrid_spec_draft: the draft's converted folder (with --shape: "
+                   "random weights of a ~0.2 B model of the same vocabulary)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -127,6 +137,11 @@ def finalize_args(args) -> argparse.Namespace:
         args.max_seq_len = max(1024, p2)
     if need > args.max_seq_len:
         raise SystemExit(f"longest prompt + new tokens ({need}) exceeds --max-seq-len {args.max_seq_len}")
+    if args.workload is not None:
+        if not args.model:
+            raise SystemExit("--workload sends text through a tokenizer: it needs --model DIR")
+        from .worker import workload_path
+        args.workload = str(workload_path(args.workload))
     args.lengths = args.prompt_lengths
     args.dtype_resolved = args.dtype
     return args
@@ -160,6 +175,10 @@ def worker_argv(args, spec: Spec, system: str, out_jsonl: Path, run: str, cache_
         a += ["--buckets", ",".join(map(str, args.buckets))]
     if args.lean:
         a.append("--lean")
+    for opt, val in (("--workload", args.workload), ("--draft", args.draft)):
+        if val is not None:
+            a += [opt, str(val)]
+    a += ["--num-speculative-tokens", str(args.num_speculative_tokens)]
     return a
 
 

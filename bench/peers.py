@@ -105,12 +105,14 @@ def _streamer_base():
 
 
 class HFPeer:
-    """`generate` of an HF model, greedy, EOS ignored (min_new_tokens = max_new_tokens)."""
+    """`generate` of an HF model, greedy, EOS ignored (min_new_tokens = max_new_tokens) unless `eos` ids are
+    given; with `lookup` > 0 transformers' own prompt lookup (prompt_lookup_num_tokens)."""
 
-    def __init__(self, model, device: str, static_cache: bool, max_seq_len: int):
+    def __init__(self, model, device: str, static_cache: bool, max_seq_len: int, lookup: int = 0, eos=None):
         import torch
 
         self.torch, self.model, self.device = torch, model, device
+        self.lookup, self.eos = lookup, (list(eos) if eos else None)
         self._streamer_cls = _streamer_base()
         if static_cache:
             gc = model.generation_config
@@ -128,9 +130,14 @@ class HFPeer:
         self.sync()
         t0 = time.perf_counter()
         x = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        kw = {"prompt_lookup_num_tokens": self.lookup} if self.lookup else {}
+        if self.eos:
+            kw["eos_token_id"] = self.eos
+        else:
+            kw["min_new_tokens"] = max_new_tokens
         with torch.inference_mode():
             self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                min_new_tokens=max_new_tokens, do_sample=False, streamer=st, pad_token_id=0)
+                                do_sample=False, streamer=st, pad_token_id=0, **kw)
         if not st.times:
             raise RuntimeError("generate() streamed no tokens")
         ts = [t0] + st.times

@@ -29,9 +29,12 @@ SMOLLM2_135M = LlamaConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_
 TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                    max_position_embeddings=2048)
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
-HF_SYSTEMS = ("hf_eager", "hf_compile")
+HF_SYSTEMS = ("hf_eager", "hf_compile", "hf_lookup")
 HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
-                  "hybrid_vmm", "hybrid_cublas", "hybrid_autotune")
+                  "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_spec_ngram", "hybrid_spec_draft")
+WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
+# hybrid_spec_draft with random weights: a ~0.2 B draft of the model's vocabulary (only its cost is read)
+DRAFT_DIMS = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816)
 JAX_SYSTEMS = HYBRID_SYSTEMS + ("plainjit",)
 
 
@@ -81,8 +84,40 @@ def resolve_cfg(args) -> LlamaConfig:
     return cfg.replace(dtype=args.dtype_resolved) if args.dtype_resolved else cfg
 
 
+def workload_path(name: str):
+    """A workload file: a path, or the name of one under bench/workloads (with or without .json)."""
+    from pathlib import Path
+
+    for p in (Path(name), Path(WORKLOADS) / name, Path(WORKLOADS) / f"{name}.json"):
+        if p.is_file():
+            return p.absolute()
+    raise SystemExit(f"no workload {name!r} (a file, or one of {sorted(os.listdir(WORKLOADS))} in {WORKLOADS})")
+
+
+def workload_prompts(args) -> list[tuple[str, list[int]]]:
+    """(id, token ids) of each prompt of --workload, through the checkpoint's tokenizer and chat template (the
+    same ids for every system)."""
+    from hybrid_jax import checkpoint
+    from hybrid_jax.tokenizer import Tokenizer
+
+    work = json.loads(open(args.workload).read())
+    tok = Tokenizer(args.model, checkpoint.tokenizer_record(args.model))
+    return [(f"{k}-{i}", tok.encode(text)) for k, v in work.items() if isinstance(v, list)
+            for i, text in enumerate(v)]
+
+
 def measure(gen, cfg, args, emit, prepare=None) -> None:
-    """Warm up and time `gen(ids, new_tokens) -> (ttft_s, itl_s, token_ids[, extra])` at every prompt length."""
+    """Warm up and time `gen(ids, new_tokens) -> (ttft_s, itl_s, token_ids[, extra])` at every prompt length, or
+    on every prompt of --workload."""
+    if args.workload:
+        for pid, ids in workload_prompts(args):
+            for _ in range(args.warmup):
+                gen(ids, args.new_tokens)
+            for rep in range(args.reps):
+                ttft, itl, toks, *extra = gen(ids, args.new_tokens)
+                emit("sample", prompt_len=len(ids), prompt_id=pid, rep=rep, ttft_s=ttft, itl_s=[float(x) for x in itl],
+                     n_tokens=len(toks), tokens_head=[int(t) for t in toks[:8]], **(extra[0] if extra else {}))
+        return
     for n in args.lengths:
         if prepare is not None:
             prepare(prompt_ids(cfg.vocab_size, n, -1, args.seed))
@@ -145,6 +180,18 @@ def _build_engine(args, cfg):
     # the ablations' kernel options from the HYBRID_JAX_* variables the parent set (latency.HYBRID_VARIANTS)
     kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir,
               options=KernelOptions.from_env())
+    system = getattr(args, "worker", None) or ""
+    if system.startswith("hybrid_spec_"):
+        kind = system[len("hybrid_spec_"):]
+        kw.update(speculative=kind, num_speculative_tokens=args.num_speculative_tokens)
+        if kind == "draft":
+            if args.draft:
+                kw["draft"] = args.draft
+            elif args.model:
+                raise Skip("hybrid_spec_draft with --model needs --draft DIR")
+            else:
+                dcfg = cfg.replace(**DRAFT_DIMS)
+                kw["draft"] = (dcfg, jax.block_until_ready(W.init_random(dcfg, jax.random.PRNGKey(1))))
     if args.lean:
         kw["compile_sampling"] = False
     t = {}
@@ -177,8 +224,12 @@ def run_hybrid(args, emit, cold_only: bool = False):
         return
 
     def gen(ids, new):
-        r = generate(eng, ids, max_new_tokens=new, ignore_eos=True)
-        return r.timings.ttft_s, r.timings.itl_s, r.token_ids, {"prefill_chunks": r.timings.prefill_chunks}
+        r = generate(eng, ids, max_new_tokens=new, ignore_eos=not args.workload)  # a workload's answers end at EOS
+        t = r.timings
+        extra = {"prefill_chunks": t.prefill_chunks}
+        if eng.speculative:
+            extra.update(verify_steps=t.verify_steps, proposed=t.proposed, accepted=t.accepted)
+        return t.ttft_s, t.itl_s, r.token_ids, extra
 
     def prepare(ids):  # compile this length's bucket (a first request is served in chunks meanwhile)
         gen(ids, 2)
@@ -237,9 +288,11 @@ def run_hf(args, emit, system: str):
     t0 = time.perf_counter()
     model = peers.build_model(cfg, dev, args.dtype_resolved, w)
     build_s = time.perf_counter() - t0
-    peer = peers.HFPeer(model, dev, static_cache=system == "hf_compile", max_seq_len=args.max_seq_len)
+    peer = peers.HFPeer(model, dev, static_cache=system == "hf_compile", max_seq_len=args.max_seq_len,
+                        lookup=10 if system == "hf_lookup" else 0, eos=cfg.eos_token_ids if args.workload else None)
     t0 = time.perf_counter()
-    peer.generate(prompt_ids(cfg.vocab_size, max(args.lengths), -1, args.seed), args.new_tokens)
+    first = workload_prompts(args)[0][1] if args.workload else prompt_ids(cfg.vocab_size, max(args.lengths), -1, args.seed)
+    peer.generate(first, args.new_tokens)
     first_s = time.perf_counter() - t0  # includes torch.compile for hf_compile
     measure(peer.generate, cfg, args, emit)
     mem = torch.cuda.memory_allocated() if dev == "cuda" else None

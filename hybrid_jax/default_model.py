@@ -69,7 +69,7 @@ def ensure_default_model(dtype: str = "float32", progress: bool = True, on_confi
 
     gguf = smollm2_gguf()
     _check_installed_file(gguf)
-    # dequantized: its Q4_1 blocks as they are (quantize="auto") decode 2.4x slower on XLA's CPU backend than
+    # dequantized: its Q4_1 blocks as they are (quantize="auto") decode ~2.7x slower on XLA's CPU backend than
     # float32 (docs/performance.md); `python -m convert --src <the GGUF>` keeps them
     convert(gguf, out, dtype=dtype, force=out.exists(), progress=progress, on_config=on_config, quantize=None)
     return out

@@ -27,7 +27,7 @@ PREFILL_MATMULS = ("split", "autotune", "cublas")
 TOKEN_MEMORY = ("device", "pinned_host")
 # How the decode step sums a quantized matrix's product (quant.py): "rowsum" (one reduction over each row, every
 # term dequantized as read: faster on an H100) or "grouped" (sums per group on the codes, scaled once a group:
-# ~3x faster on XLA's CPU backend). docs/performance.md has the runs.
+# ~2x faster on XLA's CPU backend). docs/performance.md has the runs.
 QUANT_MATVEC = ("rowsum", "grouped")
 # The layer projections of the decode step by name (model.PROJECTIONS), and those written as XLA row
 # reductions where the Pallas GEMVs run.

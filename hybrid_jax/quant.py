@@ -233,7 +233,12 @@ def matvec_grouped(qm: dict, layer: int, scheme: Scheme, h) -> "jax.Array":
     g = scheme.group or kd
     groups = kd // g
     if scheme.bits == 8:
-        part = jnp.sum(q.reshape(n, groups, g).astype(f32) * h.reshape(groups, g), axis=-1)  # [N, groups]
+        # sums of 32 terms, then scaled and summed (the shapes XLA's CPU backend runs fastest, session 16)
+        r = GGUF_BLOCK if g % GGUF_BLOCK == 0 else g
+        blk = jnp.sum(q.reshape(n, kd // r, r).astype(f32) * h.reshape(kd // r, r), axis=-1)  # [N, Kd / r]
+        if groups == 1:  # one scale a row: after the row's sum (scaling the partial sums first ran ~5x slower)
+            return blk.sum(axis=-1) * qm["scale"][layer][:, 0].astype(f32)
+        return jnp.sum(blk.reshape(n, groups, g // r) * qm["scale"][layer].astype(f32)[..., None], axis=(1, 2))
     else:
         b = q.reshape(n, kd // GGUF_BLOCK, GGUF_BLOCK // 2)
         hb = h.reshape(kd // GGUF_BLOCK, 2, GGUF_BLOCK // 2)

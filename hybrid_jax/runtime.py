@@ -30,7 +30,7 @@ from flax import struct
 
 from . import decode_attention as attn_lib
 from . import gemv as gemv_lib
-from . import kv_cache, model, sampling, sharding, speculative
+from . import kv_cache, model, quant, sampling, sharding, speculative
 from . import options as options_lib
 from . import weights as W
 from .config import LlamaConfig
@@ -61,10 +61,14 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
     return tuple(out)
 
 
+# Every module whose code the compiled steps trace (tests/test_runtime.py checks the package's imports against it).
+TRACED_MODULES = (model, kv_cache, quant, sampling, speculative, W, gemv_lib, attn_lib, options_lib)
+
+
 def _source_digest() -> str:
     """Changes to the traced code invalidate cached executables."""
     h = hashlib.sha256()
-    for mod in (model, kv_cache, sampling, speculative, W, gemv_lib, attn_lib, options_lib):
+    for mod in TRACED_MODULES:
         h.update(inspect.getsource(mod).encode())
     h.update(inspect.getsource(_decode_step).encode())
     h.update(inspect.getsource(_verify).encode())

@@ -342,3 +342,40 @@ def test_hybrid_variant_specs(monkeypatch):
     assert env["hf_eager"]["JAX_PLATFORMS"] == "cpu" and "XLA_PYTHON_CLIENT_ALLOCATOR" not in env["hf_eager"]
     specs = {s.system: s for s in system_specs(["hybrid", "hybrid_vmm"], coldstart=True)}
     assert specs["hybrid"].coldstart and not specs["hybrid_vmm"].coldstart
+
+
+def test_latency_workload_speculative(tmp_path, tiny_tokenizer_dir):
+    """--workload: text prompts through the checkpoint's tokenizer, answers ending at EOS; hybrid_spec_ngram and
+    hybrid_spec_draft (the model as its own draft) give hybrid's greedy tokens and report their verify steps, and
+    HF's prompt lookup (hf_lookup) gives HF's."""
+    from bench.latency import main
+    from convert.api import convert
+    from convert_fixtures import save_hf
+    from conftest import make_hf_model
+
+    m = make_hf_model("gqa", seed=11)
+    ck = convert(save_hf(m, tmp_path / "hf", tiny_tokenizer_dir), tmp_path / "ck", dtype="float32", progress=False)
+    wl = tmp_path / "wl.json"
+    wl.write_text(json.dumps({"about": "test", "grounded": ["the cat sat on the mat, the cat sat on the mat, the cat"],
+                              "chat": ["why is the sky blue"]}))
+    out = tmp_path / "results"
+    assert main(["--model", str(ck), "--workload", str(wl), "--draft", str(ck), "--num-speculative-tokens", "3",
+                 "--systems", "hybrid,hybrid_spec_ngram,hybrid_spec_draft,hf_eager,hf_lookup", "--new-tokens", "12",
+                 "--reps", "1", "--warmup", "0", "--pipelined-reps", "1", "--no-coldstart", "--max-seq-len", "128",
+                 "--prompt-lengths", "5", "--out", str(out),
+                 "--cache-root", str(tmp_path / "cache")]) == 0
+    recs = stats.read_jsonl(_one_results_dir(out) / "results.jsonl")
+    assert {r["label"]: r["status"] for r in recs if r["kind"] == "system"} == dict.fromkeys(
+        ["hybrid", "hybrid_spec_ngram", "hybrid_spec_draft", "hf_eager", "hf_lookup"], "ok")
+    by = {}
+    for r in recs:
+        if r["kind"] == "sample":
+            by.setdefault(r["prompt_id"], {})[r["label"]] = r
+    assert set(by) == {"grounded-0", "chat-0"}
+    for pid, rows in by.items():
+        heads = {lab: r["tokens_head"] for lab, r in rows.items()}
+        assert len(set(map(tuple, heads.values()))) == 1, (pid, heads)
+        assert rows["hybrid_spec_draft"]["accepted"] == rows["hybrid_spec_draft"]["proposed"] > 0
+        assert rows["hybrid_spec_ngram"]["verify_steps"] >= 1 and "verify_steps" not in rows["hybrid"]
+    with pytest.raises(SystemExit, match="needs --model"):
+        main(["--shape", "tiny", "--workload", str(wl), "--out", str(out)])

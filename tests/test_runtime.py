@@ -376,3 +376,31 @@ def test_token_in_pinned_host_memory(tiny, tmp_path):
             assert generate(e, ids, max_new_tokens=NEW, ignore_eos=True).token_ids == ref
         finally:
             e.close()
+
+
+def test_source_digest_covers_every_traced_module():
+    """The executables' key hashes the source of every package module that the traced code reaches (a cached
+    executable compiled from older code of any of them must not be loaded): the closure of the modules
+    model.py and runtime.py's step functions import, within hybrid_jax."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    from hybrid_jax import runtime
+
+    pkg = Path(runtime.__file__).parent
+    hashed = {m.__name__.split(".")[-1] for m in runtime.TRACED_MODULES}
+    todo, seen = ["model", "speculative", "sampling", "kv_cache"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                todo += [n for n in names if (pkg / f"{n}.py").exists() and n not in ("config",)]
+    missing = seen - hashed
+    assert not missing, f"modules traced but not in runtime.TRACED_MODULES: {sorted(missing)}"
+    assert importlib.import_module("hybrid_jax.quant") in runtime.TRACED_MODULES
