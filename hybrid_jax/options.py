@@ -210,7 +210,7 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
         rr = frozenset()  # XLA's path has no kernels to replace
     elif o.row_reduce == AUTO:
         # a quantized model's products: XLA's reductions over the codes, the path measured (docs/performance.md)
-        rr = (frozenset(PROJECTION_NAMES) if getattr(cfg, "quant", None) else ROW_REDUCE_AUTO) if gemv == "pallas" \
+        rr = (frozenset(PROJECTION_NAMES) if cfg.quant else ROW_REDUCE_AUTO) if gemv == "pallas" \
             else frozenset()
     else:
         rr = o.row_reduce

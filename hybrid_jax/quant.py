@@ -191,6 +191,15 @@ def dequantize(qm: dict, layer: int, scheme: Scheme, dtype):
     return w.reshape(n, kd).astype(dtype)
 
 
+def _matvec_operands(qm: dict, layer: int, scheme: Scheme, h):
+    """(codes of layer `layer`, h in float32, N, Kd, the group size) for `matvec` and `matvec_grouped`."""
+    import jax.numpy as jnp
+
+    q = qm["q"][layer]
+    h = h.astype(jnp.float32)
+    return q, h, q.shape[0], h.shape[0], scheme.group or h.shape[0]
+
+
 def matvec(qm: dict, layer: int, scheme: Scheme, h) -> "jax.Array":
     """float32 [N] = W h for one row h [Kd] (the decode step), W layer `layer` of a stacked quantized matrix: one
     reduction over each row's codes, each term dequantized as it is read. The 4-bit codes are read in their
@@ -199,11 +208,7 @@ def matvec(qm: dict, layer: int, scheme: Scheme, h) -> "jax.Array":
     import jax.numpy as jnp
 
     f32 = jnp.float32
-    q = qm["q"][layer]
-    n = q.shape[0]
-    h = h.astype(f32)
-    kd = h.shape[0]
-    g = scheme.group or kd
+    q, h, n, kd, g = _matvec_operands(qm, layer, scheme, h)
     if scheme.bits == 8:  # [N, groups, g]: the scale broadcast over its group
         v = q.reshape(n, kd // g, g).astype(f32) * qm["scale"][layer].astype(f32)[..., None]
         return jnp.sum(v * h.reshape(kd // g, g), axis=(1, 2))
@@ -226,14 +231,10 @@ def matvec_grouped(qm: dict, layer: int, scheme: Scheme, h) -> "jax.Array":
     import jax.numpy as jnp
 
     f32 = jnp.float32
-    q = qm["q"][layer]
-    n = q.shape[0]
-    h = h.astype(f32)
-    kd = h.shape[0]
-    g = scheme.group or kd
+    q, h, n, kd, g = _matvec_operands(qm, layer, scheme, h)
     groups = kd // g
     if scheme.bits == 8:
-        # sums of 32 terms, then scaled and summed (the shapes XLA's CPU backend runs fastest, session 16)
+        # sums of 32 terms, then scaled and summed: the shapes XLA's CPU backend runs fastest
         r = GGUF_BLOCK if g % GGUF_BLOCK == 0 else g
         blk = jnp.sum(q.reshape(n, kd // r, r).astype(f32) * h.reshape(kd // r, r), axis=-1)  # [N, Kd / r]
         if groups == 1:  # one scale a row: after the row's sum (scaling the partial sums first ran ~5x slower)

@@ -226,18 +226,22 @@ def from_hf_layers(cfg: LlamaConfig, get: Callable[[str], np.ndarray | dict], dt
             raise ValueError(f"tensor {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")
         return np.asarray(a, dtype=np.float32)
 
+    def quantized(p):
+        """A source matrix as the scheme's stored arrays (quantized here unless the source handed them over)."""
+        return p if isinstance(p, dict) else Q.quantize_np(p, scheme)
+
     def rows(parts):
         """Concatenated rows of float [rows, Kd] arrays, or of each stored array of quantized ones."""
         if scheme is None:
             return np.concatenate(parts, axis=0)
-        qs = [p if isinstance(p, dict) else Q.quantize_np(p, scheme) for p in parts]
+        qs = [quantized(p) for p in parts]
         return {k: np.concatenate([q[k] for q in qs], axis=0) for k in qs[0]}
 
     def qkv_rows(q, k, v):
         """Rows grouped by kv head: head j's G query heads, its key, its value (the order of `wqkv`)."""
         if scheme is None:
             return np.concatenate([q.reshape(K, G, Dh, D), k.reshape(K, 1, Dh, D), v.reshape(K, 1, Dh, D)], axis=1)
-        qs, ks, vs = [p if isinstance(p, dict) else Q.quantize_np(p, scheme) for p in (q, k, v)]
+        qs, ks, vs = map(quantized, (q, k, v))
 
         def grouped(a):  # each stored array's rows: [H*Dh | K*Dh | K*Dh] -> per kv head [G*Dh + Dh + Dh]
             return np.concatenate([qs[a].reshape(K, G * Dh, -1), ks[a].reshape(K, Dh, -1), vs[a].reshape(K, Dh, -1)],

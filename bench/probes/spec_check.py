@@ -24,13 +24,10 @@ import time
 from pathlib import Path
 
 from bench.probes.harness import parse, parser, random_engine, random_params, run_record, shape_config, write_json
+from bench.worker import DRAFT_DIMS  # the draft's shape: random weights, only its cost is read
 
 WORKLOADS = Path(__file__).resolve().parents[1] / "workloads" / "speculative.json"
 KS = (4, 8)
-
-
-# a draft for the 7B's vocabulary: ~0.2 B parameters (random weights: only its cost is read)
-DRAFT_DIMS = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816)
 
 
 def step_costs(cfg, steps: int) -> dict:
