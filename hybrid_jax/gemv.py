@@ -154,15 +154,12 @@ def finish(y: jax.Array, dtype, residual: jax.Array | None = None, up: jax.Array
 
 
 def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float,
-            residual: bool = False, gate_rows: int | None = None, dtype=None, scaled: bool = False):
+            residual: bool = False, gate_rows: int | None = None, dtype=None):
     """Program (column block j, split s). With an epilogue (splits == 1, transposed): `residual` adds the
     residual ref's slice, `gate_rows` (the up rows' offset) computes silu(gate) x up; the output is then
     [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N]."""
     if residual:
         *refs, r_ref, o_ref = refs
-        refs = (*refs, o_ref)
-    if scaled:  # int8 codes with one scale a row (quant.py): the scale ref [(L,) N, 1] follows the weight
-        *refs, sc_ref, o_ref = refs
         refs = (*refs, o_ref)
     x_ref, nw_ref, w_ref, o_ref, s, n0, k_start = _tile(refs, norm, cfg, rows)
     bn, bk = cfg.bn, cfg.bk
@@ -192,15 +189,10 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     shape = (bn, bk) if transposed else (bk, bn)
     zero = jnp.zeros(shape, f32)
     acc = jax.lax.fori_loop(0, rows // bk, body, (zero, zero) if gated else zero)
-
-    def scale(y, row0):
-        return y * sc_ref[lead + (pl.ds(row0, bn), 0)].astype(f32) if scaled else y
-
     if gated:
-        o_ref[pl.ds(n0, bn)] = finish(scale(jnp.sum(acc[0], axis=1), n0), dtype,
-                                      up=scale(jnp.sum(acc[1], axis=1), gate_rows + n0))
+        o_ref[pl.ds(n0, bn)] = finish(jnp.sum(acc[0], axis=1), dtype, up=jnp.sum(acc[1], axis=1))
         return
-    out = scale(jnp.sum(acc, axis=1 if transposed else 0), n0)
+    out = jnp.sum(acc, axis=1 if transposed else 0)
     if residual:
         o_ref[pl.ds(n0, bn)] = finish(out, dtype, residual=r_ref[pl.ds(n0, bn)])
         return
@@ -232,8 +224,7 @@ def _norm_layer(norm: jax.Array | None, kd: int, layer: int | None) -> int | Non
 
 def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
          cfg: GemvConfig | None = None, norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True,
-         residual: jax.Array | None = None, gated: bool = False, scale: jax.Array | None = None,
-         interpret: bool = False) -> jax.Array:
+         residual: jax.Array | None = None, gated: bool = False, interpret: bool = False) -> jax.Array:
     """float32 [N] = x @ W, or `rms_norm(x) @ W` with `norm` given, or that product's consumer.
 
     x: [Kd]. W: [Kd, N] (or [N, Kd] if `transposed`), or stacked [L, ...] with `layer` the static index of the
@@ -258,9 +249,6 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
         raise ValueError(f"residual has shape {residual.shape}, the product has ({n},)")
     if gated and n % 2:
         raise ValueError(f"gated=True needs [gate; up] rows, an even N, got {n}")
-    if scale is not None and (not transposed or scale.shape != w.shape[:-1] + (1,)):
-        raise ValueError(f"scale must be [(L,) N, 1] = {w.shape[:-1] + (1,)} for an output-major W, got "
-                         f"{scale.shape} (transposed={transposed})")
     norm_layer = _norm_layer(norm, kd, layer)
     cfg = cfg or default_config(kd, n, transposed)
     if cfg is None:
@@ -268,17 +256,16 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     dtype = x.dtype
     fused = transposed and cfg.splits == 1 and (residual is not None or (gated and (n // 2) % cfg.bn == 0))
     name = f"gemv_{kd}x{n}{'_t' if transposed else ''}{'_norm' if norm is not None else ''}"
-    args = ((x, w) if norm is None else (x, norm, w)) + ((scale,) if scale is not None else ())
-    scaled = scale is not None
+    args = (x, w) if norm is None else (x, norm, w)
     if fused:  # the consumer in the epilogue: one [N] (or [N / 2]) output in x's dtype, one program per row block
         out_n = n // 2 if gated else n
         kernel = functools.partial(_kernel, layer=layer, rows=kd, cfg=cfg, transposed=True, norm=norm is not None,
                                    norm_layer=norm_layer, eps=float(eps), residual=residual is not None,
-                                   gate_rows=out_n if gated else None, dtype=dtype, scaled=scaled)
+                                   gate_rows=out_n if gated else None, dtype=dtype)
         return _launch(kernel, args + ((residual,) if residual is not None else ()), cfg, kd, n, (out_n,),
                        name + ("_silu" if gated else "_residual"), interpret, finished=dtype)
     kernel = functools.partial(_kernel, layer=layer, rows=kd // cfg.splits, cfg=cfg, transposed=transposed,
-                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps), scaled=scaled)
+                               norm=norm is not None, norm_layer=norm_layer, eps=float(eps))
     partial = _launch(kernel, args, cfg, kd, n, (n,), name, interpret)
     if not reduce:
         return partial

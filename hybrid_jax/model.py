@@ -20,6 +20,7 @@ import numpy as np
 from . import decode_attention
 from . import gemv as gemv_lib
 from . import kv_cache
+from . import qgemv
 from . import quant
 from .config import LlamaConfig
 from .kv_cache import KVCache
@@ -155,21 +156,21 @@ def _consume(y: jax.Array, residual: jax.Array | None, gated: bool) -> jax.Array
 def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l: int, out_shape: tuple,
                        norm: jax.Array | None, eps: float, partials: bool, residual: jax.Array | None,
                        gated: bool) -> jax.Array:
-    """`_project` of a quantized matrix in XLA: one token as float32 sums over the codes (quant.matvec or
-    matvec_grouped, as `opts.quant_matvec` says); a chunk as a matmul over the values dequantized to x's dtype
-    (quant.dequantize), or with one int8 scale a row over the codes, the scales applied to the product. int8 with
-    one scale a row, one token, where `opts.gemv` runs kernels and `name` is not in `opts.row_reduce`: the Pallas
-    `gemv` over the codes, the scale (and norm, consumer) inside it, as for 16-bit weights."""
+    """`_project` of a quantized matrix: one token, where `opts.gemv` runs kernels and `name` is not in
+    `opts.row_reduce`, through the Pallas kernel over the codes (qgemv.py; the norm and the consumer inside it,
+    as for 16-bit weights); else in XLA: one token as float32 sums over the codes (quant.matvec or
+    matvec_grouped, as `opts.quant_matvec` says), a chunk as a matmul over the values dequantized to x's dtype
+    (quant.dequantize), or with one int8 scale a row over the codes, the scales applied to the product."""
     t = x.shape[0]
     kd = math.prod(x.shape[1:])
     n = math.prod(out_shape)
     dt = x.dtype
     scheme = quant.scheme_of(qm, kd)
-    if (t == 1 and opts.gemv != "xla" and name not in opts.row_reduce and scheme.bits == 8 and scheme.group is None
-            and gemv_lib.supported(kd, n, transposed=True)):
+    if t == 1 and opts.gemv != "xla" and name not in opts.row_reduce and qgemv.supported(kd, n, scheme) \
+            and (not gated or (n // 2) % qgemv.default_config(kd, n, scheme).bn == 0):
         res = None if residual is None else residual.reshape(n)
-        y = gemv_lib.gemv(x.reshape(kd), qm["q"], l, transposed=True, norm=norm, eps=eps, reduce=not partials,
-                          residual=res, gated=gated, scale=qm["scale"], interpret=opts.gemv == "interpret")
+        y = qgemv.gemv(x.reshape(kd), qm, l, scheme, norm=norm, eps=eps, reduce=not partials, residual=res,
+                       gated=gated, interpret=opts.gemv == "interpret")
         if partials:
             return y.reshape((-1,) + out_shape)
         return y.astype(dt).reshape((1,) + (out_shape[1:] if gated else out_shape))

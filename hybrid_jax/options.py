@@ -49,7 +49,7 @@ class KernelOptions:
                        KERNEL_MODES. auto: as `gemv`.
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
                        reductions instead of the GEMV kernel, where `gemv` is not "xla". auto: ROW_REDUCE_AUTO
-                       in mode "pallas" (all four for a quantized model), none in "interpret".
+                       in mode "pallas" (none for a quantized model: qgemv.py's kernels), none in "interpret".
     matmul_2d          XLA's projections as one 2-D matmul [T, Kd] x [N, Kd]^T (True) or the einsum over the
                        weight's dims (False). auto: True on the CPU only (its matmul library takes the 2-D form).
     prefill_wo         the prefill's output projection (chunks up to gemv.ROWS_MAX rows) through `gemv.gemm`:
@@ -209,9 +209,9 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     if gemv == "xla":
         rr = frozenset()  # XLA's path has no kernels to replace
     elif o.row_reduce == AUTO:
-        # a quantized model's products: XLA's reductions over the codes, the path measured (docs/performance.md)
-        rr = (frozenset(PROJECTION_NAMES) if cfg.quant else ROW_REDUCE_AUTO) if gemv == "pallas" \
-            else frozenset()
+        # a quantized model's products: every one through the kernel over the codes (qgemv.py), the fastest
+        # decode step measured (docs/performance.md)
+        rr = (frozenset() if cfg.quant else ROW_REDUCE_AUTO) if gemv == "pallas" else frozenset()
     else:
         rr = o.row_reduce
     m2d = all(d.platform == "cpu" for d in devices) if o.matmul_2d == AUTO else o.matmul_2d

@@ -30,7 +30,7 @@ from flax import struct
 
 from . import decode_attention as attn_lib
 from . import gemv as gemv_lib
-from . import kv_cache, model, quant, sampling, sharding, speculative
+from . import kv_cache, model, qgemv, quant, sampling, sharding, speculative
 from . import options as options_lib
 from . import weights as W
 from .config import LlamaConfig
@@ -62,7 +62,7 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 # Every module whose code the compiled steps trace (tests/test_runtime.py checks the package's imports against it).
-TRACED_MODULES = (model, kv_cache, quant, sampling, speculative, W, gemv_lib, attn_lib, options_lib)
+TRACED_MODULES = (model, kv_cache, quant, qgemv, sampling, speculative, W, gemv_lib, attn_lib, options_lib)
 
 
 def _source_digest() -> str:

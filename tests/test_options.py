@@ -196,13 +196,14 @@ def test_options_are_hashable_and_a_jit_static_argument():
 
 
 def test_quantized_model_options():
-    """A quantized model: on one GPU every decode product an XLA reduction over the codes (the measured path) and
-    the row-sum form; the CPU the grouped form; both named fields can be overridden."""
+    """A quantized model: on one GPU every decode product through the kernel over the codes (qgemv.py, the measured
+    path; XLA's reductions, where named, in the row-sum form); the CPU XLA's grouped form; both named fields can be
+    overridden."""
     q = BF16.replace(quant="int8")
     o = resolve(None, q, gpu(), None)
-    assert o.row_reduce == frozenset({"wqkv", "wo", "w13", "w2"}) and o.quant_matvec == "rowsum"
+    assert o.row_reduce == frozenset() and o.quant_matvec == "rowsum"
     assert resolve(None, BF16, gpu(), None).row_reduce == frozenset({"wqkv", "wo", "w13"})
-    assert resolve(KernelOptions(row_reduce=()), q, gpu(), None).row_reduce == frozenset()
+    assert resolve(KernelOptions(row_reduce=("wo",)), q, gpu(), None).row_reduce == frozenset({"wo"})
     assert resolve(None, q, CPU, None).quant_matvec == "grouped"
     assert resolve(KernelOptions(quant_matvec="rowsum"), q, CPU, None).quant_matvec == "rowsum"
     assert KernelOptions.from_env({"HYBRID_JAX_QUANT_MATVEC": "grouped"}).quant_matvec == "grouped"

@@ -222,11 +222,57 @@ def test_smollm2_perplexity(smol_variants):
     assert abs(ppl["int4"] / base - 1) < 0.05, ppl
 
 
+@pytest.mark.parametrize("name", SCHEMES)
+def test_qgemv_matches_xla_sums(name):
+    """The Pallas kernel over the codes (interpreter) equals quant.matvec, for every scheme: plain, after the
+    RMSNorm, with the residual or silu(gate) x up consumer, on an input dimension bk does not divide (a tail of
+    smaller tiles) and with tilings of one and several groups an iteration."""
+    from hybrid_jax import gemv as G, qgemv
+    rng = np.random.default_rng(0)
+    sch = Q.parse(name)
+    for kd, n, cfg in ((256, 32, None), (352, 16, G.GemvConfig(bn=4, bk=128, splits=1)),
+                       (384, 16, G.GemvConfig(bn=2, bk=256, splits=1))):
+        if not qgemv.supported(kd, n, sch) or (cfg is not None and sch.group and cfg.bk % sch.group):
+            continue
+        qm = jax.tree.map(jnp.asarray, Q.quantize_np(rng.standard_normal((2, n, kd)).astype(np.float32), sch))
+        x = jnp.asarray(rng.standard_normal(kd).astype(np.float32))
+        nw = jnp.asarray(rng.standard_normal((2, kd)).astype(np.float32))
+        res = jnp.asarray(rng.standard_normal(n).astype(np.float32))
+        y = Q.matvec(qm, 1, sch, x)
+        tol = 1e-5 * float(jnp.max(jnp.abs(y)))
+        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, interpret=True)
+        assert out.shape == (n,) and float(jnp.max(jnp.abs(out - y))) < tol, (kd, cfg)
+        yn = Q.matvec(qm, 1, sch, model.rms_norm(x, nw[1], 1e-6))
+        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, norm=nw, eps=1e-6, interpret=True)
+        assert float(jnp.max(jnp.abs(out - yn))) < 1e-5 * float(jnp.max(jnp.abs(yn))), (kd, cfg)
+        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, residual=res, interpret=True)
+        assert float(jnp.max(jnp.abs(out - (res + y)))) < tol, (kd, cfg)
+        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, gated=True, interpret=True)
+        want = jax.nn.silu(y[: n // 2]) * y[n // 2:]
+        assert out.shape == (n // 2,) and rel_err(out, want) < 1e-5, (kd, cfg)
+        part = qgemv.gemv(x, qm, 1, sch, cfg=cfg, reduce=False, interpret=True)
+        assert part.shape == (1, n) and float(jnp.max(jnp.abs(part[0] - y))) < tol
+
+
+def test_qgemv_errors():
+    from hybrid_jax import gemv as G, qgemv
+    sch = Q.parse("int4-g32-asym")
+    qm = jax.tree.map(jnp.asarray, Q.quantize_np(np.ones((2, 16, 256), np.float32), sch))
+    with pytest.raises(ValueError, match="do not hold"):
+        qgemv.gemv(jnp.ones(128), qm, 0, sch, interpret=True)
+    with pytest.raises(ValueError, match="does not tile"):
+        qgemv.gemv(jnp.ones(256), qm, 0, sch, cfg=G.GemvConfig(bn=4, bk=96, splits=1), interpret=True)
+    with pytest.raises(ValueError, match="one consumer"):
+        qgemv.gemv(jnp.ones(256), qm, 0, sch, residual=jnp.ones(16), gated=True, interpret=True)
+    assert not qgemv.supported(256, 16, Q.parse("int4-g96-sym"))  # 3 blocks a group: not a power of 2
+
+
 @pytest.mark.parametrize("variant", list(TINY_VARIANTS))
-def test_int8_gemv_kernel(variant):
-    """int8 (one scale a row) through the Pallas decode kernels (interpreter): a decode step's logits equal HF's
-    on the dequantized weights, with every projection in a kernel (none a row reduction), the scale inside it."""
-    m, deq, cfg, p = _quantized(variant, "int8")
+@pytest.mark.parametrize("name", ["int8", "int4-g32-asym"])
+def test_qgemv_in_decode_step(variant, name):
+    """Quantized projections through the Pallas kernels (interpreter): a decode step's logits equal HF's on the
+    dequantized weights, with every projection in a kernel (none a row reduction), the scales inside it."""
+    m, deq, cfg, p = _quantized(variant, name)
     ids = [int(t) for t in np.random.RandomState(6).randint(3, cfg.vocab_size, size=9)]
     with torch.no_grad():
         ref = deq(torch.tensor([ids])).logits[0].numpy()
@@ -237,7 +283,4 @@ def test_int8_gemv_kernel(variant):
         return model.forward(cfg, p, c, jnp.asarray(ids[8:], jnp.int32), jnp.asarray([8], jnp.int32), opts=opts)
     lg, _ = step(p, cache)
     assert rel_err(lg[0], ref[8]) < 1e-5
-    assert str(jax.make_jaxpr(step)(p, cache)).count("pallas_call") >= 4 * cfg.n_layers
-    from hybrid_jax import gemv as G
-    with pytest.raises(ValueError, match="scale must be"):
-        G.gemv(jnp.ones(64), jnp.ones((2, 8, 64), jnp.int8), 0, transposed=True, scale=jnp.ones((2, 8)), interpret=True)
+    assert str(jax.make_jaxpr(step)(p, cache)).count("qgemv_") >= 4 * cfg.n_layers

@@ -1,0 +1,229 @@
+"""The decode step's matrix-vector products over quantized codes (quant.py) as Pallas (Triton) kernels.
+
+The same job as gemv.py's output-major kernel, reading int8 or packed 4-bit codes and their float16 scales (and
+offsets) in place of 16-bit weights: each program owns bn whole rows and walks their codes in runs of GGUF's
+32-input blocks, so the weight bytes read are the stored ones and no dequantized copy is ever written. The
+RMSNorm prologue and the consumers (residual add, silu(gate) x up) are gemv.py's, in the epilogue.
+
+Layout. The operands are passed in views that make every load a plain 3-D block (reshapes of contiguous
+arrays: bitcasts, no copies): the codes [L, N, Kd / 32, 32 / P] with P = 2 nibble planes for 4 bits (byte j of
+a block holds input j in its low nibble, input j + 16 in its high one) and 1 for 8 bits; x and the norm weight
+[Kd / 32, P, 32 / P], so plane p of a block is x[32 b + 16 p : ...]. A block's sum over its codes is a
+reduction over the last axis, scaled once a group (symmetric 4-bit codes' -8 is folded into the conversion;
+an offset m adds m * sum(x) over its group).
+
+Where the sums go: the kernels' time is not the bytes alone. On an H100 the 4-bit kernels read 1.1-1.8 TB/s
+against 3.0 TB/s copy bandwidth, XLA's row reductions over the same codes about as fast, so the unpacking and
+float arithmetic a weight needs bound them (docs/performance.md).
+
+Off the GPU (tests) the kernels run in Pallas' interpreter.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import gemv as gemv_lib
+from .gemv import GemvConfig
+from .quant import GGUF_BLOCK, Scheme
+
+try:
+    from jax.experimental.pallas import triton as plt
+except Exception:  # pragma: no cover
+    plt = None
+
+# The fastest tiling per (Kd, N, scheme name), measured by bench/probes/qgemv_tune.py on an H100 (7B shape; the
+# product as the step runs it: us, stored bytes / time); others get `default_config`'s heuristic.
+_C = GemvConfig
+TUNED: dict[tuple[int, int, str], GemvConfig] = {
+    (4096, 12288, "int8"): _C(bn=4, bk=4096, splits=1, warps=4, stages=3),  # wqkv 23.7 us, 2.12 TB/s
+    (4096, 4096, "int8"): _C(bn=2, bk=4096, splits=1, warps=8, stages=3),  # wo 9.1 us, 1.84
+    (4096, 22016, "int8"): _C(bn=2, bk=4096, splits=1, warps=4, stages=3),  # w13 39.2 us, 2.30
+    (11008, 4096, "int8"): _C(bn=4, bk=2048, splits=1, warps=4, stages=3),  # w2 21.6 us, 2.09
+    (4096, 12288, "int4-g32-sym"): _C(bn=32, bk=1024, splits=1, warps=4, stages=3),  # 20.4 us, 1.39
+    (4096, 4096, "int4-g32-sym"): _C(bn=4, bk=4096, splits=1, warps=8, stages=3),  # 8.5 us, 1.11
+    (4096, 22016, "int4-g32-sym"): _C(bn=8, bk=4096, splits=1, warps=8, stages=3),  # 32.4 us, 1.57
+    (11008, 4096, "int4-g32-sym"): _C(bn=8, bk=2048, splits=1, warps=4, stages=3),  # 19.1 us, 1.32
+    (4096, 12288, "int4-g32-asym"): _C(bn=16, bk=2048, splits=1, warps=4, stages=3),  # 20.0 us, 1.57
+    (4096, 4096, "int4-g32-asym"): _C(bn=8, bk=2048, splits=1, warps=4, stages=3),  # 8.4 us, 1.25
+    (4096, 22016, "int4-g32-asym"): _C(bn=4, bk=4096, splits=1, warps=4, stages=3),  # 31.8 us, 1.77
+    (11008, 4096, "int4-g32-asym"): _C(bn=8, bk=2048, splits=1, warps=4, stages=3),  # 19.6 us, 1.44
+}
+
+
+def _tiles(cfg: GemvConfig, scheme: Scheme) -> bool:
+    """Whether cfg's tiles suit the kernel: bk a power of 2 of whole blocks, each tile whole groups."""
+    nb = cfg.bk // GGUF_BLOCK
+    return cfg.splits == 1 and cfg.bk % GGUF_BLOCK == 0 and nb & (nb - 1) == 0 and \
+        (scheme.group is None or cfg.bk % scheme.group == 0)
+
+
+def default_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
+    """A tiling (bn rows a program, bk inputs an iteration, no split) for an output-major [N, Kd] matrix of
+    `scheme`'s codes, or None where the kernel does not take it. bk need not divide Kd (the rest is walked in
+    smaller tiles); a group of 32 x 2^i inputs, or one scale a row (8 bits), is required."""
+    g = scheme.group or kd
+    gb = g // GGUF_BLOCK
+    if kd % GGUF_BLOCK or g % GGUF_BLOCK or kd % g or (scheme.group and gb & (gb - 1)) or \
+            (scheme.asym and scheme.group is None):
+        return None
+    tuned = TUNED.get((kd, n, scheme.name))
+    if tuned is not None:
+        return tuned
+    # tiles of ~4 KB of codes and at least ~512 programs, as the 16-bit kernel's best tilings
+    bn = 8
+    while bn > 1 and (n % bn or n // bn < 512):
+        bn //= 2
+    bk = GGUF_BLOCK
+    while bk * 2 <= min(kd, 4096 * 8 // (bn * scheme.bits)):
+        bk *= 2
+    cfg = GemvConfig(bn=bn, bk=bk, splits=1, warps=4, stages=3)
+    return cfg if n % bn == 0 and _tiles(cfg, scheme) else None
+
+
+def supported(kd: int, n: int, scheme: Scheme) -> bool:
+    return default_config(kd, n, scheme) is not None
+
+
+def _codes_f32(c: jax.Array, bits: int, sym4: bool) -> tuple[jax.Array, ...]:
+    """A tile of stored codes -> its planes of values as float32 (4 bits: (low, high) nibbles, less 8 when
+    symmetric; 8 bits: the signed value). (Converting through float32 2^23's bit pattern instead of the casts
+    measured no faster: bench/results/2026-12-06_NVIDIA-H100_qgemv.)"""
+    f32 = jnp.float32
+    if bits == 8:
+        return (c.astype(f32),)
+    i = c.astype(jnp.int32)
+    off = 8.0 if sym4 else 0.0
+    return tuple(u.astype(f32) - off for u in (i & 0x0F, i >> 4))
+
+
+def _kernel(*refs, layer, norm_layer, cfg: GemvConfig, scheme: Scheme, kd: int, norm: bool, eps: float,
+            residual: bool, gate_rows: int | None, dtype):
+    it = iter(refs)
+    x_ref = next(it)
+    nw_ref = next(it) if norm else None
+    q_ref, s_ref = next(it), next(it)
+    z_ref = next(it) if scheme.asym else None
+    r_ref = next(it) if residual else None
+    o_ref = next(it)
+    f32 = jnp.float32
+    bn = cfg.bn
+    planes = 2 if scheme.bits == 4 else 1
+    grouped = scheme.group is not None
+    gb = scheme.group // GGUF_BLOCK if grouped else 1  # blocks a scale
+    n0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    lead = (layer,)
+    nlead = () if norm_layer is None else (norm_layer,)
+    r = None
+    if norm:  # as model.rms_norm: rsqrt(mean(x^2) + eps) over all of x (a few KB, from L2)
+        xa = x_ref[...].astype(f32)
+        r = jax.lax.rsqrt(jnp.sum(xa * xa) / kd + eps)
+
+    def xplane(b0, nb, p):  # [nb, 32 / P] of x (normalised), float32
+        xs = x_ref[pl.ds(b0, nb), p, :]
+        if norm:
+            xs = nw_ref[nlead + (pl.ds(b0, nb), p, slice(None))] * (xs.astype(f32) * r).astype(xs.dtype)
+        return xs.astype(f32)
+
+    def block_sums(row0, b0, nb, xs):  # each block's (or group's) sum of codes x inputs, scaled (and offset)
+        c = q_ref[lead + (pl.ds(row0, bn), pl.ds(b0, nb), slice(None))]  # [bn, nb, 32 / P]
+        vals = _codes_f32(c, scheme.bits, scheme.bits == 4 and not scheme.asym)
+        blk = sum(jnp.sum(v * x[None], axis=2) for v, x in zip(vals, xs))  # [bn, nb]
+        if not grouped:
+            return jnp.sum(blk, axis=1)
+        ng = nb // gb
+        if gb > 1:
+            blk = jnp.sum(blk.reshape(bn, ng, gb), axis=2)
+        g0 = b0 // gb
+        y = blk * s_ref[lead + (pl.ds(row0, bn), pl.ds(g0, ng))].astype(f32)
+        if scheme.asym:
+            xsum = sum(jnp.sum(x, axis=1) for x in xs)  # [nb]
+            if gb > 1:
+                xsum = jnp.sum(xsum.reshape(ng, gb), axis=1)
+            y = y + z_ref[lead + (pl.ds(row0, bn), pl.ds(g0, ng))].astype(f32) * xsum[None]
+        return jnp.sum(y, axis=1)
+
+    gated = gate_rows is not None
+
+    def loop(acc, first, nb, count):  # `count` iterations of nb blocks from block `first`
+        def body(i, acc):
+            b0 = pl.multiple_of(first + i * nb, nb)
+            xs = [xplane(b0, nb, p) for p in range(planes)]
+            if gated:
+                return acc[0] + block_sums(n0, b0, nb, xs), acc[1] + block_sums(gate_rows + n0, b0, nb, xs)
+            return acc + block_sums(n0, b0, nb, xs)
+        return jax.lax.fori_loop(0, count, body, acc)
+
+    zero = jnp.zeros((bn,), f32)
+    acc = (zero, zero) if gated else zero
+    blocks, nb = kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK
+    acc = loop(acc, 0, nb, blocks // nb)
+    tail = blocks % nb  # a Kd that bk does not divide (11008 = 43 x 256): the rest in smaller tiles
+    if tail:
+        nbt = gemv_lib._pow2_divisor(tail, nb)
+        acc = loop(acc, blocks - tail, nbt, tail // nbt)
+
+    def rows(y, row0):  # [bn]: the row sums, times the row's scale for one a row
+        return y if grouped else y * s_ref[lead + (pl.ds(row0, bn), 0)].astype(f32)
+
+    if gated:
+        o_ref[pl.ds(n0, bn)] = gemv_lib.finish(rows(acc[0], n0), dtype, up=rows(acc[1], gate_rows + n0))
+    elif residual:
+        o_ref[pl.ds(n0, bn)] = gemv_lib.finish(rows(acc, n0), dtype, residual=r_ref[pl.ds(n0, bn)])
+    else:
+        o_ref[0, pl.ds(n0, bn)] = rows(acc, n0)
+
+
+def gemv(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig | None = None,
+         norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True, residual: jax.Array | None = None,
+         gated: bool = False, interpret: bool = False) -> jax.Array:
+    """`gemv.gemv(x, W, layer, transposed=True, ...)` for W layer `layer` of a stacked quantized matrix
+    (quant.py's arrays {q, scale[, zero]}, [L, N, ...]): float32 [N], or with `reduce=False` the sums as one
+    split [1, N], or the consumer's output in x's dtype (`residual=` [N], or `gated`: silu(gate) x up [N / 2])."""
+    q = qm["q"]
+    n = q.shape[1]
+    kd = x.shape[0]
+    if q.ndim != 3 or q.shape[2] * (8 // scheme.bits) != kd:
+        raise ValueError(f"codes of shape {q.shape} do not hold a {scheme.name} matrix of {kd} inputs")
+    if (residual is not None or gated) and not reduce:
+        raise ValueError("residual= and gated= need the reduced product (reduce=True)")
+    if residual is not None and gated:
+        raise ValueError("a product takes one consumer: residual= or gated=, not both")
+    norm_layer = gemv_lib._norm_layer(norm, kd, layer)
+    cfg = cfg or default_config(kd, n, scheme)
+    if cfg is None:
+        raise ValueError(f"no kernel shape for a {kd} x {n} {scheme.name} matrix (call `supported` first)")
+    if n % cfg.bn or not _tiles(cfg, scheme) or cfg.bk > kd:
+        raise ValueError(f"{cfg} does not tile a {kd} x {n} {scheme.name} matrix")
+    if gated and (n % 2 or (n // 2) % cfg.bn):
+        raise ValueError(f"gated=True needs [gate; up] halves tiled by bn={cfg.bn}, got N={n}")
+    planes = 2 if scheme.bits == 4 else 1
+    blocks = (kd // GGUF_BLOCK, planes, GGUF_BLOCK // planes)
+    args = [x.reshape(blocks)]
+    if norm is not None:
+        args.append(norm.reshape(norm.shape[:-1] + blocks))
+    args += [q.reshape(q.shape[:2] + (kd // GGUF_BLOCK, GGUF_BLOCK // planes)), qm["scale"]]
+    if scheme.asym:
+        args.append(qm["zero"])
+    dtype = x.dtype
+    out_n = n // 2 if gated else n
+    if residual is not None:
+        args.append(residual)
+    kernel = functools.partial(_kernel, layer=layer, norm_layer=norm_layer, cfg=cfg, scheme=scheme, kd=kd,
+                               norm=norm is not None, eps=float(eps), residual=residual is not None,
+                               gate_rows=out_n if gated else None, dtype=dtype)
+    finished = gated or residual is not None
+    out = jax.ShapeDtypeStruct((out_n,) if finished else (1, n), dtype if finished else jnp.float32)
+    params = {}
+    if plt is not None and not interpret:
+        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+    name = f"qgemv_{scheme.name.replace('-', '_')}_{kd}x{n}{'_norm' if norm is not None else ''}" + \
+        ("_silu" if gated else "_residual" if residual is not None else "")
+    y = pl.pallas_call(kernel, out_shape=out, grid=(out_n // cfg.bn, 1), interpret=interpret, name=name,
+                       **params)(*args)
+    if finished or not reduce:
+        return y
+    return y[0]
