@@ -177,8 +177,9 @@ def _build_engine(args, cfg):
     from hybrid_jax.engine import Engine
     from hybrid_jax.options import KernelOptions
 
-    # the ablations' kernel options from the HYBRID_JAX_* variables the parent set (latency.HYBRID_VARIANTS)
-    kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir,
+    # the ablations' kernel options from the HYBRID_JAX_* variables the parent set (latency.HYBRID_VARIANTS);
+    # kv_reuse off: the workloads repeat a prompt to time its prefill (reuse would skip it)
+    kw = dict(max_seq_len=args.max_seq_len, prefill_buckets=args.buckets, cache_dir=args.cache_dir, kv_reuse=False,
               options=KernelOptions.from_env())
     system = getattr(args, "worker", None) or ""
     if system.startswith("hybrid_spec_"):

@@ -1,4 +1,4 @@
-"""`hybrid-jax` command line: generate (streaming), chat, warmup, verify, convert, bench.
+"""`hybrid-jax` command line: generate (streaming), chat, serve, warmup, verify, convert, bench.
 
 Every error the command can foresee (bad arguments, a missing or damaged model, an interrupt) is one line on
 stderr and exit status 1 (130 for Ctrl-C); anything else is a bug: one line too, and its traceback with --debug.
@@ -266,6 +266,34 @@ def cmd_warmup(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server (server.py): warmed up before it listens, so the first request waits for no
+    compile; exits 0 on SIGINT / SIGTERM (the running request cancelled)."""
+    from .engine import check_max_seq_len_arg, check_speculative
+    from .server import serve
+
+    check_max_seq_len_arg(args.max_seq_len)
+    check_speculative(args.speculative, args.num_speculative_tokens)
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [1, 65535], got {args.port}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HYBRID_JAX_API_KEY") or None
+    engine = _engine(args)
+    if engine.tokenizer is None:
+        raise ValueError("the model has no tokenizer: the server needs one to read messages")
+    t0 = time.perf_counter()
+    if not args.no_warmup:
+        engine.warmup(progress=False)
+        _say(f"warmed up in {time.perf_counter() - t0:.1f} s")
+    model_id = args.model_id or (Path(args.model).name if args.model else "smollm2-135m-instruct")
+    _say(f"serving {model_id} on http://{args.host}:{args.port} (OpenAI API under /v1, chat page at /)"
+         + (", API key required" if api_key else ""))
+    serve(engine, model_id, host=args.host, port=args.port, api_key=api_key, max_queue=args.max_queue)
+    engine.close()
+    return 0
+
+
 def cmd_verify(args) -> int:
     """Check every file of a converted model against its manifest (sizes and sha256)."""
     from . import checkpoint
@@ -304,6 +332,19 @@ def main(argv=None) -> int:
     _add_load_args(w)
     w.add_argument("--no-progress", action="store_true",
                    help="no progress (a bar on a terminal, a line per executable otherwise)")
+    s = sub.add_parser("serve", formatter_class=fmt, help="OpenAI-compatible HTTP server (chat page at /)",
+                       description="Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, "
+                                   "/v1/models), with /health, /metrics (Prometheus) and a chat page at /. "
+                                   "Requests run one at a time, in order; a chat's next turn reuses the "
+                                   "cache rows of its history.")
+    _add_load_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $HYBRID_JAX_API_KEY, else none)")
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait; past it: 503 + Retry-After")
+    s.add_argument("--model-id", default=None, help="the model's name in the API (default: the folder's name)")
+    s.add_argument("--no-warmup", action="store_true", help="listen before every prefill bucket is compiled")
     v = sub.add_parser("verify", formatter_class=fmt,
                        help="check a converted model's files against its manifest (sizes, sha256)")
     v.add_argument("model_dir", help="converted model folder")
@@ -321,7 +362,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        cmds = {"generate": cmd_generate, "chat": cmd_chat, "warmup": cmd_warmup, "verify": cmd_verify}
+        cmds = {"generate": cmd_generate, "chat": cmd_chat, "warmup": cmd_warmup, "verify": cmd_verify,
+                "serve": cmd_serve}
         return cmds[args.cmd](args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

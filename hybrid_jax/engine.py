@@ -43,6 +43,7 @@ class Timings:
     verify_steps: int = 0
     proposed: int = 0
     accepted: int = 0
+    reused_tokens: int = 0  # the prompt's first tokens whose cache rows an earlier request left (KV reuse)
 
     @property
     def tokens_per_s(self) -> float:
@@ -79,8 +80,10 @@ class Engine:
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
                  path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False,
                  speculative: str | None = None, num_speculative_tokens: int = 4,
-                 draft: tuple[LlamaConfig, object] | None = None, **runtime_kw):
-        """`draft`: (config, weights) of the draft model, for speculative="draft"."""
+                 draft: tuple[LlamaConfig, object] | None = None, kv_reuse: bool = True, **runtime_kw):
+        """`draft`: (config, weights) of the draft model, for speculative="draft". `kv_reuse`: a request whose
+        token ids begin with those whose rows the cache holds (the previous request's prompt and answer: a
+        chat's earlier turns) prefills only the rest (not with a draft model, whose cache is its own)."""
         check_speculative(speculative, num_speculative_tokens)
         if (speculative == "draft") != (draft is not None):
             raise ValueError('speculative="draft" needs a draft model (load(..., draft=DIR)), and a draft model '
@@ -92,6 +95,9 @@ class Engine:
         self.speculative = speculative
         self.num_speculative_tokens = int(num_speculative_tokens) if speculative else 0
         self.spec_totals = {"verify_steps": 0, "proposed": 0, "accepted": 0}
+        self.kv_reuse = bool(kv_reuse) and draft is None
+        self._kv_ids: list[int] = []  # the token ids whose rows the cache holds, from position 0
+        self.reuse_totals = {"requests": 0, "reused_tokens": 0, "prefilled_tokens": 0}
 
         self.cfg = cfg
         self.path = path
@@ -123,8 +129,9 @@ class Engine:
     def _claim(self, owner: object) -> None:
         """Make `owner` the request that owns the device state (under `_lock`); a stream waiting between its
         pieces is thereby cancelled. A state lost mid-step (an interrupt between a donating call and its
-        result's assignment) is replaced by a fresh one."""
+        result's assignment) is replaced by a fresh one. The cache's rows are then the claimant's to say."""
         self._owner = owner
+        self._kv_ids = []
         self.runtime.ensure_state()
 
     def _release(self, owner: object) -> None:
@@ -146,14 +153,16 @@ class Engine:
         A bucket compiled while a request decodes slows that request's steps (XLA's autotuning shares the GPU:
         on an H200 a 7B bucket's compile took 36 s and the steps beside it averaged 4.7 ms instead of 3.8,
         run 48), so a latency-bound server warms up before it takes requests, or once per machine with
-        `hybrid-jax warmup` (the executables then load from the disk cache)."""
-        return self.runtime.warmup(background=background, progress=progress)
+        `hybrid-jax warmup` (the executables then load from the disk cache). With KV reuse on, the buckets of a
+        prompt's rest after reused rows are compiled too."""
+        return self.runtime.warmup(background=background, progress=progress, reuse=self.kv_reuse)
 
     def stats(self) -> dict:
         st = self.runtime.stats()
         if self.speculative:
             st["speculative"] = {"method": self.speculative, "num_speculative_tokens": self.num_speculative_tokens,
                                  **self.spec_totals}
+        st["kv_reuse"] = {"enabled": self.kv_reuse, **self.reuse_totals}
         return st
 
     def wait_background(self, timeout: float | None = None) -> None:
@@ -310,7 +319,7 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
          prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None, dtype: str | None = None,
          tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False,
          speculative: str | None = None, num_speculative_tokens: int = 4, draft: str | Path | None = None,
-         **runtime_kw) -> Engine:
+         kv_reuse: bool = True, **runtime_kw) -> Engine:
     """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
 
     `path=None` loads the embedded default model (SmolLM2-135M-Instruct, converted on first use). With
@@ -319,6 +328,8 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     `speculative="ngram"`: prompt-lookup speculative decoding, K = `num_speculative_tokens` proposals a step
     (exact: greedy output is the output without it; sampled tokens keep the model's distribution);
     `speculative="draft", draft=DIR`: the proposals come from a smaller converted model of the same vocabulary.
+    `kv_reuse=True`: a request that begins with the previous request's tokens (a chat's history) prefills only
+    the rest (Engine).
     """
     _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify)
     check_speculative(speculative, num_speculative_tokens)
@@ -345,7 +356,7 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     engine = Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
                     cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=allow_long_context,
                     speculative=speculative, num_speculative_tokens=num_speculative_tokens, draft=draft_model,
-                    **runtime_kw)
+                    kv_reuse=kv_reuse, **runtime_kw)
     engine.runtime.stats_.precompiled = precompiled
     return engine
 
@@ -598,6 +609,15 @@ class _Adapt:
         self.pause -= 1
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many leading ids a and b share, at most `limit`."""
+    n = min(len(a), len(b), limit)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperature, top_k, top_p, seed,
          stops: list[str], stop_ids: set[int], spec_k: int = 0) -> Iterator[Piece]:
     """The request's pieces. The engine's lock is held only while the device state is used, never across a
@@ -615,11 +635,20 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
     adapt = _Adapt(spec_k, engine.spec_break_even if engine.draft_runtime is None else 0.0)
     try:
         with engine._lock:
+            held = engine._kv_ids
             engine._claim(me)
             t0 = time.perf_counter()
+            # KV reuse: the rows of the ids this request shares with the cache's stay; at least one is prefilled
+            # (its logits pick the first token)
+            p = _common_prefix(held, ids, len(ids) - 1) if engine.kv_reuse else 0
             # the request's position, key and sampling parameters travel with its first prefill chunk
-            rt.state, tok = rt.prefill(rt.state, ids, request=(seed, temperature, top_k, top_p))
+            rt.state, tok = rt.prefill(rt.state, ids[p:], request=(seed, temperature, top_k, top_p), start=p)
+            engine._kv_ids = list(ids)
             timings.prefill_chunks = rt.last_prefill_chunks
+            timings.reused_tokens = p
+            engine.reuse_totals["requests"] += 1
+            engine.reuse_totals["reused_tokens"] += p
+            engine.reuse_totals["prefilled_tokens"] += len(ids) - p
             if spec_k and engine.draft_runtime is not None:  # the draft's cache holds the prompt too
                 d = engine.draft_runtime
                 d.state, _ = d.prefill(d.state, ids, request=(seed, temperature, top_k, top_p))
@@ -705,10 +734,12 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
         pending.clear()
         timings.total_s = time.perf_counter() - t0
         pr.finish = pr.finish or "length"
-        if spec_k:
-            with engine._lock:
+        with engine._lock:
+            if spec_k:
                 for k in ("verify_steps", "proposed", "accepted"):
                     engine.spec_totals[k] += getattr(timings, k)
+            if engine._owner is me:  # each token but the last was a step's input: its row is written
+                engine._kv_ids = ids + out[:-1]
         engine._release(me)
         if dec is not None and emitted < len(pr.text):  # text held back as a possible stop-string prefix
             yield Piece(out[-1], pr.text[emitted:])

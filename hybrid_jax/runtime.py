@@ -147,21 +147,22 @@ def _draft_step(cfg: LlamaConfig, dcfg: LlamaConfig, kv_len: int, k: int, do_sam
 
 
 # The prefill's one host->device argument: int32 [T + REQ_FIELDS] = the chunk's T token slots, then
-# n (valid tokens), fresh (1: a new request at position 0 with the key and sampling parameters below; 0:
-# continue `state`), the PRNG key's 2 words, temperature (float32 bits), top_k, top_p (float32 bits), unused.
+# n (valid tokens), fresh (1 + p: a new request at position p, with the key and sampling parameters below, whose
+# cache rows 0..p-1 are kept from the previous one: KV reuse; 0: continue `state`), the PRNG key's 2 words, temperature (float32 bits), top_k, top_p (float32 bits), unused.
 # One transfer per chunk, and no separate state reset before a request (see docs/performance.md).
 REQ_FIELDS = 8
 
 
-def pack_request(tokens: np.ndarray, T: int, request: tuple | None) -> np.ndarray:
-    """The prefill argument for `tokens` (<= T) and, for a new request, (seed, temperature, top_k, top_p)."""
+def pack_request(tokens: np.ndarray, T: int, request: tuple | None, start: int = 0) -> np.ndarray:
+    """The prefill argument for `tokens` (<= T) and, for a new request, (seed, temperature, top_k, top_p), its
+    tokens written from position `start` (the rows before it kept)."""
     buf = np.zeros((T + REQ_FIELDS,), np.int32)
     buf[:len(tokens)] = tokens
     buf[T] = len(tokens)
     if request is not None:
         seed, *sp = request
         t, k, p = _sampling_scalars(*sp)
-        buf[T + 1] = 1
+        buf[T + 1] = 1 + start
         buf[T + 2:T + 4] = _key_data(seed).view(np.int32)
         buf[T + 4:T + 7] = t.view(np.int32), k, p.view(np.int32)
     return buf
@@ -171,13 +172,13 @@ def _prefill_step(cfg: LlamaConfig, kv_len: int, params: W.Weights, state: Decod
                   opts: KernelOptions | None = None):
     """Write the chunk's n tokens at positions pos..pos+n-1 (rows up to pos+T-1 are scratch) and pick the
     next token; `req` as `pack_request` makes it (a fresh request starts at position 0 with its own key
-    and sampling parameters). `opts`: the resolved kernel options (model.trunk)."""
+    and sampling parameters, at the position it names). `opts`: the resolved kernel options (model.trunk)."""
     T = req.shape[0] - REQ_FIELDS
     tokens, meta = req[:T], req[T:]
     n, fresh = meta[0], meta[1] != 0
     f32 = lambda v: jax.lax.bitcast_convert_type(v, jnp.float32)
     state = state.replace(
-        pos=jnp.where(fresh, 0, state.pos),
+        pos=jnp.where(fresh, meta[1] - 1, state.pos),
         key=jnp.where(fresh, jax.lax.bitcast_convert_type(meta[2:4], jnp.uint32), state.key),
         sp=SamplingParams(temperature=jnp.where(fresh, f32(meta[4]), state.sp.temperature),
                           top_k=jnp.where(fresh, meta[5], state.sp.top_k),
@@ -486,10 +487,16 @@ class Runtime:
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
-    def warmup(self, background: bool = False, progress: bool = False) -> list[cf.Future]:
-        """Compile (or load from the disk cache) every prefill bucket (prompt from position 0) and the sampling
-        decode (and verify) steps; in the foreground with, where `progress`, a bar on a terminal or a line per executable."""
-        specs = [("prefill", b, b) for b in self.buckets] + [("decode", k, True) for k in self.decode_kv_buckets]
+    def reuse_specs(self) -> list[tuple]:
+        """The prefill executables of a prompt's rest after reused cache rows: each bucket over the whole cache."""
+        return [("prefill", b, self.cache_len) for b in self.buckets if b < self.cache_len]
+
+    def warmup(self, background: bool = False, progress: bool = False, reuse: bool = False) -> list[cf.Future]:
+        """Compile (or load from the disk cache) every prefill bucket (prompt from position 0; with `reuse`, the
+        rest of a prompt after reused rows too) and the sampling decode (and verify) steps; in the foreground
+        with, where `progress`, a bar on a terminal or a line per executable."""
+        specs = [("prefill", b, b) for b in self.buckets] + (self.reuse_specs() if reuse else []) + \
+            [("decode", k, True) for k in self.decode_kv_buckets]
         if self.speculative_k:  # the sampling variants of the verify (or draft) steps
             specs += [(self.verify_kind, kvb, self.speculative_k, True) for kvb in self.decode_kv_buckets
                       if kvb >= self.speculative_k + 1]
@@ -515,18 +522,23 @@ class Runtime:
         cf.wait(futs, timeout=timeout)
 
     # ---- planning -----------------------------------------------------------------------------
-    def plan_prefill(self, n: int) -> list[tuple[tuple, int]]:
-        """Chunks [(spec, n_valid)] for a prompt of n tokens at position 0, using compiled executables only.
+    def plan_prefill(self, n: int, start: int = 0) -> list[tuple[tuple, int]]:
+        """Chunks [(spec, n_valid)] for n tokens written from position `start` (0: a whole prompt; more: the rest
+        of a prompt whose first `start` tokens' rows are in the cache), using compiled executables only.
 
-        The prompt's own bucket is used when in memory, or loaded from the disk cache when an entry is there
+        The tokens' own bucket is used when in memory, or loaded from the disk cache when an entry is there
         (`hybrid-jax warmup` puts them there); otherwise it is queued for a background compile (unless
         `background_compiles` is off) and the prompt goes through compiled ones (at worst the smallest bucket
-        over the whole cache).
+        over the whole cache). From a position past 0 the own bucket is the tokens' bucket over the whole cache
+        (`reuse_specs`).
         """
-        if n > self.max_seq_len:
-            raise ValueError(f"prompt of {n} tokens exceeds max_seq_len {self.max_seq_len}")
+        if start + n > self.max_seq_len:
+            raise ValueError(f"prompt of {start + n} tokens exceeds max_seq_len {self.max_seq_len}")
         b = self.bucket_for(n)
-        own = ("prefill", b, b) if b is not None else None
+        own = None
+        if b is not None:
+            kv = b if start == 0 else self.cache_len
+            own = ("prefill", b, kv) if start + b <= kv else None
         if own is not None and self.compiled(own):
             return [(own, n)]
         with self._lock:
@@ -540,7 +552,7 @@ class Runtime:
         plan, s = [], 0
         while s < n:
             r = n - s
-            fits = [sp for sp in avail if s + sp[1] <= sp[2]]  # the chunk's rows lie inside attended rows
+            fits = [sp for sp in avail if start + s + sp[1] <= sp[2]]  # the chunk's rows lie inside attended rows
             done = [sp for sp in fits if sp[1] >= r]
             sp = min(done, key=lambda x: (x[1], x[2])) if done else max(fits, key=lambda x: (x[1], -x[2]))
             k = min(sp[1], r)
@@ -563,20 +575,23 @@ class Runtime:
         return "verify" if self.draft is None else "draft"
 
     # ---- execution ----------------------------------------------------------------------------
-    def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None
+    def prefill(self, state: DecodeState, tokens: Sequence[int], request: tuple | None = None, start: int = 0
                 ) -> tuple[DecodeState, jax.Array]:
         """Write `tokens` into `state` from its position and return (state, next token). With `request`
-        = (seed, temperature, top_k, top_p) a new request starts at position 0 with that key and those
-        sampling parameters (the state's cache buffers are reused, stale rows masked then overwritten):
-        no separate `reset_state` call."""
+        = (seed, temperature, top_k, top_p) a new request starts at position `start` with that key and those
+        sampling parameters (the state's cache buffers are reused, stale rows masked then overwritten; rows
+        before `start` are kept: the caller knows they hold this request's first tokens): no separate
+        `reset_state` call."""
+        if start and request is None:
+            raise ValueError("start= begins a new request: it needs request=")
         n = len(tokens)
         toks = np.asarray(tokens, np.int32)
         nxt = None
         s = 0
-        plan = self.plan_prefill(n)
+        plan = self.plan_prefill(n, start)
         self.last_prefill_chunks = len(plan)
         for spec, k in plan:
-            state, nxt = self._get(spec)(self.params, state, pack_request(toks[s:s + k], spec[1], request))
+            state, nxt = self._get(spec)(self.params, state, pack_request(toks[s:s + k], spec[1], request, start))
             request = None
             s += k
         return state, nxt

@@ -261,7 +261,7 @@ def engine_phase(cfg, tuned, out_dir, results, new_tokens=128, reps=5, modes=tup
                             else partition_rows)
         t0 = time.perf_counter()
         eng = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16, 128, 512, 1024),
-                     compile_sampling=False, options=KernelOptions(gemv=gemv, decode_attention=attn))
+                     compile_sampling=False, kv_reuse=False, options=KernelOptions(gemv=gemv, decode_attention=attn))
         build = time.perf_counter() - t0
         r = {"mode": mode, "gemv": eng.runtime.options.gemv, "attn": eng.runtime.options.decode_attention,
              "build_s": build,
@@ -312,7 +312,7 @@ def ab_phase(cfg, base_path, out_dir, results, rounds=5, steps=200):
         G.TUNED.clear()
         G.TUNED.update(table)
         e = engines[name] = Engine(cfg, params, max_seq_len=1024, cache_dir=tempfile.mkdtemp(), prefill_buckets=(16,),
-                                   compile_sampling=False)
+                                   compile_sampling=False, kv_reuse=False)
         # the first prefill queues its bucket's compile in the background: XLA's autotuning on the device and
         # the tracing's host time slow the steps beside it (runs 44 and 46), so wait for it before timing
         e.pipelined_step_seconds(10)

@@ -90,6 +90,7 @@ def random_engine(cfg, params=None, lengths=(), max_seq_len: int = 1024, cache_d
     import tempfile
     from hybrid_jax.engine import Engine
     params = random_params(cfg) if params is None else params
+    engine_kw.setdefault("kv_reuse", False)  # the probes repeat prompts to time their prefill
     eng = Engine(cfg, params, max_seq_len=max_seq_len, cache_dir=cache_dir or tempfile.mkdtemp(), **engine_kw)
     rt = eng.runtime
     for f in [rt.compile_async(("prefill", rt.bucket_for(n), rt.bucket_for(n))) for n in lengths]:

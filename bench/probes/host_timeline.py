@@ -70,7 +70,7 @@ def run(args) -> None:
     for name in names:
         t0 = time.perf_counter()
         from hybrid_jax.options import KernelOptions
-        eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=own, compile_sampling=False,
+        eng = Engine(cfg, params, max_seq_len=1024, prefill_buckets=own, compile_sampling=False, kv_reuse=False,
                      background_compiles=False, options=KernelOptions(**VARIANTS[name]))
         for f in [eng.runtime.compile_async(("prefill", b, b)) for b in own]:
             if f is not None:  # the buckets concurrently (the runtime's compile pool), no sampling step

@@ -71,7 +71,7 @@ def real_model(path: str, new: int, reps: int, draft: str | None = None) -> dict
 
     work = json.loads(WORKLOADS.read_text())
     # nothing compiles beside the timed decode (a prompt goes through the chunks it finds: TTFT is not timed)
-    kw = dict(max_seq_len=1024, compile_sampling=False, background_compiles=False)
+    kw = dict(max_seq_len=1024, compile_sampling=False, background_compiles=False, kv_reuse=False)
     engines = {"plain": hybrid_jax.load(path, **kw)}
     for k in KS:
         engines[f"ngram_k{k}"] = hybrid_jax.load(path, speculative="ngram", num_speculative_tokens=k, **kw)

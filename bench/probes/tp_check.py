@@ -313,7 +313,7 @@ def _tp_worker(args, n, rec, save):
     ptr = first_buffer(params.layers.wqkv)
     t0 = time.perf_counter()
     eng = Engine(cfg, params, max_seq_len=args.max_seq_len, tensor_parallel=n, prefill_buckets=args.buckets,
-                 compile_sampling=False, cache_dir=cache_dir)
+                 compile_sampling=False, cache_dir=cache_dir, kv_reuse=False)
     rec["build_s"] = time.perf_counter() - t0
     rt = eng.runtime
     rec["engine_kept_weight_buffers"] = ptr is not None and first_buffer(rt.params.layers.wqkv) == ptr

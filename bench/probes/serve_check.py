@@ -1,0 +1,129 @@
+"""The server's cost and KV reuse's gain (issue 26): the same requests through the in-process API and through
+`hybrid-jax serve` (HTTP, the official openai client, streaming), and a growing multi-turn chat with and without
+reuse.
+
+    python3 -m bench.probes.serve_check --shape llama2-7b --out $OUT      # random weights, token-id prompts
+    python3 -m bench.probes.serve_check --model DIR --out $OUT            # a converted model (SmolLM2)
+    JAX_PLATFORMS=cpu python3 -m bench.probes.serve_check --shape tiny --turns 3 --reps 2 --out /tmp/sc
+
+Overhead: prompts of 10 / 100 / 500 tokens (random ids), 64 greedy tokens, EOS ignored, --reps each after a
+warm-up; TTFT and the median time between tokens, in process (generate(stream=True)) and over HTTP (the time the
+client sees each streamed chunk; the server sends one chunk a token). KV reuse off for both (prompts repeat).
+Multi-turn: --turns turns of ~50 new user tokens, each answered with 50 tokens and appended to the history, through
+generate() with kv_reuse on and off (two engines, same weights); TTFT per turn. Writes serve_check.json, prints a
+table.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import threading
+import time
+
+from bench.probes.harness import parse, parser, random_params, run_record, shape_config, write_json
+
+
+def _stream_times(chunks):
+    """(TTFT, median gap) from an iterator of chunks, timed as they arrive; the clock starts at the call."""
+    t0 = time.perf_counter()
+    stamps = [time.perf_counter() - t0 for _ in chunks]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0], statistics.median(gaps) if gaps else 0.0
+
+
+def main(argv=None) -> None:
+    ap = parser(__doc__, shape="llama2-7b")
+    ap.add_argument("--model", default=None, help="a converted model folder (else random weights of --shape)")
+    ap.add_argument("--lengths", default="10,100,500")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--turns", type=int, default=10)
+    args = parse(ap, argv)
+    import jax
+    import numpy as np
+    import openai
+
+    import hybrid_jax
+    from hybrid_jax.engine import Engine
+    from hybrid_jax.server import create_app
+
+    on_acc = jax.devices()[0].platform != "cpu"
+    kw = dict(max_seq_len=1024, prefill_buckets=(16, 32, 64, 128, 256, 512, 1024), compile_sampling=False)
+
+    def engine(reuse: bool):
+        if args.model:
+            return hybrid_jax.load(args.model, kv_reuse=reuse, **kw)
+        return Engine(cfg, params, kv_reuse=reuse, **kw)
+
+    cfg = None if args.model else shape_config(args.shape, "bfloat16" if on_acc else "float32")
+    params = None if args.model else random_params(cfg)
+    eng = engine(False)
+    eng.warmup()
+    cfg = eng.cfg
+    rng = np.random.default_rng(0)
+    rec = {"run": run_record(), "args": vars(args), "overhead": {}, "turns": {}}
+    lengths = [int(x) for x in args.lengths.split(",")]
+
+    # ---- the server, in this process (uvicorn in a thread) ----
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(eng, "m")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+
+    for n in lengths:
+        ids = [int(t) for t in rng.integers(3, cfg.vocab_size, n)]
+
+        def api():
+            return _stream_times(hybrid_jax.generate(eng, ids, max_new_tokens=args.new_tokens, ignore_eos=True,
+                                                     stream=True))
+
+        def http():
+            return _stream_times(c for c in client.completions.create(
+                model="m", prompt=ids, max_tokens=args.new_tokens, temperature=0, stream=True) if c.choices)
+        row = {}
+        for name, f in (("api", api), ("http", http)):
+            f()
+            t = [f() for _ in range(args.reps)]
+            row[name] = {"ttft_ms": statistics.median(x[0] for x in t) * 1e3,
+                         "tpot_ms": statistics.median(x[1] for x in t) * 1e3}
+        rec["overhead"][n] = row
+        write_json(os.path.join(args.out, "serve_check.json"), rec)
+    server.should_exit = True
+    th.join()
+
+    # ---- multi-turn: reuse on / off ----
+    engines = {"reuse": engine(True), "no_reuse": eng}
+    engines["reuse"].warmup()
+    for name, e in engines.items():
+        r2 = np.random.default_rng(1)
+        hist, ttft = [], []
+        for _ in range(args.turns):
+            hist += [int(t) for t in r2.integers(3, cfg.vocab_size, 50)]
+            res = hybrid_jax.generate(e, hist, max_new_tokens=50, ignore_eos=True)
+            ttft.append(res.timings.ttft_s * 1e3)
+            hist += res.token_ids
+        rec["turns"][name] = {"ttft_ms": ttft, "history_tokens": len(hist)}
+        write_json(os.path.join(args.out, "serve_check.json"), rec)
+
+    print(f"\n{rec['run']['device']}, {args.model or args.shape}")
+    print("prompt  api TTFT  http TTFT  +ms    api TPOT  http TPOT  +ms")
+    for n, r in rec["overhead"].items():
+        a, h = r["api"], r["http"]
+        print(f"{n:6d}  {a['ttft_ms']:8.2f}  {h['ttft_ms']:9.2f}  {h['ttft_ms'] - a['ttft_ms']:5.2f}  "
+              f"{a['tpot_ms']:8.3f}  {h['tpot_ms']:9.3f}  {h['tpot_ms'] - a['tpot_ms']:6.3f}")
+    for name, r in rec["turns"].items():
+        t = r["ttft_ms"]
+        print(f"{name:9s} TTFT turn 1 {t[0]:.2f} ms, turn {len(t)} {t[-1]:.2f} ms ({t[-1] / t[0]:.2f}x); "
+              f"history {r['history_tokens']} tokens")
+
+
+if __name__ == "__main__":
+    main()
