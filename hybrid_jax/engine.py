@@ -126,13 +126,14 @@ class Engine:
         # it over a window of steps, a request decodes plainly for a while (_Adapt)
         self.spec_break_even = self.verify_cost() if self.speculative else 0.0
 
-    def _claim(self, owner: object) -> None:
+    def _claim(self, owner: object) -> list[int]:
         """Make `owner` the request that owns the device state (under `_lock`); a stream waiting between its
         pieces is thereby cancelled. A state lost mid-step (an interrupt between a donating call and its
-        result's assignment) is replaced by a fresh one. The cache's rows are then the claimant's to say."""
+        result's assignment) is replaced by a fresh one. Returns the ids whose rows the cache holds (none after
+        a replacement); from now the claimant says which they are."""
         self._owner = owner
-        self._kv_ids = []
-        self.runtime.ensure_state()
+        held, self._kv_ids = self._kv_ids, []
+        return [] if self.runtime.ensure_state() else held
 
     def _release(self, owner: object) -> None:
         with self._lock:
@@ -635,8 +636,7 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
     adapt = _Adapt(spec_k, engine.spec_break_even if engine.draft_runtime is None else 0.0)
     try:
         with engine._lock:
-            held = engine._kv_ids
-            engine._claim(me)
+            held = engine._claim(me)
             t0 = time.perf_counter()
             # KV reuse: the rows of the ids this request shares with the cache's stay; at least one is prefilled
             # (its logits pick the first token)

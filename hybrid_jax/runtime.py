@@ -297,12 +297,14 @@ class Runtime:
     def _fresh_state(self) -> DecodeState:
         return self.reset_state(kv_cache.zeros(self.cfg, self.cache_len, self._cache_sharding), seed=0)
 
-    def ensure_state(self) -> None:
+    def ensure_state(self) -> bool:
         """Replace a state whose buffers were donated to a call that never returned its result (interrupted
-        between the two): rows in the cache are scratch for the next request anyway."""
+        between the two): rows in the cache are scratch for the next request anyway. Returns whether it did."""
         if any(a.is_deleted() for a in jax.tree.leaves(self.state)):
             log.warning("the decode state was lost mid-step (interrupted?); starting from a fresh one")
             self.state = self._fresh_state()
+            return True
+        return False
 
     def reset_state(self, cache: KVCache, seed: int = 0, temperature=0.0, top_k=None, top_p=None) -> DecodeState:
         """A state at position 0 reusing `cache`'s buffers (stale rows are masked, then overwritten)."""

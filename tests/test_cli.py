@@ -32,12 +32,13 @@ def test_warmup_compiles_every_bucket_once_then_loads_them(tmp_path, capsys, tin
     assert main(args) == 0
     out = capsys.readouterr().out
     n, compiled, loaded = _counts(out)
-    # the greedy decode step and the universal prefill at load; buckets 16, 32, 48 and the sampling step
-    assert (n, compiled, loaded) == (6, 6, 0)
+    # the greedy decode step and the universal prefill (16 rows over the 64-row cache) at load; buckets 16, 32,
+    # 48, the rest of a prompt after reused rows (32 and 48 rows over the whole cache) and the sampling step
+    assert (n, compiled, loaded) == (8, 8, 0)
     assert "prefill buckets [16, 32, 48]" in out
-    assert len(list((tmp_path / "xc").glob("*.xla"))) == 6
+    assert len(list((tmp_path / "xc").glob("*.xla"))) == 8
     assert main(args) == 0  # a second process (here: a second engine) compiles nothing
-    assert _counts(capsys.readouterr().out) == (6, 0, 6)
+    assert _counts(capsys.readouterr().out) == (8, 0, 8)
 
 
 def test_warmup_bad_model_folder_is_a_clear_error(tmp_path, capsys):

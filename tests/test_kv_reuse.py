@@ -113,3 +113,17 @@ def test_smollm2_chat_turns_reuse_and_equal_fresh(smollm2_dir, tmp_path):
     assert "Paris" in msgs[2]["content"]
     reuse.close()
     fresh.close()
+
+
+def test_state_lost_mid_step_reuses_nothing(pair):
+    """A state replaced after an interrupt (its buffers donated, never returned) holds no rows to reuse."""
+    import jax
+
+    reuse, fresh = pair
+    ids = list(range(60, 80))
+    generate(reuse, ids, max_new_tokens=4, ignore_eos=True)
+    for a in jax.tree.leaves(reuse.runtime.state):
+        a.delete()
+    a = generate(reuse, ids + [3], max_new_tokens=6, ignore_eos=True)
+    assert a.timings.reused_tokens == 0
+    assert a.token_ids == generate(fresh, ids + [3], max_new_tokens=6, ignore_eos=True).token_ids
