@@ -31,9 +31,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
+    folder = tmp_path_factory.mktemp("serve")
+    log = folder / "server.log"
+    # its own executable cache (with the test run's secret, conftest.py), not the user's
     cmd = [sys.executable, "-m", "hybrid_jax", "serve", "--model", str(smollm2_dir), "--port", str(port),
-           "--max-seq-len", "256", "--max-queue", "4", "--api-key", KEY, "--model-id", MODEL]
+           "--max-seq-len", "256", "--max-queue", "4", "--api-key", KEY, "--model-id", MODEL,
+           "--cache-dir", str(folder / "xc")]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
