@@ -22,7 +22,7 @@ import threading
 import time
 from importlib import resources
 
-from .engine import Engine, generate
+from .engine import Engine, _is_int, _is_real as _is_num, generate
 
 log = logging.getLogger("hybrid_jax.server")
 
@@ -58,14 +58,6 @@ def _bad(param: str, message: str, code: str | None = "invalid_value") -> ApiErr
 
 
 # ---- request checks ------------------------------------------------------------------------------------------
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
 
 @dataclasses.dataclass
 class Job:
