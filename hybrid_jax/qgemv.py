@@ -118,9 +118,14 @@ def _kernel(*refs, layer, norm_layer, cfg: GemvConfig, scheme: Scheme, kd: int, 
     lead = (layer,)
     nlead = () if norm_layer is None else (norm_layer,)
     r = None
-    if norm:  # as model.rms_norm: rsqrt(mean(x^2) + eps) over all of x (a few KB, from L2)
-        xa = x_ref[...].astype(f32)
-        r = jax.lax.rsqrt(jnp.sum(xa * xa) / kd + eps)
+    if norm:  # as model.rms_norm: rsqrt(mean(x^2) + eps) over all of x (a few KB, from L2), read in power-of-2
+        # slices of blocks (Triton's arrays are powers of 2; SmolLM2's 576 inputs are 18 blocks)
+        nbx = gemv_lib._pow2_divisor(kd // GGUF_BLOCK, 128)
+
+        def sq(i, a):
+            xa = x_ref[pl.ds(pl.multiple_of(i * nbx, nbx), nbx), :, :].astype(f32)
+            return a + jnp.sum(xa * xa)
+        r = jax.lax.rsqrt(jax.lax.fori_loop(0, kd // GGUF_BLOCK // nbx, sq, jnp.zeros((), f32)) / kd + eps)
 
     def xplane(b0, nb, p):  # [nb, 32 / P] of x (normalised), float32
         xs = x_ref[pl.ds(b0, nb), p, :]
