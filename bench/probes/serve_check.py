@@ -8,7 +8,9 @@ reuse.
 
 Overhead: prompts of 10 / 100 / 500 tokens (random ids), 64 greedy tokens, EOS ignored, --reps each after a
 warm-up; TTFT and the median time between tokens, in process (generate(stream=True)) and over HTTP (the time the
-client sees each streamed chunk; the server sends one chunk a token). KV reuse off for both (prompts repeat).
+client sees each streamed chunk; the server sends one chunk a token). The client runs in a process of its own, as
+a real one does (in the server's process it would contend for the GIL with the server's threads); the two kinds of
+request alternate, one of each a rep. KV reuse off for both (prompts repeat).
 Multi-turn: --turns turns of ~50 new user tokens, each answered with 50 tokens and appended to the history, through
 generate() with kv_reuse on and off (two engines, same weights); TTFT per turn. Writes serve_check.json, prints a
 table.
@@ -32,17 +34,29 @@ def _stream_times(chunks):
     return stamps[0], statistics.median(gaps) if gaps else 0.0
 
 
+def _client(conn, port: int) -> None:
+    """The HTTP side, in its own process: for each (ids, max_tokens) received, one streamed completion through
+    the official client; sends back (TTFT, median gap) in seconds. None ends it."""
+    import openai
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    while (req := conn.recv()) is not None:
+        ids, n = req
+        conn.send(_stream_times(c for c in client.completions.create(
+            model="m", prompt=ids, max_tokens=n, temperature=0, stream=True) if c.choices))
+
+
 def main(argv=None) -> None:
     ap = parser(__doc__, shape="llama2-7b")
     ap.add_argument("--model", default=None, help="a converted model folder (else random weights of --shape)")
     ap.add_argument("--lengths", default="10,100,500")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--turns", type=int, default=10)
     args = parse(ap, argv)
+    import multiprocessing
+
     import jax
     import numpy as np
-    import openai
 
     import hybrid_jax
     from hybrid_jax.engine import Engine
@@ -76,7 +90,9 @@ def main(argv=None) -> None:
     th.start()
     while not server.started:
         time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    conn, child_conn = multiprocessing.get_context("spawn").Pipe()
+    client = multiprocessing.get_context("spawn").Process(target=_client, args=(child_conn, port), daemon=True)
+    client.start()
 
     for n in lengths:
         ids = [int(t) for t in rng.integers(3, cfg.vocab_size, n)]
@@ -86,16 +102,19 @@ def main(argv=None) -> None:
                                                      stream=True))
 
         def http():
-            return _stream_times(c for c in client.completions.create(
-                model="m", prompt=ids, max_tokens=args.new_tokens, temperature=0, stream=True) if c.choices)
-        row = {}
-        for name, f in (("api", api), ("http", http)):
-            f()
-            t = [f() for _ in range(args.reps)]
-            row[name] = {"ttft_ms": statistics.median(x[0] for x in t) * 1e3,
-                         "tpot_ms": statistics.median(x[1] for x in t) * 1e3}
-        rec["overhead"][n] = row
+            conn.send((ids, args.new_tokens))
+            return conn.recv()
+        t = {"api": [], "http": []}
+        api(), http()  # warm-up
+        for _ in range(args.reps):
+            for name, f in (("api", api), ("http", http)):
+                t[name].append(f())
+        rec["overhead"][n] = {name: {"ttft_ms": statistics.median(x[0] for x in v) * 1e3,
+                                     "tpot_ms": statistics.median(x[1] for x in v) * 1e3,
+                                     "ttft_samples_ms": [x[0] * 1e3 for x in v]} for name, v in t.items()}
         write_json(os.path.join(args.out, "serve_check.json"), rec)
+    conn.send(None)
+    client.join()
     server.should_exit = True
     th.join()
 
