@@ -22,7 +22,7 @@ import threading
 import time
 from importlib import resources
 
-from .engine import Engine, _is_int, _is_real as _is_num, generate
+from .engine import Engine, _all_ints, _is_int, _is_real as _is_num, generate
 
 log = logging.getLogger("hybrid_jax.server")
 
@@ -449,8 +449,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                 if engine.tokenizer is None:
                     raise _bad("prompt", "this model has no tokenizer: give the prompt as token ids")
                 ids = engine.tokenizer.encode(p, chat=False)
-            elif isinstance(p, list) and p and all(_is_int(t) for t in p):
-                if any(not 0 <= t < engine.cfg.vocab_size for t in p):
+            elif isinstance(p, list) and p and _all_ints(p):
+                if min(p) < 0 or max(p) >= engine.cfg.vocab_size:
                     raise _bad("prompt", f"'prompt' token ids must be in [0, {engine.cfg.vocab_size})")
                 ids = list(p)
             elif isinstance(p, list) and p and all(isinstance(x, (str, list)) for x in p):

@@ -34,15 +34,36 @@ def _stream_times(chunks):
     return stamps[0], statistics.median(gaps) if gaps else 0.0
 
 
+def _raw_stream(port: int, ids: list, n: int):
+    """One streamed completion over http.client (json.dumps of the body, the SSE lines read as they come): yields
+    each chunk's JSON. What the server costs, without a client library's own per-request work."""
+    import http.client
+    import json
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": ids, "max_tokens": n,
+                                                        "temperature": 0, "stream": True}),
+                 {"Content-Type": "application/json", "Authorization": "Bearer x"})
+    r = conn.getresponse()
+    while line := r.readline():
+        if line.startswith(b"data: {"):
+            yield json.loads(line[6:])
+    conn.close()
+
+
 def _client(conn, port: int) -> None:
-    """The HTTP side, in its own process: for each (ids, max_tokens) received, one streamed completion through
-    the official client; sends back (TTFT, median gap) in seconds. None ends it."""
+    """The HTTP side, in its own process: for each (kind, ids, max_tokens) received, one streamed completion
+    through the official openai client ("openai") or http.client ("raw"); sends back (TTFT, median gap) in
+    seconds. None ends it."""
     import openai
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     while (req := conn.recv()) is not None:
-        ids, n = req
-        conn.send(_stream_times(c for c in client.completions.create(
-            model="m", prompt=ids, max_tokens=n, temperature=0, stream=True) if c.choices))
+        kind, ids, n = req
+        if kind == "openai":
+            chunks = (c for c in client.completions.create(model="m", prompt=ids, max_tokens=n, temperature=0,
+                                                            stream=True) if c.choices)
+        else:
+            chunks = (c for c in _raw_stream(port, ids, n) if c["choices"])
+        conn.send(_stream_times(chunks))
 
 
 def main(argv=None) -> None:
@@ -101,17 +122,24 @@ def main(argv=None) -> None:
             return _stream_times(hybrid_jax.generate(eng, ids, max_new_tokens=args.new_tokens, ignore_eos=True,
                                                      stream=True))
 
-        def http():
-            conn.send((ids, args.new_tokens))
-            return conn.recv()
-        t = {"api": [], "http": []}
-        api(), http()  # warm-up
+        def http(kind):
+            def f():
+                conn.send((kind, ids, args.new_tokens))
+                return conn.recv()
+            return f
+        kinds = {"api": api, "http": http("raw"), "openai": http("openai")}
+        t = {name: [] for name in kinds}
+        for f in kinds.values():  # warm-up
+            f()
         for _ in range(args.reps):
-            for name, f in (("api", api), ("http", http)):
+            for name, f in kinds.items():
                 t[name].append(f())
         rec["overhead"][n] = {name: {"ttft_ms": statistics.median(x[0] for x in v) * 1e3,
                                      "tpot_ms": statistics.median(x[1] for x in v) * 1e3,
                                      "ttft_samples_ms": [x[0] * 1e3 for x in v]} for name, v in t.items()}
+        for name in ("http", "openai"):  # paired: each rep's requests ran back to back
+            rec["overhead"][n][f"{name}_over_api_ttft_ms"] = statistics.median(
+                (h[0] - a[0]) * 1e3 for a, h in zip(t["api"], t[name]))
         write_json(os.path.join(args.out, "serve_check.json"), rec)
     conn.send(None)
     client.join()
@@ -139,11 +167,14 @@ def main(argv=None) -> None:
         write_json(os.path.join(args.out, "serve_check.json"), rec)
 
     print(f"\n{rec['run']['device']}, {args.model or args.shape}")
-    print("prompt  api TTFT  http TTFT  +ms    api TPOT  http TPOT  +ms")
+    print("TTFT and TPOT medians (ms); http: http.client, openai: the official client (its request building "
+          "included); +: paired median difference to api")
+    print("prompt  api TTFT  http TTFT  +      openai TTFT  +      api TPOT  http TPOT  +       openai TPOT  +")
     for n, r in rec["overhead"].items():
-        a, h = r["api"], r["http"]
-        print(f"{n:6d}  {a['ttft_ms']:8.2f}  {h['ttft_ms']:9.2f}  {h['ttft_ms'] - a['ttft_ms']:5.2f}  "
-              f"{a['tpot_ms']:8.3f}  {h['tpot_ms']:9.3f}  {h['tpot_ms'] - a['tpot_ms']:6.3f}")
+        a, h, o = r["api"], r["http"], r["openai"]
+        print(f"{n:6d}  {a['ttft_ms']:8.2f}  {h['ttft_ms']:9.2f}  {r['http_over_api_ttft_ms']:5.2f}  "
+              f"{o['ttft_ms']:11.2f}  {r['openai_over_api_ttft_ms']:5.2f}  {a['tpot_ms']:8.3f}  {h['tpot_ms']:9.3f}  "
+              f"{h['tpot_ms'] - a['tpot_ms']:6.3f}  {o['tpot_ms']:11.3f}  {o['tpot_ms'] - a['tpot_ms']:6.3f}")
     for name, r in rec["turns"].items():
         t = r["ttft_ms"]
         print(f"{name:9s} TTFT turn 1 {t[0]:.2f} ms, turn {len(t)} {t[-1]:.2f} ms ({t[-1] / t[0]:.2f}x); "
