@@ -148,15 +148,28 @@ class Engine:
             raise ValueError(f"sequence of {len(ids)} tokens exceeds max_seq_len {self.max_seq_len}")
         return self.runtime.logits(ids)  # (its own buffers: the request state is not touched)
 
-    def warmup(self, background: bool = False, progress: bool = False):
+    def warmup(self, background: bool = False, progress: bool = False, run: bool | None = None):
         """Compile every prefill bucket and the sampling decode step now (or load them from the disk cache).
 
         A bucket compiled while a request decodes slows that request's steps (XLA's autotuning shares the GPU:
         on an H200 a 7B bucket's compile took 36 s and the steps beside it averaged 4.7 ms instead of 3.8,
         run 48), so a latency-bound server warms up before it takes requests, or once per machine with
         `hybrid-jax warmup` (the executables then load from the disk cache). With KV reuse on, the buckets of a
-        prompt's rest after reused rows are compiled too."""
-        return self.runtime.warmup(background=background, progress=progress, reuse=self.kv_reuse)
+        prompt's rest after reused rows are compiled too.
+
+        `run` (default: on a GPU) then runs each executable once in the foreground (on the engine's state: no
+        cached rows are reused after it), since a first execution on a GPU builds the step's CUDA graph and what
+        cuDNN compiles at run time (up to ~0.1 s a step on an H100); the CPU has neither."""
+        rt = self.runtime
+        futures = rt.warmup(background=background, progress=progress, reuse=self.kv_reuse)
+        if run is None:
+            run = rt._devices[0].platform != "cpu"
+        if run and not background:
+            with self._lock:
+                self._claim(object())
+                # the steps compiled at load too: the greedy decode steps, the universal prefill, the verify steps
+                rt.run_once(rt.warmup_specs(self.kv_reuse) + list(rt._execs))
+        return futures
 
     def stats(self) -> dict:
         st = self.runtime.stats()

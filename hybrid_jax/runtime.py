@@ -493,15 +493,37 @@ class Runtime:
         """The prefill executables of a prompt's rest after reused cache rows: each bucket over the whole cache."""
         return [("prefill", b, self.cache_len) for b in self.buckets if b < self.cache_len]
 
-    def warmup(self, background: bool = False, progress: bool = False, reuse: bool = False) -> list[cf.Future]:
-        """Compile (or load from the disk cache) every prefill bucket (prompt from position 0; with `reuse`, the
-        rest of a prompt after reused rows too) and the sampling decode (and verify) steps; in the foreground
-        with, where `progress`, a bar on a terminal or a line per executable."""
+    def warmup_specs(self, reuse: bool = False) -> list[tuple]:
+        """What `warmup` compiles: every prefill bucket (prompt from position 0; with `reuse`, the rest of a prompt
+        after reused rows too) and the sampling decode (and verify) steps."""
         specs = [("prefill", b, b) for b in self.buckets] + (self.reuse_specs() if reuse else []) + \
             [("decode", k, True) for k in self.decode_kv_buckets]
         if self.speculative_k:  # the sampling variants of the verify (or draft) steps
             specs += [(self.verify_kind, kvb, self.speculative_k, True) for kvb in self.decode_kv_buckets
                       if kvb >= self.speculative_k + 1]
+        return specs
+
+    def run_once(self, specs: Sequence[tuple]) -> None:
+        """Execute each step of `specs` (compiled or loaded) once on the state, whose rows are scratch afterwards
+        (the caller owns the state). An executable's first execution instantiates its CUDA graph and builds
+        what cuDNN compiles at run time: on an H100 the first 1024-row prefill of a warmed-up 7B took 142 ms,
+        the next ones 21 (docs/performance.md); `Engine.warmup` takes that off the requests."""
+        one = np.ones((1,), np.int32)
+        for spec in dict.fromkeys(specs):
+            st = self.reset_state(self.state.cache)
+            if spec[0] == "prefill":
+                st, out = self._get(spec)(self.params, st, pack_request(one, spec[1], (0, 0.0, None, None)))
+            elif spec[0] == "logits":
+                continue
+            else:
+                st, out = self.decode(st, spec)
+            self.state = st
+            jax.block_until_ready(out)
+
+    def warmup(self, background: bool = False, progress: bool = False, reuse: bool = False) -> list[cf.Future]:
+        """Compile (or load from the disk cache) every executable of `warmup_specs`; in the foreground with,
+        where `progress`, a bar on a terminal or a line per executable."""
+        specs = self.warmup_specs(reuse)
         if background:
             return [f for f in (self._get_async(s) for s in specs) if f is not None]
         from tqdm import tqdm

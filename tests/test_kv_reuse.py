@@ -127,3 +127,22 @@ def test_state_lost_mid_step_reuses_nothing(pair):
     a = generate(reuse, ids + [3], max_new_tokens=6, ignore_eos=True)
     assert a.timings.reused_tokens == 0
     assert a.token_ids == generate(fresh, ids + [3], max_new_tokens=6, ignore_eos=True).token_ids
+
+
+def test_warmup_runs_forget_the_rows(pair):
+    """warmup(run=True) executes every step once on the engine's state (a GPU's first execution builds its CUDA
+    graph): it runs each warm-up executable, and the next request reuses no rows and equals a fresh engine's."""
+    reuse, fresh = pair
+    ids = [int(t) for t in np.random.RandomState(3).randint(3, 150, 30)]
+    generate(reuse, ids, max_new_tokens=4, ignore_eos=True)
+    rt = reuse.runtime
+    ran, get = [], rt._get
+    rt._get = lambda spec: ran.append(spec) or get(spec)
+    try:
+        reuse.warmup(run=True)
+    finally:
+        del rt._get
+    assert set(rt.warmup_specs(reuse=True)) <= set(ran) and ("decode", rt.cache_len, False) in ran
+    a = generate(reuse, ids + [5], max_new_tokens=6, ignore_eos=True)
+    b = generate(fresh, ids + [5], max_new_tokens=6, ignore_eos=True)
+    assert a.timings.reused_tokens == 0 and a.token_ids == b.token_ids
