@@ -159,8 +159,9 @@ def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l
     """`_project` of a quantized matrix: one token, where `opts.gemv` runs kernels and `name` is not in
     `opts.row_reduce`, through the Pallas kernel over the codes (qgemv.py; the norm and the consumer inside it,
     as for 16-bit weights); else in XLA: one token as float32 sums over the codes (quant.matvec or
-    matvec_grouped, as `opts.quant_matvec` says), a chunk as a matmul over the values dequantized to x's dtype
-    (quant.dequantize), or with one int8 scale a row over the codes, the scales applied to the product."""
+    matvec_grouped, as `opts.quant_matvec` says), a chunk through qgemv.gemm where `opts.quant_prefill` runs
+    kernels, else as a matmul over the values dequantized to x's dtype (quant.dequantize), or with one int8 scale a
+    row over the codes, the scales applied to the product."""
     t = x.shape[0]
     kd = math.prod(x.shape[1:])
     n = math.prod(out_shape)
@@ -180,6 +181,10 @@ def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l
         y = mv(qm, l, scheme, h[0])  # [N] float32
         if partials:
             return y.reshape((1,) + out_shape)  # one "split"
+    elif opts.quant_prefill != "xla" and qgemv.gemm_supported(kd, n, scheme):  # codes dequantized tile by tile
+        y = qgemv.gemm(h, qm, l, scheme, interpret=opts.quant_prefill == "interpret")
+        if partials:
+            return y.astype(dt).astype(jnp.float32).reshape((1,) + out_shape)
     elif scheme.bits == 8 and scheme.group is None:  # one scale a row: applied to the product's columns
         y = jnp.dot(h, qm["q"][l].astype(dt).T, preferred_element_type=jnp.float32) * qm["scale"][l][:, 0].astype(jnp.float32)
     else:

@@ -62,6 +62,9 @@ class KernelOptions:
     prefill_matmuls    PREFILL_MATMULS. auto: "split".
     quant_matvec       the decode step's products of quantized matrices: QUANT_MATVEC. auto: "rowsum" on a GPU,
                        "grouped" elsewhere.
+    quant_prefill      the prefill's products of quantized matrices: KERNEL_MODES ("pallas": qgemv.gemm, each
+                       tile of codes dequantized inside the matmul; "xla": a matmul over the matrix XLA
+                       dequantizes first). auto: "xla" (the kernel is not yet timed against it on a GPU).
     token_memory       where the steps write the next token: TOKEN_MEMORY (None means "device"). auto:
                        "pinned_host" on one device that has it, "device" elsewhere.
     """
@@ -75,12 +78,13 @@ class KernelOptions:
     prefill_matmuls: str = AUTO
     token_memory: Any = AUTO
     quant_matvec: str = AUTO
+    quant_prefill: str = AUTO
 
     def __post_init__(self):
         def setf(name, v):
             object.__setattr__(self, name, v)
 
-        for name in ("gemv", "decode_attention", "prefill_wo"):
+        for name in ("gemv", "decode_attention", "prefill_wo", "quant_prefill"):
             v = getattr(self, name)
             if v is None:  # the old API's spelling of XLA's path
                 setf(name, v := "xla")
@@ -129,7 +133,7 @@ class KernelOptions:
         return cls(gemv="xla", decode_attention="xla", row_reduce=frozenset(), matmul_2d=matmul_2d,
                    prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
                    prefill_matmuls="autotune", token_memory="device",
-                   quant_matvec="grouped" if matmul_2d else "rowsum")
+                   quant_matvec="grouped" if matmul_2d else "rowsum", quant_prefill="xla")
 
     @classmethod
     def from_env(cls, environ=None) -> "KernelOptions":
@@ -175,6 +179,9 @@ class KernelOptions:
         v = get("HYBRID_JAX_QUANT_MATVEC", ("auto",) + QUANT_MATVEC)
         if v not in ("", AUTO):
             kw["quant_matvec"] = v
+        v = get("HYBRID_JAX_QUANT_PREFILL", ("auto",) + KERNEL_MODES)
+        if v not in ("", AUTO):
+            kw["quant_prefill"] = v
         if env.get("HYBRID_JAX_PREFILL_GEMM", "").strip().lower() not in ("", "auto", "xla"):
             raise ValueError("HYBRID_JAX_PREFILL_GEMM was removed (the Pallas kernel for every prefill projection "
                              "lost its A/B; see docs/performance.md); unset it")
@@ -229,9 +236,10 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     else:
         token = o.token_memory
     qmv = ("rowsum" if gpu else "grouped") if o.quant_matvec == AUTO else o.quant_matvec
-    for name, v in (("gemv", gemv), ("decode_attention", attn), ("prefill_wo", wo),
+    qpre = "xla" if o.quant_prefill == AUTO else o.quant_prefill
+    for name, v in (("gemv", gemv), ("decode_attention", attn), ("prefill_wo", wo), ("quant_prefill", qpre),
                     ("prefill_attention", "off" if fused == "xla" else fused), ("token_memory", token)):
         _one_device(name, v, mesh)
     return KernelOptions(gemv=gemv, decode_attention=attn, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
                          prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
-                         token_memory=token, quant_matvec=qmv)
+                         token_memory=token, quant_matvec=qmv, quant_prefill=qpre)

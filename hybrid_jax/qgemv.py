@@ -232,3 +232,116 @@ def gemv(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig 
     if finished or not reduce:
         return y
     return y[0]
+
+
+# ---- a chunk of rows (the prefill) -----------------------------------------------------------------------------
+#
+# X [T, Kd] x W^T for a quantized W [N, Kd]: each program owns bn output columns and bt rows of x, walks Kd in
+# tiles of whole blocks, dequantizes its [bn, tile] of codes to x's dtype as quant.dequantize does (float32
+# scale x code (+ offset), rounded) and multiplies it into the rows on the tensor cores (float32 sums). The
+# dequantized matrix is never written: the bytes read are the codes (once per bt rows of x; the row tiles of a
+# column tile run one after the other, so the later ones read them from L2).
+
+ROWS_TILE = 64  # bt: rows of x a program (a prompt's rows padded to a power of 2 >= 16 up to it)
+
+
+def rows_tile(t: int) -> int:
+    return min(gemv_lib.rows_padded(t), ROWS_TILE)
+
+
+def rows_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
+    """A tiling of `gemm` (bn columns a program, bk inputs an iteration), or None where the kernel does not take
+    the matrix (as `default_config`; bn >= 16, the tensor-core dot's minimum)."""
+    if default_config(kd, n, scheme) is None:
+        return None
+    bn = gemv_lib._pow2_divisor(n, 64)
+    bk = GGUF_BLOCK
+    while bk * 2 <= min(kd, 256):
+        bk *= 2
+    cfg = GemvConfig(bn=bn, bk=bk, splits=1, warps=4, stages=3)
+    return cfg if bn >= 16 and _tiles(cfg, scheme) else None
+
+
+def gemm_supported(kd: int, n: int, scheme: Scheme) -> bool:
+    return rows_config(kd, n, scheme) is not None
+
+
+def _rows_kernel(*refs, layer, cfg: GemvConfig, scheme: Scheme, kd: int, bt: int, dtype):
+    it = iter(refs)
+    x_ref, q_ref, s_ref = next(it), next(it), next(it)
+    z_ref = next(it) if scheme.asym else None
+    o_ref = next(it)
+    f32 = jnp.float32
+    bn = cfg.bn
+    planes = 2 if scheme.bits == 4 else 1
+    width = GGUF_BLOCK // planes
+    grouped = scheme.group is not None
+    gb = scheme.group // GGUF_BLOCK if grouped else 1
+    n0 = pl.multiple_of(pl.program_id(0) * bn, bn)
+    r0 = pl.multiple_of(pl.program_id(1) * bt, bt)
+    lead = (layer,)
+
+    def per_block(ref, g0, ng, nb):  # a group's scale (or offset) per block of the tile: [bn, nb, 1], float32
+        a = ref[lead + (pl.ds(n0, bn), pl.ds(g0, ng))].astype(f32)
+        if gb > 1:
+            a = jnp.broadcast_to(a[:, :, None], (bn, ng, gb)).reshape(bn, nb)
+        return a[:, :, None]
+
+    def loop(acc, first, nb, count):  # `count` tiles of nb blocks from block `first`
+        def body(i, acc):
+            b0 = pl.multiple_of(first + i * nb, nb)
+            c = q_ref[lead + (pl.ds(n0, bn), pl.ds(b0, nb), slice(None))]  # [bn, nb, 32 / P]
+            vals = _codes_f32(c, scheme.bits, scheme.bits == 4 and not scheme.asym)
+            if grouped:
+                s = per_block(s_ref, b0 // gb, nb // gb, nb)
+                z = per_block(z_ref, b0 // gb, nb // gb, nb) if scheme.asym else None
+            for p, v in enumerate(vals):
+                w = v if not grouped else s * v if z is None else s * v + z
+                w = w.astype(dtype).reshape(bn, nb * width)
+                xs = x_ref[pl.ds(r0, bt), pl.ds(b0, nb), p, :].reshape(bt, nb * width)
+                acc = acc + jax.lax.dot_general(xs, w, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+            return acc
+        return jax.lax.fori_loop(0, count, body, acc)
+
+    blocks, nb = kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK
+    acc = loop(jnp.zeros((bt, bn), f32), 0, nb, blocks // nb)
+    tail = blocks % nb
+    if tail:
+        nbt = gemv_lib._pow2_divisor(tail, nb)
+        acc = loop(acc, blocks - tail, nbt, tail // nbt)
+    if not grouped:  # one scale a row: applied to the product, as the XLA path does
+        acc = acc * s_ref[lead + (pl.ds(n0, bn), 0)].astype(f32)[None, :]
+    o_ref[pl.ds(r0, bt), pl.ds(n0, bn)] = acc
+
+
+def gemm(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig | None = None,
+         interpret: bool = False) -> jax.Array:
+    """float32 [T, N] = x @ W^T for rows x [T, Kd] and W layer `layer` of a stacked quantized matrix (quant.py's
+    arrays {q, scale[, zero]}, [L, N, ...]): the product XLA computes over `quant.dequantize`'s matrix (int8 with
+    one scale a row: over the codes, the scale applied to the product), summed in float32 in another order."""
+    q = qm["q"]
+    n = q.shape[1]
+    t, kd = x.shape
+    if q.ndim != 3 or q.shape[2] * (8 // scheme.bits) != kd:
+        raise ValueError(f"codes of shape {q.shape} do not hold a {scheme.name} matrix of {kd} inputs")
+    cfg = cfg or rows_config(kd, n, scheme)
+    if cfg is None:
+        raise ValueError(f"no kernel shape for a {kd} x {n} {scheme.name} matrix (call `gemm_supported` first)")
+    if n % cfg.bn or cfg.bn < 16 or not _tiles(cfg, scheme) or cfg.bk > kd:
+        raise ValueError(f"{cfg} does not tile a {kd} x {n} {scheme.name} matrix")
+    bt = rows_tile(t)
+    tp = -(-t // bt) * bt
+    if tp != t:
+        x = jnp.pad(x, ((0, tp - t), (0, 0)))
+    planes = 2 if scheme.bits == 4 else 1
+    args = [x.reshape(tp, kd // GGUF_BLOCK, planes, GGUF_BLOCK // planes),
+            q.reshape(q.shape[:2] + (kd // GGUF_BLOCK, GGUF_BLOCK // planes)), qm["scale"]]
+    if scheme.asym:
+        args.append(qm["zero"])
+    kernel = functools.partial(_rows_kernel, layer=layer, cfg=cfg, scheme=scheme, kd=kd, bt=bt, dtype=x.dtype)
+    params = {}
+    if plt is not None and not interpret:
+        params["compiler_params"] = plt.CompilerParams(num_warps=cfg.warps, num_stages=cfg.stages)
+    y = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((tp, n), jnp.float32), grid=(n // cfg.bn, tp // bt),
+                       interpret=interpret, name=f"qgemm{bt}_{scheme.name.replace('-', '_')}_{kd}x{n}", **params)(*args)
+    return y[:t] if tp != t else y

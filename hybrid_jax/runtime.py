@@ -334,7 +334,7 @@ class Runtime:
                              prefill_matmuls=prefill_matmuls_for(o.prefill_matmuls, T, self.cfg.n_params, self.mesh))
         if spec[0] == "decode":
             return o.replace(prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
-                             prefill_matmuls="autotune")
+                             prefill_matmuls="autotune", quant_prefill="xla")
         return KernelOptions.xla(matmul_2d=o.matmul_2d)
 
     def cache_key(self, spec: tuple) -> dict:

@@ -39,10 +39,12 @@ def _lower(fn, *args):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
 
 
-@pytest.mark.parametrize("shape,quant", CASES)
-def test_steps_lower_for_cuda(shape, quant):
+@pytest.mark.parametrize("shape,quant,options", [c + (None,) for c in CASES] + [
+    ("smollm2-135m", q, options_lib.KernelOptions(quant_prefill="pallas")) for q in ("int8", "int4-g32-asym")] +
+    [("llama2-7b", "int4-g32-sym", options_lib.KernelOptions(quant_prefill="pallas"))])
+def test_steps_lower_for_cuda(shape, quant, options):
     cfg = LlamaConfig(n_layers=2, dtype="bfloat16", quant=quant, **SHAPES[shape])
-    opts = options_lib.resolve(None, cfg, [_GPU()], None)
+    opts = options_lib.resolve(options, cfg, [_GPU()], None)
     assert opts.gemv == "pallas" and opts.decode_attention == "pallas"
     stub = dataclasses.make_dataclass("Stub", ["options", "cfg", "mesh"])(opts, cfg, None)
     cache_len = 512
@@ -61,3 +63,5 @@ def test_steps_lower_for_cuda(shape, quant):
     assert all("__gpu$xla.gpu.triton" in h for h in hlo[:2])
     if quant:
         assert "qgemv_" in hlo[0]
+    if options is not None:  # the prefill's products through qgemv.gemm
+        assert "qgemm" in hlo[2] and "qgemm" in hlo[3]

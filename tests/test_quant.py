@@ -284,3 +284,46 @@ def test_qgemv_in_decode_step(variant, name):
     lg, _ = step(p, cache)
     assert rel_err(lg[0], ref[8]) < 1e-5
     assert str(jax.make_jaxpr(step)(p, cache)).count("qgemv_") >= 4 * cfg.n_layers
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-g32", "int4-g32-sym", "int4-g32-asym", "int4-g64-asym"])
+def test_qgemm_matches_xla(name):
+    """The prefill's kernel over the codes (interpreter) equals XLA's matmul over quant.dequantize's matrix (int8 with
+    one scale a row: over the codes, scaled after), in float32 and bfloat16, for rows padded to the tile, several
+    row tiles, and an input dimension its tile does not divide (a tail of smaller tiles)."""
+    from hybrid_jax import gemv as G, qgemv
+    rng = np.random.default_rng(1)
+    sch = Q.parse(name)
+    for kd, n, t, cfg in ((256, 32, 5, None), (352, 16, 20, None), (384, 32, 70, G.GemvConfig(bn=16, bk=256, splits=1))):
+        if not qgemv.gemm_supported(kd, n, sch):
+            continue
+        qm = jax.tree.map(jnp.asarray, Q.quantize_np(rng.standard_normal((2, n, kd)).astype(np.float32), sch))
+        for dt in (jnp.float32, jnp.bfloat16):
+            x = jnp.asarray(rng.standard_normal((t, kd)).astype(np.float32)).astype(dt)
+            if sch.bits == 8 and sch.group is None:
+                ref = jnp.dot(x, qm["q"][1].astype(dt).T, preferred_element_type=jnp.float32) * \
+                    qm["scale"][1][:, 0].astype(jnp.float32)
+            else:
+                ref = jnp.dot(x, Q.dequantize(qm, 1, sch, dt).T, preferred_element_type=jnp.float32)
+            out = qgemv.gemm(x, qm, 1, sch, cfg=cfg, interpret=True)
+            assert out.shape == (t, n) and rel_err(out, ref) < 1e-5, (kd, n, t, dt)
+    with pytest.raises(ValueError, match="does not tile"):  # bn under the tensor-core dot's 16
+        qgemv.gemm(jnp.ones((4, 384)), qm, 0, sch, cfg=G.GemvConfig(bn=8, bk=256, splits=1), interpret=True)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g32-asym"])
+def test_quantized_prefill_through_qgemm_equals_hf(name):
+    """A chunk's logits with every prefill product through qgemv.gemm (interpreter) equal HF's on the dequantized
+    weights, and the step's program holds the kernels."""
+    m, deq, cfg, p = _quantized("gqa", name)
+    ids = [int(t) for t in np.random.RandomState(8).randint(3, cfg.vocab_size, size=20)]
+    with torch.no_grad():
+        ref = deq(torch.tensor([ids])).logits[0].numpy()
+    opts = KernelOptions.xla(matmul_2d=True).replace(quant_prefill="interpret")
+
+    def chunk(p, c):
+        return model.forward(cfg, p, c, jnp.asarray(ids, jnp.int32), jnp.arange(20, dtype=jnp.int32), opts=opts)
+    cache = kv_cache.zeros(cfg, 32)
+    lg, _ = chunk(p, cache)
+    assert rel_err(lg, ref) < 1e-5
+    assert str(jax.make_jaxpr(chunk)(p, cache)).count("qgemm") >= 4 * cfg.n_layers

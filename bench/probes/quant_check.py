@@ -46,7 +46,8 @@ def main(argv=None) -> None:
     ap = parser(__doc__, shape="llama2-7b")
     ap.add_argument("--schemes", default="none,int8,int4-g32-sym", help="comma list of quant.py schemes (none: 16-bit), "
                     "each optionally with :grouped or :rowsum (KernelOptions.quant_matvec), :pallas (row_reduce none: "
-                    "every int8 projection through the Pallas gemv), :xla (every one an XLA row reduction) and :autotune (prefill_matmuls='autotune')")
+                    "every int8 projection through the Pallas gemv), :xla (every one an XLA row reduction), :autotune (prefill_matmuls='autotune') "
+                    "and :qgemm (quant_prefill='pallas': the prefill's products through qgemv.gemm)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lengths", default="10,100,500")
     ap.add_argument("--reps", type=int, default=5)
@@ -61,9 +62,10 @@ def main(argv=None) -> None:
            "copy": floors.copy_bandwidth(2 << 30 if on_acc else 64 << 20, cfg0.dtype, reps=20 if on_acc else 3)}
     bw = rec["copy"]["bw_Bps"]
     rows = []
+    from hybrid_jax import quant
     from hybrid_jax.options import KernelOptions
     for item in args.schemes.split(","):
-        s, *mods = item.split(":")  # SCHEME[:grouped][:autotune]
+        s, *mods = item.split(":")  # SCHEME[:grouped][:autotune]; a short name (int4) as its full one
         kw = {}
         if "pallas" in mods:  # every projection through the Pallas gemv (int8 with one scale a row)
             kw["row_reduce"] = frozenset()
@@ -73,7 +75,9 @@ def main(argv=None) -> None:
             kw["quant_matvec"] = "grouped" if "grouped" in mods else "rowsum"
         if "autotune" in mods:
             kw["prefill_matmuls"] = "autotune"
-        r = one(cfg0.replace(quant=None if s == "none" else s), args.steps, [int(x) for x in args.lengths.split(",")],
+        if "qgemm" in mods:
+            kw["quant_prefill"] = "pallas" if on_acc else "interpret"
+        r = one(cfg0.replace(quant=None if s == "none" else quant.parse(s).name), args.steps, [int(x) for x in args.lengths.split(",")],
                 args.reps, KernelOptions(**kw))
         r["label"] = item
         r["floor_ms"] = round(r["weight_bytes"] / bw * 1e3, 4)
