@@ -22,10 +22,11 @@ from . import gemv as gemv_lib
 from . import kv_cache
 from . import qgemv
 from . import quant
+from . import sharding
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .options import KernelOptions
-from .weights import Weights
+from .weights import LayerWeights, Weights
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +276,52 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     through `gemv.gemm` (it reads the stacked weight in place, where XLA's matmul first copies the layer's
     slice) and the attention of a chunk whose attended rows are exactly its own (kv_len = T, positions from 0)
     through `fused_attention`.
+
+    With kernels in `opts` and a context mesh (jax.set_mesh, as runtime.Runtime lowers under a tensor-parallel
+    mesh) the layers run per shard inside `jax.shard_map` (`_layers_on_shards`).
     """
     opts = _options(opts)
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
+    mesh = jax.sharding.get_abstract_mesh()
+    if opts.gemv != "xla" and not mesh.empty and mesh.shape.get(TP_AXIS, 1) > 1:
+        return _layers_on_shards(cfg, params.layers, cache, x, positions, cos, sin, kv_len, opts, mesh)
     for l in range(cfg.n_layers):  # unrolled: static weight slices (which Triton's GEMM fusions read in place)
         x, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, opts, residual=x)
         x = mlp_block(cfg, params, l, x, opts, residual=x)
     return x, cache
+
+
+TP_AXIS = sharding.AXIS
+_P = jax.sharding.PartitionSpec
+# The layer weights' specs on the mesh (sharding.PARAM_SPECS; the norms replicated).
+LAYER_SPECS = LayerWeights(**{f: sharding.PARAM_SPECS.get(f, _P()) for f in
+                              ("attn_norm", "wqkv", "wo", "mlp_norm", "w13", "w2")})
+
+
+def _layers_on_shards(cfg: LlamaConfig, layers: LayerWeights, cache: KVCache, x: jax.Array, positions: jax.Array,
+                      cos, sin, kv_len: int | None, opts: KernelOptions, mesh) -> tuple[jax.Array, KVCache]:
+    """`trunk`'s layers on a tensor-parallel mesh, each device running one GPU's kernels on its shard (its kv heads
+    and FFN slice: a config of H/N heads, K/N kv heads, F/N), the partial sums of the output and down projections
+    all-reduced (psum) where XLA's partitioner puts its all-reduces, the residual added after them."""
+    n = mesh.shape[TP_AXIS]
+    local = cfg.replace(n_heads=cfg.n_heads // n, n_kv_heads=cfg.n_kv_heads // n, ffn_dim=cfg.ffn_dim // n,
+                        head_dim=cfg.hd)
+
+    def body(lw, cache, x, positions, cos, sin):
+        p = Weights(embed=None, layers=lw, final_norm=None, lm_head=None)  # the blocks read only the layers
+        for l in range(cfg.n_layers):
+            y, cache = attention_block(local, p, cache, l, x, positions, cos, sin, kv_len, opts)
+            x = x + jax.lax.psum(y, TP_AXIS)
+            x = x + jax.lax.psum(mlp_block(local, p, l, x, opts), TP_AXIS)
+        return x, cache
+
+    rep = _P()
+    cache_specs = KVCache(k=sharding.CACHE_SPEC, v=sharding.CACHE_SPEC)
+    # check_vma off: Pallas calls carry no rule for which mesh axes their outputs vary over
+    f = jax.shard_map(body, mesh=mesh, in_specs=(LAYER_SPECS, cache_specs, rep, rep, rep, rep),
+                      out_specs=(rep, cache_specs), check_vma=False)
+    return f(layers, cache, x, positions, cos, sin)
 
 
 def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,

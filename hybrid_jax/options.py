@@ -44,7 +44,8 @@ class KernelOptions:
     """Kernel choices of the compiled steps. Each field takes "auto" (resolved by `resolve`) or a value:
 
     gemv               the decode step's matrix-vector products (and the LM head of every step): KERNEL_MODES.
-                       auto: "pallas" on one GPU, "xla" elsewhere (CPU; a mesh, which cannot split a custom call).
+                       auto: "pallas" on one GPU, "xla" elsewhere (CPU; a mesh: the
+                       kernels run there per shard inside shard_map when named, with `decode_attention`).
     decode_attention   the decode step's rope + cache write + attention as one kernel (decode_attention.py):
                        KERNEL_MODES. auto: as `gemv`.
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
@@ -237,9 +238,16 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
         token = o.token_memory
     qmv = ("rowsum" if gpu else "grouped") if o.quant_matvec == AUTO else o.quant_matvec
     qpre = "xla" if o.quant_prefill == AUTO else o.quant_prefill
-    for name, v in (("gemv", gemv), ("decode_attention", attn), ("prefill_wo", wo), ("quant_prefill", qpre),
-                    ("prefill_attention", "off" if fused == "xla" else fused), ("token_memory", token)):
+    # With a mesh the kernels run per shard inside shard_map (model._layers_on_shards), when named: "auto" keeps
+    # XLA's partitioned fusions there until the shard_map path is timed on several GPUs.
+    for name, v in (("quant_prefill", qpre), ("prefill_attention", "off" if fused == "xla" else fused),
+                    ("token_memory", token)):
         _one_device(name, v, mesh)
+    if mesh is not None and gemv == "xla":
+        for name, v in (("decode_attention", attn), ("prefill_wo", wo)):
+            if v != "xla":
+                raise ValueError(f"{name}={v!r} with tensor_parallel > 1 runs inside shard_map with gemv's kernels: "
+                                 f"name gemv too (gemv='pallas'), or use the XLA path")
     return KernelOptions(gemv=gemv, decode_attention=attn, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
                          prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
                          token_memory=token, quant_matvec=qmv, quant_prefill=qpre)

@@ -353,7 +353,14 @@ class Runtime:
                 **self._env}
 
     def lower(self, spec: tuple):
-        """jax's Lowered of `spec`'s step (abstract arguments: nothing runs); `executable` compiles it."""
+        """jax's Lowered of `spec`'s step (abstract arguments: nothing runs); `executable` compiles it. Under a
+        mesh it is traced with the mesh as the context mesh (model.trunk's shard_map path reads it)."""
+        if self.mesh is None:
+            return self._lower(spec)
+        with jax.set_mesh(self.mesh):
+            return self._lower(spec)
+
+    def _lower(self, spec: tuple):
         cfg = self.cfg
         opts = self.step_options(spec)
         # With a mesh the returned state keeps the input state's shardings, so it feeds the next step as is.

@@ -65,11 +65,15 @@ def test_resolve_with_a_mesh():
     assert (o.gemv, o.decode_attention, o.prefill_wo, o.prefill_attention, o.token_memory) == \
         ("xla", "xla", "xla", "off", "device")
     assert resolve(None, BF16, gpu() * 2, m).gemv == "xla"  # GPUs in a mesh: XLA's (SPMD-partitioned) path
-    for kw, field in ((dict(gemv="pallas"), "gemv"), (dict(decode_attention="interpret"), "decode_attention"),
-                      (dict(prefill_wo="pallas"), "prefill_wo"), (dict(prefill_attention="cudnn"), "prefill_attention"),
-                      (dict(token_memory="pinned_host"), "token_memory")):
+    for kw, field in ((dict(gemv="xla", decode_attention="interpret"), "decode_attention"),
+                      (dict(gemv="xla", prefill_wo="pallas"), "prefill_wo"),
+                      (dict(prefill_attention="cudnn"), "prefill_attention"),
+                      (dict(token_memory="pinned_host"), "token_memory"), (dict(quant_prefill="pallas"), "quant_prefill")):
         with pytest.raises(ValueError, match=f"{field}=.*tensor_parallel"):
             resolve(KernelOptions(**kw), BF16, devs, m)
+    # named kernels run per shard inside shard_map (model._layers_on_shards): gemv's, the attention's, the prefill's
+    o = resolve(KernelOptions(gemv="pallas"), BF16, devs, m)
+    assert (o.gemv, o.decode_attention, o.prefill_wo, o.row_reduce) == ("pallas", "pallas", "pallas", ROW_REDUCE_AUTO)
     assert resolve(KernelOptions(prefill_attention="xla"), BF16, devs, m).prefill_attention == "xla"
 
 

@@ -12,16 +12,18 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import hybrid_jax
 from conftest import hf_params, make_hf_model, rel_err
-from hybrid_jax import checkpoint, sharding
+from hybrid_jax import checkpoint, model, sharding
 from hybrid_jax import weights as W
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.engine import Engine, generate
+from hybrid_jax.options import KernelOptions
 
 if len(jax.devices()) < 8:
     pytest.fail(f"needs 8 devices, got {len(jax.devices())}: XLA_FLAGS must hold "
@@ -82,6 +84,44 @@ def test_tp_matches_tp1_and_hf(models, tp1_logits, name, tp, tmp_path):
         e.close()
 
 
+KERNELS = KernelOptions(gemv="interpret", decode_attention="interpret")  # Pallas' interpreter: the GPU's kernels
+
+
+@pytest.mark.parametrize("name, tp", [("mha8", 2), ("mha8", 4), ("gqa16_tied", 2), ("gqa16_tied", 4)])
+def test_kernels_on_shards_match_tp1_and_hf(models, name, tp, tmp_path):
+    """With the kernels named, each device runs them on its shard inside shard_map and the output and down
+    projections' partial sums are psum'd: a chunk's and a decode step's logits equal one device's, and greedy ids
+    HF's (one chunk and two), through the engine."""
+    m, cfg, p, ref_ids = models[name]
+    e = Engine(cfg, p, max_seq_len=MAX, cache_dir=tmp_path, tensor_parallel=tp, compile_sampling=False,
+               options=KERNELS)
+    try:
+        for ids, ref in zip(PROMPTS, ref_ids):
+            assert generate(e, ids, max_new_tokens=NEW, ignore_eos=True).token_ids == ref
+        rt, ids = e.runtime, PROMPTS[1]
+        n = len(ids) - 1
+        chunk_o, step_o = rt.step_options(("prefill", 32, rt.cache_len)), rt.step_options(("decode", rt.cache_len, False))
+
+        def run(params, cache, o, toks, start):
+            f = jax.jit(lambda p, c: model.forward(cfg, p, c, jnp.asarray(toks, jnp.int32),
+                                                   start + jnp.arange(len(toks), dtype=jnp.int32), opts=o))
+            return f(params, cache), f
+        one = Engine(cfg, p, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False)
+        c1 = one.runtime.state.cache
+        (ref_chunk, c1), _ = run(one.runtime.params, c1, None, ids[:n], 0)
+        (ref_step, _), _ = run(one.runtime.params, c1, None, ids[n:], n)
+        one.close()
+        with jax.set_mesh(e.mesh):
+            (lg, c), f = run(rt.params, rt.state.cache, chunk_o, ids[:n], 0)
+            assert rel_err(lg, ref_chunk) < 1e-5
+            (lg, _), f = run(rt.params, c, step_o, ids[n:], n)
+            assert rel_err(lg, ref_step) < 1e-5
+            jaxpr = str(jax.make_jaxpr(f)(rt.params, c))
+        assert "shard_map" in jaxpr and jaxpr.count("pallas_call") >= 2 * cfg.n_layers
+    finally:
+        e.close()
+
+
 def test_sharded_restore_and_load(models, tmp_path):
     m, cfg, p, ref_ids = models["mha8"]
     path = checkpoint.save(tmp_path / "ckpt", cfg, jax.tree.map(np.asarray, W.to_dict(p)))
@@ -120,6 +160,10 @@ def test_bad_tensor_parallel_is_refused(models):
         sharding.mesh(16)
     with pytest.raises(ValueError, match=r"integer >= 1"):
         sharding.check(cfg, 0)
+    with pytest.raises(ValueError, match=r"decode_attention='interpret' with tensor_parallel > 1 runs inside shard_map"):
+        Engine(cfg, p, max_seq_len=MAX, tensor_parallel=2, options=KernelOptions(gemv="xla", decode_attention="interpret"))
+    with pytest.raises(ValueError, match=r"token_memory='pinned_host' runs on one device"):
+        Engine(cfg, p, max_seq_len=MAX, tensor_parallel=2, options=KERNELS.replace(token_memory="pinned_host"))
 
 
 def test_no_recompilation_tp2_and_warm_exec_cache(models, compile_counter, tmp_path):
