@@ -5,6 +5,8 @@ streaming TPOT and the pipelined decode step, against the weight-read floor of o
       [--reps 20] [--lengths 10,100,500] [--new-tokens 64] [--per-tp-timeout 280] [--deadline 570]
       [--xla-flags-extra "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"]
       [--cache-dir .cache/tp_check]   (reuse compiled executables: a second run measures warm builds)
+  HYBRID_JAX_GEMV=pallas python3 -m bench.probes.tp_check ...   (each shard runs one GPU's kernels inside
+      shard_map instead of XLA's partitioned fusions; the other HYBRID_JAX_* ablations apply too)
   On the CPU (tiny GQA float32 model; the children get --xla_force_host_platform_device_count=max(tp)):
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python3 -m bench.probes.tp_check \
       --shape tiny --tp 1,2 --out /tmp/tpout --reps 3 --lengths 10,20
@@ -279,6 +281,7 @@ def _tp_worker(args, n, rec, save):
     import jax
     from hybrid_jax import sharding
     from hybrid_jax.engine import Engine, generate
+    from hybrid_jax.options import KernelOptions
 
     events = {"n": 0}
     jax.monitoring.register_event_duration_secs_listener(
@@ -312,8 +315,10 @@ def _tp_worker(args, n, rec, save):
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix=f"tp{n}_exec_")
     ptr = first_buffer(params.layers.wqkv)
     t0 = time.perf_counter()
+    opts = KernelOptions.from_env()  # HYBRID_JAX_GEMV=pallas: the kernels on each shard (model._layers_on_shards)
     eng = Engine(cfg, params, max_seq_len=args.max_seq_len, tensor_parallel=n, prefill_buckets=args.buckets,
-                 compile_sampling=False, cache_dir=cache_dir, kv_reuse=False)
+                 compile_sampling=False, cache_dir=cache_dir, kv_reuse=False, options=opts)
+    rec["options"] = eng.runtime.options.to_dict()
     rec["build_s"] = time.perf_counter() - t0
     rt = eng.runtime
     rec["engine_kept_weight_buffers"] = ptr is not None and first_buffer(rt.params.layers.wqkv) == ptr
