@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +71,114 @@ def _writer():
     the restore 2x slower on 2 cores (SmolLM2 1.3 s against 0.6 s) for 22-40% less disk."""
     import orbax.checkpoint as ocp
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+
+
+# A stacked layer tensor [L, ...] is written in chunks of one layer (split further to at most this many bytes), so
+# that `restore` reads it a layer at a time: the host never holds more than a few layers' slices, where a
+# whole-tensor chunk (the earlier layout, still read) is staged whole (a 70B's w13 is 75 GB).
+LAYER_CHUNK_BYTES = 64 << 20
+# The bytes of layers read at once (a block; the next block is read while one is placed on the device), and the
+# tensors restored at once.
+READ_AHEAD_BYTES = 128 << 20
+RESTORE_WORKERS = 4
+_BLOCKS_ON_CPU = False  # tests set it: the block path runs on CPU devices too
+
+
+def _save_args(params: dict):
+    import orbax.checkpoint as ocp
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: ocp.SaveArgs(chunk_byte_size=LAYER_CHUNK_BYTES, shard_axes=(0,))
+        if path[0].key == "layers" else ocp.SaveArgs(), params)
+
+
+def _leaf_name(path) -> str:
+    return ".".join(str(k.key) for k in path)  # Orbax's key of a nested dict's leaf
+
+
+def _layer_chunked(wdir: Path, target: dict) -> bool:
+    """Whether every stacked layer tensor of the checkpoint is stored in chunks of one layer (`_save_args`)."""
+    import tensorstore as ts
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": wdir.as_uri() + "/"}).result()
+    for path, _ in jax.tree_util.tree_flatten_with_path(target["layers"])[0]:
+        name = "layers." + _leaf_name(path)
+        got = kv.read(name + "/.zarray").result()
+        if got.state != "value" or json.loads(got.value).get("chunks", [None])[0] != 1:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _put_block_fn():
+    # buf[l0 : l0 + len(x)] = x on buf's device, in place (buf donated)
+    return jax.jit(lambda buf, x, l0: jax.lax.dynamic_update_slice_in_dim(buf, x, l0, 0), donate_argnums=0)
+
+
+def _restore_by_layer(wdir: Path, target: dict) -> dict:
+    """The arrays of `target` (ShapeDtypeStructs with shardings) read with TensorStore from the checkpoint's
+    Orbax layout, RESTORE_WORKERS tensors at a time. On an accelerator each device's slice of a stacked layer
+    tensor larger than READ_AHEAD_BYTES is allocated on the device and filled in blocks of layers of at most that
+    size, the next block read while one is placed, so the host holds at most 2 blocks a worker; other tensors
+    (and every tensor on CPU devices) are read as one slice a device. Devices holding the same slice share its
+    reads. A failed read names its tensor (CheckpointError by the caller)."""
+    import numpy as np
+    import tensorstore as ts
+
+    base = {"driver": "ocdbt", "base": wdir.as_uri() + "/"}
+    ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    put = _put_block_fn()
+
+    def one(path, sds):
+        name = _leaf_name(path)
+        try:
+            arr = ts.open({"driver": "zarr", "kvstore": {**base, "path": name + "/"}}, context=ctx,
+                          open=True).result()
+            groups: dict[tuple, list] = {}  # the devices that hold each slice
+            for dev, index in sds.sharding.addressable_devices_indices_map(sds.shape).items():
+                groups.setdefault(tuple(sl.indices(n)[:2] for sl, n in zip(index, sds.shape)), []).append(dev)
+            shards = {}
+            for key, devs in groups.items():
+                index = tuple(slice(a, b) for a, b in key)
+                local = tuple(b - a for a, b in key)
+                layer_bytes = int(np.prod(local[1:])) * np.dtype(sds.dtype).itemsize
+                # CPU devices' buffers are host memory: a block-by-block fill would only add copies there
+                if path[0].key != "layers" or local[0] * layer_bytes <= READ_AHEAD_BYTES or \
+                        devs[0].platform == "cpu" and not _BLOCKS_ON_CPU:
+                    host = arr[index].read().result()
+                    for d in devs:
+                        shards[d] = jax.device_put(host, d)
+                    del host
+                    continue
+                per = max(1, READ_AHEAD_BYTES // max(1, layer_bytes))  # layers a block
+                starts = list(range(0, local[0], per))
+
+                def read(l0, key=key, index=index, per=per, n=local[0], arr=arr):
+                    return arr[(slice(key[0][0] + l0, key[0][0] + min(n, l0 + per)),) + index[1:]].read()
+                bufs = {d: jax.jit(lambda: jnp.zeros(local, sds.dtype),
+                                   out_shardings=jax.sharding.SingleDeviceSharding(d))() for d in devs}
+                pending = read(starts[0])
+                for i, l0 in enumerate(starts):
+                    host = pending.result()
+                    if i + 1 < len(starts):
+                        pending = read(starts[i + 1])
+                    for d in devs:
+                        bufs[d] = put(bufs[d], jax.device_put(host, d), np.int32(l0))
+                    del host
+                shards.update(bufs)
+        except Exception as e:
+            raise _TensorReadError(name) from e
+        return jax.make_array_from_single_device_arrays(sds.shape, sds.sharding,
+                                                        [shards[d] for d in sds.sharding.addressable_devices])
+
+    # tensors in parallel (reads and copies release the GIL): at most RESTORE_WORKERS x 2 blocks on the host
+    with ThreadPoolExecutor(RESTORE_WORKERS, thread_name_prefix="hybrid_jax-restore") as pool:
+        out = list(pool.map(lambda leaf: one(*leaf), leaves))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _TensorReadError(Exception):
+    def __init__(self, name: str):
+        super().__init__(f"Error reading \"{name}/\"")  # the form _tensor_of finds a tensor's name in
 
 
 def _meta(path: str | os.PathLike) -> dict | None:
@@ -258,7 +367,7 @@ def save(out_dir: str | os.PathLike, cfg: LlamaConfig, params: dict, write_token
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the renamed folder should get the usual mode
-        _writer().save(tmp / WEIGHTS_DIR, params)  # synchronous
+        _writer().save(tmp / WEIGHTS_DIR, params, save_args=_save_args(params))  # synchronous
         tok_record = {}
         if write_tokenizer is not None:
             write_tokenizer(tmp)
@@ -616,7 +725,10 @@ def restore(path: str | os.PathLike, cfg: LlamaConfig | None = None, sharding_fn
         sharding_fn = lambda name, shape: one  # noqa: E731
     target = W.to_dict(W.abstract(cfg, sharding_fn))
     try:
-        params = _checkpointer().restore(p / WEIGHTS_DIR, target)
+        if _layer_chunked(p / WEIGHTS_DIR, target):
+            params = _restore_by_layer(p / WEIGHTS_DIR, target)
+        else:  # the earlier layout (whole-tensor chunks): Orbax reads every tensor at once
+            params = _checkpointer().restore(p / WEIGHTS_DIR, target)
     except MemoryError:
         raise
     except Exception as e:

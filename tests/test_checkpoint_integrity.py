@@ -454,3 +454,37 @@ def test_stale_temp_folders_of_dead_writers_are_removed_live_ones_kept(hf_src, t
         live.kill()
         live.wait()
     assert checkpoint.remove_stale_temps(out) == [live_dir]  # its writer is dead now
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_restore_by_layer_blocks_and_the_earlier_layout(hf_src, tmp_path, monkeypatch, tp):
+    """Stacked layer tensors are written in chunks of one layer; restore fills each device's slice in blocks of
+    layers (as on an accelerator; here on CPU devices, w13 a layer a block) and equals the saved arrays, sharded or
+    not; a checkpoint of the earlier layout (whole-tensor chunks) restores through Orbax to the same arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    from hybrid_jax import sharding
+    from hybrid_jax import weights as W
+    ckpt = convert(hf_src, tmp_path / "new", dtype="float32", progress=False)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": (ckpt / checkpoint.WEIGHTS_DIR).as_uri() + "/"}).result()
+    assert json.loads(kv.read("layers.w13/.zarray").result().value)["chunks"][0] == 1
+    cfg = checkpoint.load_config(ckpt)
+    fn = sharding.sharding_fn(sharding.mesh(tp)) if tp > 1 else None
+    monkeypatch.setattr(checkpoint, "_BLOCKS_ON_CPU", True)
+    layer = 4 * (cfg.ffn_dim * cfg.dim * 2 // tp)  # bytes of one layer's w13 slice
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_BYTES", layer)  # w13: a block a layer
+    put, blocks = checkpoint._put_block_fn(), []
+    monkeypatch.setattr(checkpoint, "_put_block_fn", lambda: lambda *a: blocks.append(a[2]) or put(*a))
+    _, got = checkpoint.restore(ckpt, sharding_fn=fn)
+    assert sorted(set(int(l0) for l0 in blocks)) == list(range(cfg.n_layers))
+    monkeypatch.setattr(checkpoint, "_writer", lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)))
+    monkeypatch.setattr(checkpoint, "_save_args", lambda params: None)
+    old = convert(hf_src, tmp_path / "old", dtype="float32", progress=False)
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": (old / checkpoint.WEIGHTS_DIR).as_uri() + "/"}).result()
+    assert json.loads(kv.read("layers.w13/.zarray").result().value)["chunks"][0] == cfg.n_layers
+    _, ref = checkpoint.restore(old, sharding_fn=fn)
+    for a, b in zip(jax.tree.leaves(W.to_dict(got)), jax.tree.leaves(W.to_dict(ref))):
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

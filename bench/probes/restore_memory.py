@@ -4,8 +4,9 @@
   JAX_PLATFORMS=cpu python3 -m bench.probes.restore_memory --make /tmp/rm_ckpt --params-gb 2.5
   # 2. one fresh process per tensor-parallel degree; markdown table on stdout, JSON to --out
   JAX_PLATFORMS=cpu python3 -m bench.probes.restore_memory --all /tmp/rm_ckpt --tp 1,2,4 --out /tmp/restore_mem.json
-      [--variants default,dcc=16,gb=2]  (extra rows, set in the child only: 'default' is the project's restore
-                                     as is; gb=G: Orbax StandardCheckpointer(restore_concurrent_gb=G) instead
+      [--variants default,dcc=16,gb=2,blocks=128]  (extra rows, set in the child only: 'default' is the
+                                     project's restore as is; blocks=M: layer tensors filled block by block (M MB)
+                                     as on an accelerator; gb=G: Orbax StandardCheckpointer(restore_concurrent_gb=G) instead
                                      of its 96 GB default; dcc=K: TensorStore's data_copy_concurrency limit K
                                      instead of the CPU count, i.e. what a K-core host would run at once)
       [--delete]                    (remove the checkpoint folder at the end)
@@ -169,6 +170,9 @@ def restore_one(args) -> dict:
     if args.concurrent_gb not in (None, "default"):
         gb = float(args.concurrent_gb)
         checkpoint._checkpointer = lambda: ocp.StandardCheckpointer(restore_concurrent_gb=gb)  # noqa: E731
+    if args.blocks_mb:  # the accelerator's block-by-block fill of layer tensors, on the CPU devices
+        checkpoint._BLOCKS_ON_CPU = True
+        checkpoint.READ_AHEAD_BYTES = int(float(args.blocks_mb) * 2**20)
     if args.data_copy_concurrency:  # TensorStore's decode/copy thread pool (default: the CPU count)
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
         for ctx in (ts_utils._BASE_TS_CONTEXT, ts_utils._DEFAULT_OCDBT_TS_CONTEXT):
@@ -345,7 +349,8 @@ def run_all(args) -> None:
                            "--out", str(tmp)]
                     for kv in ([] if v == "default" else v.split("+")):
                         k, val = kv.split("=")
-                        cmd += {"gb": ["--concurrent-gb", val], "dcc": ["--data-copy-concurrency", val]}[k]
+                        cmd += {"gb": ["--concurrent-gb", val], "dcc": ["--data-copy-concurrency", val],
+                                "blocks": ["--blocks-mb", val]}[k]
                     print("$", " ".join(cmd), flush=True)
                     t = time.perf_counter()
                     tmp.unlink(missing_ok=True)
@@ -408,6 +413,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tp", default=None, help="--restore: one degree; --all: comma list (default 1,2,4)")
     ap.add_argument("--concurrent-gb", default=None,
                     help="--restore: Orbax restore_concurrent_gb (default: the project's checkpointer, Orbax's 96)")
+    ap.add_argument("--blocks-mb", default=None, help="--restore: fill layer tensors block by block (blocks of "
+                    "this many MB) as on an accelerator (checkpoint._restore_by_layer)")
     ap.add_argument("--data-copy-concurrency", type=int, default=None,
                     help="--restore: TensorStore data_copy_concurrency limit (default: CPU count); "
                          "e.g. 16 to act like a 16-core host")
