@@ -62,7 +62,7 @@ def default_buckets(max_seq_len: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 # Every module whose code the compiled steps trace (tests/test_runtime.py checks the package's imports against it).
-TRACED_MODULES = (model, kv_cache, quant, qgemv, sampling, speculative, W, gemv_lib, attn_lib, options_lib)
+TRACED_MODULES = (model, kv_cache, quant, qgemv, sampling, speculative, W, gemv_lib, attn_lib, options_lib, sharding)
 
 
 def _source_digest() -> str:
