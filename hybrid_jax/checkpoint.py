@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -107,10 +106,8 @@ def _layer_chunked(wdir: Path, target: dict) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _put_block_fn():
-    # buf[l0 : l0 + len(x)] = x on buf's device, in place (buf donated)
-    return jax.jit(lambda buf, x, l0: jax.lax.dynamic_update_slice_in_dim(buf, x, l0, 0), donate_argnums=0)
+# buf[l0 : l0 + len(x)] = x on buf's device, in place (buf donated)
+_put_block = jax.jit(lambda buf, x, l0: jax.lax.dynamic_update_slice_in_dim(buf, x, l0, 0), donate_argnums=0)
 
 
 def _restore_by_layer(wdir: Path, target: dict) -> dict:
@@ -126,7 +123,6 @@ def _restore_by_layer(wdir: Path, target: dict) -> dict:
     base = {"driver": "ocdbt", "base": wdir.as_uri() + "/"}
     ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
-    put = _put_block_fn()
 
     def one(path, sds):
         name = _leaf_name(path)
@@ -154,15 +150,14 @@ def _restore_by_layer(wdir: Path, target: dict) -> dict:
 
                 def read(l0, key=key, index=index, per=per, n=local[0], arr=arr):
                     return arr[(slice(key[0][0] + l0, key[0][0] + min(n, l0 + per)),) + index[1:]].read()
-                bufs = {d: jax.jit(lambda: jnp.zeros(local, sds.dtype),
-                                   out_shardings=jax.sharding.SingleDeviceSharding(d))() for d in devs}
+                bufs = {d: jnp.zeros(local, sds.dtype, device=d) for d in devs}
                 pending = read(starts[0])
                 for i, l0 in enumerate(starts):
                     host = pending.result()
                     if i + 1 < len(starts):
                         pending = read(starts[i + 1])
                     for d in devs:
-                        bufs[d] = put(bufs[d], jax.device_put(host, d), np.int32(l0))
+                        bufs[d] = _put_block(bufs[d], jax.device_put(host, d), np.int32(l0))
                     del host
                 shards.update(bufs)
         except Exception as e:

@@ -167,8 +167,7 @@ class Engine:
         if run and not background:
             with self._lock:
                 self._claim(object())
-                # the steps compiled at load too: the greedy decode steps, the universal prefill, the verify steps
-                rt.run_once(rt.warmup_specs(self.kv_reuse) + list(rt._execs))
+                rt.run_once()
         return futures
 
     def stats(self) -> dict:
@@ -254,12 +253,9 @@ def _check_ids(ids, cfg: LlamaConfig | None = None) -> list[int]:
         ids = ids.tolist()
     if not isinstance(ids, (list, tuple)):
         raise TypeError(f"prompt must be a string or a sequence of token ids, got {type(ids).__name__}")
-    if set(map(type, ids)) <= {int}:  # plain ints (a JSON body's, a tokenizer's): checked by type in one pass
-        ids = list(ids)
-    elif all(_is_int(t) for t in ids):
-        ids = [int(t) for t in ids]
-    else:
+    if not _all_ints(ids):
         raise TypeError(f"token ids must be integers, got {[t for t in ids if not _is_int(t)][:3]!r}")
+    ids = list(map(int, ids))
     if not ids:
         raise ValueError("prompt is empty")
     if cfg is not None and (min(ids) < 0 or max(ids) >= cfg.vocab_size):

@@ -10,6 +10,7 @@ transformers' `LlamaForCausalLM` computes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -284,7 +285,7 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     x = params.embed[tokens]
     cos, sin = rope_cos_sin(cfg, positions)
     mesh = jax.sharding.get_abstract_mesh()
-    if opts.gemv != "xla" and not mesh.empty and mesh.shape.get(TP_AXIS, 1) > 1:
+    if opts.gemv != "xla" and not mesh.empty and mesh.shape.get(sharding.AXIS, 1) > 1:
         return _layers_on_shards(cfg, params.layers, cache, x, positions, cos, sin, kv_len, opts, mesh)
     for l in range(cfg.n_layers):  # unrolled: static weight slices (which Triton's GEMM fusions read in place)
         x, cache = attention_block(cfg, params, cache, l, x, positions, cos, sin, kv_len, opts, residual=x)
@@ -292,11 +293,10 @@ def trunk(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, 
     return x, cache
 
 
-TP_AXIS = sharding.AXIS
 _P = jax.sharding.PartitionSpec
 # The layer weights' specs on the mesh (sharding.PARAM_SPECS; the norms replicated).
-LAYER_SPECS = LayerWeights(**{f: sharding.PARAM_SPECS.get(f, _P()) for f in
-                              ("attn_norm", "wqkv", "wo", "mlp_norm", "w13", "w2")})
+LAYER_SPECS = LayerWeights(**{f.name: sharding.PARAM_SPECS.get(f.name, _P())
+                              for f in dataclasses.fields(LayerWeights)})
 
 
 def _layers_on_shards(cfg: LlamaConfig, layers: LayerWeights, cache: KVCache, x: jax.Array, positions: jax.Array,
@@ -304,7 +304,7 @@ def _layers_on_shards(cfg: LlamaConfig, layers: LayerWeights, cache: KVCache, x:
     """`trunk`'s layers on a tensor-parallel mesh, each device running one GPU's kernels on its shard (its kv heads
     and FFN slice: a config of H/N heads, K/N kv heads, F/N), the partial sums of the output and down projections
     all-reduced (psum) where XLA's partitioner puts its all-reduces, the residual added after them."""
-    n = mesh.shape[TP_AXIS]
+    n = mesh.shape[sharding.AXIS]
     local = cfg.replace(n_heads=cfg.n_heads // n, n_kv_heads=cfg.n_kv_heads // n, ffn_dim=cfg.ffn_dim // n,
                         head_dim=cfg.hd)
 
@@ -312,8 +312,8 @@ def _layers_on_shards(cfg: LlamaConfig, layers: LayerWeights, cache: KVCache, x:
         p = Weights(embed=None, layers=lw, final_norm=None, lm_head=None)  # the blocks read only the layers
         for l in range(cfg.n_layers):
             y, cache = attention_block(local, p, cache, l, x, positions, cos, sin, kv_len, opts)
-            x = x + jax.lax.psum(y, TP_AXIS)
-            x = x + jax.lax.psum(mlp_block(local, p, l, x, opts), TP_AXIS)
+            x = x + jax.lax.psum(y, sharding.AXIS)
+            x = x + jax.lax.psum(mlp_block(local, p, l, x, opts), sharding.AXIS)
         return x, cache
 
     rep = _P()

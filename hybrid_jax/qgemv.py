@@ -100,6 +100,22 @@ def _codes_f32(c: jax.Array, bits: int, sym4: bool) -> tuple[jax.Array, ...]:
     return tuple(u.astype(f32) - off for u in (i & 0x0F, i >> 4))
 
 
+def _over_blocks(loop, acc, blocks: int, nb: int):
+    """`loop(acc, first, nb, count)` over `blocks` blocks in tiles of nb; a count that nb does not divide (11008
+    inputs = 344 blocks in tiles of 64: 5 of them, then 3 of 8) has the rest walked in smaller power-of-2 tiles."""
+    acc = loop(acc, 0, nb, blocks // nb)
+    tail = blocks % nb
+    if tail:
+        nbt = gemv_lib._pow2_divisor(tail, nb)
+        acc = loop(acc, blocks - tail, nbt, tail // nbt)
+    return acc
+
+
+def _check_codes(q, kd: int, scheme: Scheme) -> None:
+    if q.ndim != 3 or q.shape[2] * (8 // scheme.bits) != kd:
+        raise ValueError(f"codes of shape {q.shape} do not hold a {scheme.name} matrix of {kd} inputs")
+
+
 def _kernel(*refs, layer, norm_layer, cfg: GemvConfig, scheme: Scheme, kd: int, norm: bool, eps: float,
             residual: bool, gate_rows: int | None, dtype):
     it = iter(refs)
@@ -163,13 +179,7 @@ def _kernel(*refs, layer, norm_layer, cfg: GemvConfig, scheme: Scheme, kd: int, 
         return jax.lax.fori_loop(0, count, body, acc)
 
     zero = jnp.zeros((bn,), f32)
-    acc = (zero, zero) if gated else zero
-    blocks, nb = kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK
-    acc = loop(acc, 0, nb, blocks // nb)
-    tail = blocks % nb  # a Kd that bk does not divide (11008 = 43 x 256): the rest in smaller tiles
-    if tail:
-        nbt = gemv_lib._pow2_divisor(tail, nb)
-        acc = loop(acc, blocks - tail, nbt, tail // nbt)
+    acc = _over_blocks(loop, (zero, zero) if gated else zero, kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK)
 
     def rows(y, row0):  # [bn]: the row sums, times the row's scale for one a row
         return y if grouped else y * s_ref[lead + (pl.ds(row0, bn), 0)].astype(f32)
@@ -191,8 +201,7 @@ def gemv(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig 
     q = qm["q"]
     n = q.shape[1]
     kd = x.shape[0]
-    if q.ndim != 3 or q.shape[2] * (8 // scheme.bits) != kd:
-        raise ValueError(f"codes of shape {q.shape} do not hold a {scheme.name} matrix of {kd} inputs")
+    _check_codes(q, kd, scheme)
     if (residual is not None or gated) and not reduce:
         raise ValueError("residual= and gated= need the reduced product (reduce=True)")
     if residual is not None and gated:
@@ -303,12 +312,7 @@ def _rows_kernel(*refs, layer, cfg: GemvConfig, scheme: Scheme, kd: int, bt: int
             return acc
         return jax.lax.fori_loop(0, count, body, acc)
 
-    blocks, nb = kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK
-    acc = loop(jnp.zeros((bt, bn), f32), 0, nb, blocks // nb)
-    tail = blocks % nb
-    if tail:
-        nbt = gemv_lib._pow2_divisor(tail, nb)
-        acc = loop(acc, blocks - tail, nbt, tail // nbt)
+    acc = _over_blocks(loop, jnp.zeros((bt, bn), f32), kd // GGUF_BLOCK, cfg.bk // GGUF_BLOCK)
     if not grouped:  # one scale a row: applied to the product, as the XLA path does
         acc = acc * s_ref[lead + (pl.ds(n0, bn), 0)].astype(f32)[None, :]
     o_ref[pl.ds(r0, bt), pl.ds(n0, bn)] = acc
@@ -322,8 +326,7 @@ def gemm(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig 
     q = qm["q"]
     n = q.shape[1]
     t, kd = x.shape
-    if q.ndim != 3 or q.shape[2] * (8 // scheme.bits) != kd:
-        raise ValueError(f"codes of shape {q.shape} do not hold a {scheme.name} matrix of {kd} inputs")
+    _check_codes(q, kd, scheme)
     cfg = cfg or rows_config(kd, n, scheme)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} {scheme.name} matrix (call `gemm_supported` first)")

@@ -510,18 +510,19 @@ class Runtime:
                       if kvb >= self.speculative_k + 1]
         return specs
 
-    def run_once(self, specs: Sequence[tuple]) -> None:
-        """Execute each step of `specs` (compiled or loaded) once on the state, whose rows are scratch afterwards
-        (the caller owns the state). An executable's first execution instantiates its CUDA graph and builds
-        what cuDNN compiles at run time: on an H100 the first 1024-row prefill of a warmed-up 7B took 142 ms,
-        the next ones 21 (docs/performance.md); `Engine.warmup` takes that off the requests."""
+    def run_once(self) -> None:
+        """Execute every step in memory (compiled or loaded; not the logits executables, which take no state) once
+        on the state, whose rows are scratch afterwards (the caller owns the state). An executable's first
+        execution instantiates its CUDA graph and builds what cuDNN compiles at run time: on an H100 the first
+        1024-row prefill of a warmed-up 7B took 142 ms, the next ones 21 (docs/performance.md); `Engine.warmup`
+        takes that off the requests."""
         one = np.ones((1,), np.int32)
-        for spec in dict.fromkeys(specs):
+        with self._lock:
+            specs = [s for s in self._execs if s[0] != "logits"]
+        for spec in specs:
             st = self.reset_state(self.state.cache)
             if spec[0] == "prefill":
                 st, out = self._get(spec)(self.params, st, pack_request(one, spec[1], (0, 0.0, None, None)))
-            elif spec[0] == "logits":
-                continue
             else:
                 st, out = self.decode(st, spec)
             self.state = st

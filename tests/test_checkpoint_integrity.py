@@ -475,8 +475,8 @@ def test_restore_by_layer_blocks_and_the_earlier_layout(hf_src, tmp_path, monkey
     monkeypatch.setattr(checkpoint, "_BLOCKS_ON_CPU", True)
     layer = 4 * (cfg.ffn_dim * cfg.dim * 2 // tp)  # bytes of one layer's w13 slice
     monkeypatch.setattr(checkpoint, "READ_AHEAD_BYTES", layer)  # w13: a block a layer
-    put, blocks = checkpoint._put_block_fn(), []
-    monkeypatch.setattr(checkpoint, "_put_block_fn", lambda: lambda *a: blocks.append(a[2]) or put(*a))
+    put, blocks = checkpoint._put_block, []
+    monkeypatch.setattr(checkpoint, "_put_block", lambda *a: blocks.append(a[2]) or put(*a))
     _, got = checkpoint.restore(ckpt, sharding_fn=fn)
     assert sorted(set(int(l0) for l0 in blocks)) == list(range(cfg.n_layers))
     monkeypatch.setattr(checkpoint, "_writer", lambda: ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)))
