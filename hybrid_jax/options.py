@@ -63,9 +63,10 @@ class KernelOptions:
     prefill_matmuls    PREFILL_MATMULS. auto: "split".
     quant_matvec       the decode step's products of quantized matrices: QUANT_MATVEC. auto: "rowsum" on a GPU,
                        "grouped" elsewhere.
-    quant_prefill      the prefill's products of quantized matrices: KERNEL_MODES ("pallas": qgemv.gemm, each
+    quant_prefill      the prefill's products of quantized matrices, in chunks of up to qgemv.GEMM_ROWS_MAX
+                       rows (longer ones always take XLA's path): KERNEL_MODES ("pallas": qgemv.gemm, each
                        tile of codes dequantized inside the matmul; "xla": a matmul over the matrix XLA
-                       dequantizes first). auto: "xla" (the kernel is not yet timed against it on a GPU).
+                       dequantizes first). auto: as `gemv` on one device, "xla" with a mesh.
     token_memory       where the steps write the next token: TOKEN_MEMORY (None means "device"). auto:
                        "pinned_host" on one device that has it, "device" elsewhere.
     """
@@ -237,7 +238,7 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     else:
         token = o.token_memory
     qmv = ("rowsum" if gpu else "grouped") if o.quant_matvec == AUTO else o.quant_matvec
-    qpre = "xla" if o.quant_prefill == AUTO else o.quant_prefill
+    qpre = (gemv if mesh is None else "xla") if o.quant_prefill == AUTO else o.quant_prefill
     # With a mesh the kernels run per shard inside shard_map (model._layers_on_shards), when named: "auto" keeps
     # XLA's partitioned fusions there until the shard_map path is timed on several GPUs.
     for name, v in (("quant_prefill", qpre), ("prefill_attention", "off" if fused == "xla" else fused),

@@ -323,15 +323,17 @@ class Runtime:
     def step_options(self, spec: tuple) -> KernelOptions:
         """The options the executable of `spec` is traced and compiled with: the runtime's, narrowed to what
         that step reads, so that executables that compute the same thing share one key. A prefill bucket:
-        its fused attention (or "off" below `prefill_attention_min_rows` rows) and its matmuls' compile mode
-        (PREFILL_MATMULS, per bucket under "split"); a decode step: none of the prefill's choices; the logits
+        its fused attention (or "off" below `prefill_attention_min_rows` rows), its matmuls' compile mode
+        (PREFILL_MATMULS, per bucket under "split") and its quantized products' path (`quant_prefill` up to
+        qgemv.GEMM_ROWS_MAX rows, XLA's above); a decode step: none of the prefill's choices; the logits
         executable: XLA's path."""
         o = self.options
         if spec[0] in ("prefill", "verify", "draft"):  # a verify step is a (K + 1)-row chunk over the cache
             T = spec[1] if spec[0] == "prefill" else spec[2] + 1
             return o.replace(prefill_attention=o.prefill_attention if T >= o.prefill_attention_min_rows else "off",
                              prefill_attention_min_rows=0,
-                             prefill_matmuls=prefill_matmuls_for(o.prefill_matmuls, T, self.cfg.n_params, self.mesh))
+                             prefill_matmuls=prefill_matmuls_for(o.prefill_matmuls, T, self.cfg.n_params, self.mesh),
+                             quant_prefill=o.quant_prefill if T <= qgemv.GEMM_ROWS_MAX else "xla")
         if spec[0] == "decode":
             return o.replace(prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
                              prefill_matmuls="autotune", quant_prefill="xla")

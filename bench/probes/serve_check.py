@@ -34,12 +34,11 @@ def _stream_times(chunks):
     return stamps[0], statistics.median(gaps) if gaps else 0.0
 
 
-def _raw_stream(port: int, ids: list, n: int):
-    """One streamed completion over http.client (json.dumps of the body, the SSE lines read as they come): yields
-    each chunk's JSON. What the server costs, without a client library's own per-request work."""
-    import http.client
+def _raw_stream(conn, ids: list, n: int):
+    """One streamed completion over http.client on a kept-alive connection, as the openai client keeps its
+    connections (json.dumps of the body, the SSE lines read as they come): yields each chunk's JSON. What the
+    server costs, without a client library's own per-request work."""
     import json
-    conn = http.client.HTTPConnection("127.0.0.1", port)
     conn.request("POST", "/v1/completions", json.dumps({"model": "m", "prompt": ids, "max_tokens": n,
                                                         "temperature": 0, "stream": True}),
                  {"Content-Type": "application/json", "Authorization": "Bearer x"})
@@ -47,22 +46,31 @@ def _raw_stream(port: int, ids: list, n: int):
     while line := r.readline():
         if line.startswith(b"data: {"):
             yield json.loads(line[6:])
-    conn.close()
+
+
+def _openai_stream(client, ids: list, n: int):
+    """One streamed completion through the official client: yields its chunks. A generator, so that the request
+    (the client's own building of it included) is made inside the timed iteration, not before the clock starts."""
+    for c in client.completions.create(model="m", prompt=ids, max_tokens=n, temperature=0, stream=True):
+        if c.choices:
+            yield c
 
 
 def _client(conn, port: int) -> None:
     """The HTTP side, in its own process: for each (kind, ids, max_tokens) received, one streamed completion
     through the official openai client ("openai") or http.client ("raw"); sends back (TTFT, median gap) in
     seconds. None ends it."""
+    import http.client
+
     import openai
+    raw = http.client.HTTPConnection("127.0.0.1", port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
     while (req := conn.recv()) is not None:
         kind, ids, n = req
         if kind == "openai":
-            chunks = (c for c in client.completions.create(model="m", prompt=ids, max_tokens=n, temperature=0,
-                                                            stream=True) if c.choices)
+            chunks = _openai_stream(client, ids, n)
         else:
-            chunks = (c for c in _raw_stream(port, ids, n) if c["choices"])
+            chunks = (c for c in _raw_stream(raw, ids, n) if c["choices"])
         conn.send(_stream_times(chunks))
 
 
