@@ -81,6 +81,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench/results", help="results root; the run's folder is made inside")
     p.add_argument("--name", default=None, help="suffix of the results folder")
     p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--quantize", default=None, help="random weights (--shape) with the layer matrices quantized in "
+                   "this scheme (hybrid_jax.quant: int8, int8-gN, int4-gN-asym, int4-gN-sym); the HF systems "
+                   "quantize theirs with torchao's matching weight-only config (peers.torchao_config)")
     p.add_argument("--max-seq-len", type=int, default=None, help="cache length, the same for every system "
                    "(default max(1024, next power of two >= longest prompt + new tokens))")
     p.add_argument("--buckets", type=_ints, default=None, help="hybrid prefill buckets (default: the runtime's)")
@@ -137,6 +140,15 @@ def finalize_args(args) -> argparse.Namespace:
         args.max_seq_len = max(1024, p2)
     if need > args.max_seq_len:
         raise SystemExit(f"longest prompt + new tokens ({need}) exceeds --max-seq-len {args.max_seq_len}")
+    if args.quantize is not None:
+        if args.model:
+            raise SystemExit("--quantize makes random quantized weights (--shape); a converted checkpoint carries "
+                             "its own scheme (python -m convert --quantize)")
+        from hybrid_jax import quant
+        try:
+            args.quantize = quant.parse(args.quantize).name
+        except ValueError as e:
+            raise SystemExit(f"--quantize: {e}") from None
     if args.workload is not None:
         if not args.model:
             raise SystemExit("--workload sends text through a tokenizer: it needs --model DIR")
@@ -175,7 +187,7 @@ def worker_argv(args, spec: Spec, system: str, out_jsonl: Path, run: str, cache_
         a += ["--buckets", ",".join(map(str, args.buckets))]
     if args.lean:
         a.append("--lean")
-    for opt, val in (("--workload", args.workload), ("--draft", args.draft)):
+    for opt, val in (("--workload", args.workload), ("--draft", args.draft), ("--quantize", args.quantize)):
         if val is not None:
             a += [opt, str(val)]
     a += ["--num-speculative-tokens", str(args.num_speculative_tokens)]

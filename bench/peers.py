@@ -149,6 +149,37 @@ class HFPeer:
         return None
 
 
+def torchao_config(scheme: str, device: str):
+    """torchao's weight-only config matching our scheme `scheme` (hybrid_jax.quant's names): int8 with one scale
+    a row (Int8WeightOnlyConfig, per row), int4 with a scale and an offset per group (Int4WeightOnlyConfig:
+    tinygemm's kernel, gpt-fast's, in PyTorch itself; CUDA only). Other schemes have no torchao match: Skip."""
+    from hybrid_jax import quant
+
+    from .worker import Skip
+
+    s = quant.parse(scheme)
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as e:
+        raise Skip(f"torchao is not installed ({e}): pip install torchao") from None
+    if s.bits == 8 and s.group is None:
+        return Int8WeightOnlyConfig()
+    if s.bits == 4 and s.asym:
+        if not device.startswith("cuda"):
+            raise Skip("torchao's int4 weight-only kernel (tinygemm) runs on CUDA only")
+        return Int4WeightOnlyConfig(group_size=s.group, int4_packing_format="tile_packed_to_4d")
+    raise Skip(f"torchao has no weight-only config matching {s.name} (it has int8 per row and int4 with offsets "
+               f"per group: int8, int4-gN-asym)")
+
+
+def quantize_torchao(model, config) -> None:
+    """Quantize, in place, the linear layers of the model's decoder layers (as `convert --quantize` does the four
+    layer matrices): the embeddings and the output head stay 16-bit."""
+    from torchao.quantization import quantize_
+
+    quantize_(model.model.layers, config)
+
+
 def hf_device() -> str:
     import torch
 

@@ -44,7 +44,7 @@ class Skip(Exception):
 
 def versions() -> dict:
     out = {"python": platform.python_version()}
-    for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "torch", "transformers", "flax", "numpy"):
+    for name in ("jax", "jaxlib", "jax-cuda12-plugin", "jax-cuda13-plugin", "torch", "transformers", "torchao", "flax", "numpy"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -81,6 +81,8 @@ def resolve_cfg(args) -> LlamaConfig:
         cfg = load_config(args.model)
     else:
         cfg = SHAPES[args.shape]
+        if args.quantize:
+            cfg = cfg.replace(quant=args.quantize)
     return cfg.replace(dtype=args.dtype_resolved) if args.dtype_resolved else cfg
 
 
@@ -239,7 +241,7 @@ def run_hybrid(args, emit, cold_only: bool = False):
     eng.runtime.wait_background()
     measure(gen, cfg, args, emit, prepare)
     pipe = [eng.pipelined_step_seconds(args.pipelined_steps) for _ in range(args.pipelined_reps)]
-    emit("system", status="ok", cache="empty", dtype=cfg.dtype, pipelined_step_s=pipe, **_jax_mem(),
+    emit("system", status="ok", cache="empty", dtype=cfg.dtype, quantize=cfg.quant, pipelined_step_s=pipe, **_jax_mem(),
          **t, stats_at_ready=built, stats=eng.stats(), xla_flags=os.environ.get("XLA_FLAGS", ""), **_card_jax())
     eng.close()
 
@@ -263,7 +265,7 @@ def run_plainjit(args, emit):
     measure(pj.generate, cfg, args, emit)
     total = time.perf_counter() - t0
     pipe = [pj.pipelined_step_seconds(args.pipelined_steps) for _ in range(args.pipelined_reps)]
-    emit("system", status="ok", dtype=cfg.dtype, pipelined_step_s=pipe, **_jax_mem(),
+    emit("system", status="ok", dtype=cfg.dtype, quantize=cfg.quant, pipelined_step_s=pipe, **_jax_mem(),
          measure_s=total, xla_flags=os.environ.get("XLA_FLAGS", ""), **_card_jax())
 
 
@@ -283,11 +285,15 @@ def run_hf(args, emit, system: str):
         cfg, w = peers.load_weights_numpy(args.model)
         cfg = cfg.replace(dtype=args.dtype_resolved)
     else:
-        cfg, w = resolve_cfg(args), None
+        cfg, w = resolve_cfg(args).replace(quant=None), None
+    if args.quantize:  # before the build: a scheme torchao has no kernel for is skipped at once
+        tao = peers.torchao_config(args.quantize, dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     model = peers.build_model(cfg, dev, args.dtype_resolved, w)
+    if args.quantize:
+        peers.quantize_torchao(model, tao)
     build_s = time.perf_counter() - t0
     peer = peers.HFPeer(model, dev, static_cache=system == "hf_compile", max_seq_len=args.max_seq_len,
                         lookup=10 if system == "hf_lookup" else 0, eos=cfg.eos_token_ids if args.workload else None)
@@ -299,7 +305,8 @@ def run_hf(args, emit, system: str):
     mem = torch.cuda.memory_allocated() if dev == "cuda" else None
     emit("system", status="ok", dtype=args.dtype_resolved, pipelined_step_s=[], peak_mem_bytes=peer.peak_memory(),
          mem_in_use_bytes=mem,
-         engine_build_s=build_s, first_generate_s=first_s, weights="checkpoint" if args.model else "random", **card)
+         engine_build_s=build_s, first_generate_s=first_s, weights="checkpoint" if args.model else "random",
+         quantize=args.quantize, **card)
 
 
 def main_worker(args) -> int:

@@ -379,3 +379,34 @@ def test_latency_workload_speculative(tmp_path, tiny_tokenizer_dir):
         assert rows["hybrid_spec_ngram"]["verify_steps"] >= 1 and "verify_steps" not in rows["hybrid"]
     with pytest.raises(SystemExit, match="needs --model"):
         main(["--shape", "tiny", "--workload", str(wl), "--out", str(out)])
+
+
+def test_latency_quantize_hybrid_and_torchao_peer(tmp_path):
+    """--quantize: hybrid runs random weights in the scheme (its floor from their stored bytes) and the HF peer
+    quantizes its layers with torchao's matching config; a scheme torchao has no match for is skipped, named."""
+    from bench.latency import main
+
+    out = tmp_path / "results"
+    argv = ["--shape", "tiny", "--quantize", "int8", "--systems", "hybrid,hf_eager", "--prompt-lengths", "5",
+            "--new-tokens", "3", "--reps", "1", "--no-coldstart", "--out", str(out),
+            "--cache-root", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    recs = stats.read_jsonl(_one_results_dir(out) / "results.jsonl")
+    sysrec = {r["label"]: r for r in recs if r["kind"] == "system"}
+    assert sysrec["hybrid"]["status"] == "ok" and sysrec["hybrid"]["quantize"] == "int8"
+    assert sysrec["hf_eager"]["status"] == "ok" and sysrec["hf_eager"]["quantize"] == "int8"
+    assert next(r for r in recs if r["kind"] == "meta" and r["label"] == "hf_eager")["versions"]["torchao"]
+    fl = next(r for r in recs if r["kind"] == "floors")
+    from bench.worker import SHAPES
+    tiny = SHAPES["tiny"].replace(dtype="float32")  # the CPU's default
+    assert fl["weight_bytes"] == tiny.replace(quant="int8").weight_bytes < tiny.weight_bytes
+    assert sum(r["kind"] == "sample" for r in recs) == 2
+
+    out2 = tmp_path / "results2"
+    assert main(argv[:3] + ["int4-g32-sym", "--systems", "hf_eager"] + argv[6:-4] + ["--out", str(out2)]) == 0
+    rec = next(r for r in stats.read_jsonl(_one_results_dir(out2) / "results.jsonl") if r["kind"] == "system")
+    assert rec["status"] == "skipped" and "int4-g32-sym" in rec["message"]
+    with pytest.raises(SystemExit, match="--quantize"):
+        main(["--model", str(tmp_path), "--quantize", "int8"])
+    with pytest.raises(SystemExit, match="--quantize"):
+        main(["--shape", "tiny", "--quantize", "int3"])
