@@ -47,7 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument("--schemes", default="none,int8,int4-g32-sym", help="comma list of quant.py schemes (none: 16-bit), "
                     "each optionally with :grouped or :rowsum (KernelOptions.quant_matvec), :pallas (row_reduce none: "
                     "every int8 projection through the Pallas gemv), :xla (every one an XLA row reduction), :autotune (prefill_matmuls='autotune') "
-                    "and :qgemm (quant_prefill='pallas': the prefill's products through qgemv.gemm)")
+                    ":qgemm (the prefill's products through qgemv.gemm at every bucket: by default only up to "
+                    "qgemv.GEMM_ROWS_MAX rows) and :xlaprefill (quant_prefill='xla': XLA's dequantized matmul at every bucket)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lengths", default="10,100,500")
     ap.add_argument("--reps", type=int, default=5)
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
            "copy": floors.copy_bandwidth(2 << 30 if on_acc else 64 << 20, cfg0.dtype, reps=20 if on_acc else 3)}
     bw = rec["copy"]["bw_Bps"]
     rows = []
-    from hybrid_jax import quant
+    from hybrid_jax import qgemv, quant
     from hybrid_jax.options import KernelOptions
     for item in args.schemes.split(","):
         s, *mods = item.split(":")  # SCHEME[:grouped][:autotune]; a short name (int4) as its full one
@@ -77,8 +78,15 @@ def main(argv=None) -> None:
             kw["prefill_matmuls"] = "autotune"
         if "qgemm" in mods:
             kw["quant_prefill"] = "pallas" if on_acc else "interpret"
-        r = one(cfg0.replace(quant=None if s == "none" else quant.parse(s).name), args.steps, [int(x) for x in args.lengths.split(",")],
-                args.reps, KernelOptions(**kw))
+        if "xlaprefill" in mods:
+            kw["quant_prefill"] = "xla"
+        rows_max = qgemv.GEMM_ROWS_MAX
+        qgemv.GEMM_ROWS_MAX = 1 << 30 if "qgemm" in mods else rows_max  # read by Runtime.step_options
+        try:
+            r = one(cfg0.replace(quant=None if s == "none" else quant.parse(s).name), args.steps,
+                    [int(x) for x in args.lengths.split(",")], args.reps, KernelOptions(**kw))
+        finally:
+            qgemv.GEMM_ROWS_MAX = rows_max
         r["label"] = item
         r["floor_ms"] = round(r["weight_bytes"] / bw * 1e3, 4)
         r["over_floor"] = round(r["decode_ms"] / r["floor_ms"], 3)
