@@ -12,7 +12,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -490,6 +490,7 @@ class _Progress:
     text: str = ""
     finish: str | None = None  # set when the request ends
     timings: Timings = dataclasses.field(default_factory=Timings)
+    on_enqueued: Callable[[], None] | None = None  # Stream.when_enqueued's
 
     def result(self) -> GenerationResult:
         return GenerationResult(text=self.text, token_ids=list(self.out), finish_reason=self.finish or "cancelled",
@@ -524,6 +525,12 @@ class Stream:
     def _finish(self):
         self._it = None
         self.result = self._progress.result()
+
+    def when_enqueued(self, fn: Callable[[], None]) -> None:
+        """Call fn() once, from the iterating thread, when the request's first steps are enqueued on the device and
+        before it waits for the first token: while the device computes, the caller's other threads can work
+        without delaying it (the server sends the response's headers then)."""
+        self._progress.on_enqueued = fn
 
     def close(self) -> None:
         """Stop the request now (it ends with finish_reason "cancelled" unless it had already ended)."""
@@ -695,6 +702,9 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
                         pending.append((nxt, 0))
             if not pending:
                 break
+            if pr.on_enqueued is not None:
+                fn, pr.on_enqueued = pr.on_enqueued, None
+                fn()
             res, width = pending.pop(0)
             if width:
                 a = np.asarray(res)

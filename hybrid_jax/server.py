@@ -239,6 +239,7 @@ class Worker:
             return
         stream = generate(self.engine, job.ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
                           top_p=job.top_p, seed=job.seed, stop=job.stop or None, stream=True)
+        stream.when_enqueued(lambda: job.send(("started", None)))
         try:
             for piece in stream:
                 if job.cancelled.is_set():
@@ -340,6 +341,16 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                    stop=[stop] if isinstance(stop, str) else list(stop or []), loop=asyncio.get_running_loop(),
                    out=asyncio.Queue())
 
+    async def next_item(request: Request, job: Job):
+        """The worker's next (what, value), or None once the client has gone (the job is then cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.out.get(), timeout=0.25)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    return None
+
     async def run(request: Request, body: dict, job: Job, kind: str):
         worker.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
@@ -372,12 +383,28 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                     c["usage"] = use
                 return f"data: {json.dumps(c)}\n\n"
 
+            # The headers go once the request's first steps are on the device: this thread's work then runs
+            # while the device computes, not while the engine's thread waits for the GIL to enqueue them.
+            try:
+                first = await next_item(request, job)
+            except asyncio.CancelledError:
+                job.cancelled.set()
+                raise
+            if first is None:
+                return Response(status_code=499)
+            if first[0] == "error":
+                return error(ApiError(500, first[1], type_="server_error"))
+
             async def events():
                 try:
                     if kind == "chat":
                         yield chunk(delta={"role": "assistant", "content": ""})
+                    item = first
                     while True:
-                        what, val = await job.out.get()
+                        what, val = item if item is not None else await job.out.get()
+                        item = None
+                        if what == "started":
+                            continue
                         if what == "text":
                             yield chunk(delta={"content": val}, text=val)
                         elif what == "error":
@@ -399,12 +426,10 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
         parts = []
         try:
             while True:
-                try:
-                    what, val = await asyncio.wait_for(job.out.get(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancelled.set()
-                        return Response(status_code=499)
+                if (item := await next_item(request, job)) is None:
+                    return Response(status_code=499)
+                what, val = item
+                if what == "started":
                     continue
                 if what == "text":
                     parts.append(val)

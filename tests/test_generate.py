@@ -117,6 +117,26 @@ def test_stream_flushes_text_held_back_for_a_stop_string_that_never_completes(en
     assert isinstance(old, (Tokenizer, type(None)))
 
 
+def test_when_enqueued_runs_once_before_the_first_token_is_read(engine):
+    """Stream.when_enqueued: called once, by the iterating thread, after the first steps are enqueued and before
+    the first token is read from the device (no token out, no TTFT yet); not at all for a stream closed before
+    it starts."""
+    import threading
+
+    greedy = generate(engine, IDS, max_new_tokens=5, ignore_eos=True).token_ids
+    calls = []
+    st = generate(engine, IDS, max_new_tokens=5, ignore_eos=True, stream=True)
+    prog = st._progress
+    st.when_enqueued(lambda: calls.append((threading.get_ident(), len(prog.out), prog.timings.ttft_s)))
+    assert calls == []  # nothing runs before the stream is iterated
+    assert [p.token_id for p in st] == greedy
+    assert calls == [(threading.get_ident(), 0, 0.0)] and st.result.timings.ttft_s > 0
+    st = generate(engine, IDS, max_new_tokens=5, ignore_eos=True, stream=True)
+    st.when_enqueued(lambda: calls.append(1))
+    st.close()
+    assert len(calls) == 1
+
+
 def test_package_api_in_a_fresh_process():
     """The README's API: `hybrid_jax.load` and `hybrid_jax.generate` are the functions in a fresh process, first
     thing, and stay so after the engine module is imported by name (a submodule named `generate` used to shadow

@@ -1,6 +1,7 @@
 """Where a streamed request's TTFT goes between the client and the engine (issue 26): stamps along the path of one
-`POST /v1/completions` (stream) against the same prompt in process, for uvicorn's HTTP parsers and event loops
-and the interpreter's switch interval.
+`POST /v1/completions` (stream) against the same prompt in process, for uvicorn's HTTP parsers and event loops,
+the interpreter's switch interval, and when the response's headers go (`early`: as the engine's thread starts the
+request; default: once its first steps are enqueued, Stream.when_enqueued).
 
     python3 -m bench.probes.serve_path --shape llama2-7b --out $OUT
     JAX_PLATFORMS=cpu python3 -m bench.probes.serve_path --shape tiny --reps 5 --out /tmp/sp
@@ -51,8 +52,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="10,500")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--variants", default="asyncio/h11,uvloop/httptools,uvloop/httptools/sw0.1,asyncio/h11/sw0.1",
-                    help="LOOP/HTTP[/swMS][/new], comma-separated")
+    ap.add_argument("--variants", default="asyncio/httptools,asyncio/httptools/early,asyncio/h11",
+                    help="LOOP/HTTP[/swMS][/new][/early], comma-separated; early: the response's headers sent as the "
+                         "engine's thread starts the request (as before Stream.when_enqueued), not once its first "
+                         "steps are on the device")
     args = parse(ap, argv)
     import multiprocessing
 
@@ -92,11 +95,13 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(0)
     rec = {"run": run_record(), "args": vars(args), "variants": {}}
     sw0 = sys.getswitchinterval()
+    when_enqueued = hybrid_jax.engine.Stream.when_enqueued
     for variant in args.variants.split(","):
         parts = variant.split("/")
         loop, http = parts[0], parts[1]
         sw = next((float(p[2:]) * 1e-3 for p in parts[2:] if p.startswith("sw")), sw0)
         sys.setswitchinterval(sw)
+        hybrid_jax.engine.Stream.when_enqueued = (lambda self, fn: fn()) if "early" in parts else when_enqueued
         app = S.create_app(eng, "m")
         route = next(r for r in app.router.routes if getattr(r, "path", None) == "/v1/completions")
         inner = route.app
@@ -150,6 +155,7 @@ def main(argv=None) -> None:
         rec["variants"][variant] = out
         write_json(os.path.join(args.out, "serve_path.json"), rec)
     sys.setswitchinterval(sw0)
+    hybrid_jax.engine.Stream.when_enqueued = when_enqueued
 
     print(f"\n{rec['run']['device']}, {args.shape}; medians (ms), each stamp after the one before")
     print("variant                     n   " + "  ".join(f"{k:>12s}" for k in STAMPS) + "   http   api  +api")
