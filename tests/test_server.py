@@ -262,3 +262,46 @@ def test_sigterm_cancels_and_exits_0(server):
         pass
     conn.close()
     assert proc.wait(timeout=60) == 0, server["log"].read_text()
+
+
+def test_engine_failure_before_the_first_token_is_a_500_and_the_next_request_is_served(monkeypatch, tmp_path):
+    """An engine error before a request's first steps are on the device answers 500 with OpenAI's error JSON,
+    streamed or not (a streamed response's headers wait for those steps), and the next request is served."""
+    import threading
+
+    import uvicorn
+
+    from conftest import hf_params, make_hf_model
+    from hybrid_jax import server as S
+    from hybrid_jax.config import LlamaConfig
+    from hybrid_jax.engine import Engine
+
+    m = make_hf_model("gqa", seed=5)
+    cfg = LlamaConfig.from_hf(m.config.to_dict(), dtype="float32")
+    eng = Engine(cfg, hf_params(m, cfg), max_seq_len=64, cache_dir=tmp_path / "xc")
+    real = S.generate
+
+    def generate(engine, ids, **kw):
+        if ids[0] == 7:
+            raise RuntimeError("device lost")
+        return real(engine, ids, **kw)
+    monkeypatch.setattr(S, "generate", generate)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(S.create_app(eng, "m"), host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        for stream in (True, False):
+            with pytest.raises(openai.InternalServerError, match="device lost"):
+                c.completions.create(model="m", prompt=[7, 8, 9], max_tokens=3, temperature=0, stream=stream)
+        pieces = list(c.completions.create(model="m", prompt=[5, 8, 9], max_tokens=3, temperature=0, stream=True))
+        assert pieces and pieces[-1].choices[0].finish_reason in ("length", "stop")
+        ok = c.completions.create(model="m", prompt=[5, 8, 9], max_tokens=3, temperature=0)
+        assert ok.usage.prompt_tokens == 3 and 1 <= ok.usage.completion_tokens <= 3
+    finally:
+        srv.should_exit = True
+        th.join()
+        eng.close()
