@@ -74,6 +74,34 @@ def _client(conn, port: int) -> None:
         conn.send(_stream_times(chunks))
 
 
+def serve_in_thread(app, client, *client_args, **uvicorn_kw):
+    """`app` on uvicorn in a thread of this process, on a free local port; `client(conn, port, *client_args)` in a
+    process of its own. Returns (stop, conn): `conn` is this side of the pipe to the client; stop() tells the
+    client to end (None), waits for it, then stops the server."""
+    import multiprocessing
+
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **uvicorn_kw))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=client, args=(child, port, *client_args), daemon=True)
+    proc.start()
+
+    def stop():
+        conn.send(None)
+        proc.join()
+        server.should_exit = True
+        th.join()
+    return stop, conn
+
+
 def main(argv=None) -> None:
     ap = parser(__doc__, shape="llama2-7b")
     ap.add_argument("--model", default=None, help="a converted model folder (else random weights of --shape)")
@@ -82,7 +110,6 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--turns", type=int, default=10)
     args = parse(ap, argv)
-    import multiprocessing
 
     import jax
     import numpy as np
@@ -108,20 +135,8 @@ def main(argv=None) -> None:
     rec = {"run": run_record(), "args": vars(args), "overhead": {}, "turns": {}}
     lengths = [int(x) for x in args.lengths.split(",")]
 
-    # ---- the server, in this process (uvicorn in a thread) ----
-    import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(eng, "m")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    conn, child_conn = multiprocessing.get_context("spawn").Pipe()
-    client = multiprocessing.get_context("spawn").Process(target=_client, args=(child_conn, port), daemon=True)
-    client.start()
+    # ---- the server, in this process (uvicorn in a thread), the clients in another ----
+    stop, conn = serve_in_thread(create_app(eng, "m"), _client)
 
     for n in lengths:
         ids = [int(t) for t in rng.integers(3, cfg.vocab_size, n)]
@@ -149,10 +164,7 @@ def main(argv=None) -> None:
             rec["overhead"][n][f"{name}_over_api_ttft_ms"] = statistics.median(
                 (h[0] - a[0]) * 1e3 for a, h in zip(t["api"], t[name]))
         write_json(os.path.join(args.out, "serve_check.json"), rec)
-    conn.send(None)
-    client.join()
-    server.should_exit = True
-    th.join()
+    stop()
 
     # ---- multi-turn: reuse on / off ----
     engines = {"reuse": engine(True), "no_reuse": eng}

@@ -14,13 +14,12 @@ Writes serve_path.json and prints medians (ms).
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
-import threading
 import time
 
 from bench.probes.harness import parse, parser, random_params, run_record, shape_config, write_json
+from bench.probes.serve_check import serve_in_thread
 
 STAMPS = ("sent", "route", "queued", "generate", "first_piece", "client_first")
 
@@ -57,11 +56,8 @@ def main(argv=None) -> None:
                          "engine's thread starts the request (as before Stream.when_enqueued), not once its first "
                          "steps are on the device")
     args = parse(ap, argv)
-    import multiprocessing
-
     import jax
     import numpy as np
-    import uvicorn
 
     import hybrid_jax
     from hybrid_jax import server as S
@@ -110,19 +106,7 @@ def main(argv=None) -> None:
             st["route"] = time.perf_counter()
             await inner(scope, receive, send)
         route.app = stamped
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop=loop,
-                                               http=http))
-        th = threading.Thread(target=server.run, daemon=True)
-        th.start()
-        while not server.started:
-            time.sleep(0.05)
-        ctx = multiprocessing.get_context("spawn")
-        a, b = ctx.Pipe()
-        client = ctx.Process(target=_client, args=(b, port, "new" in parts), daemon=True)
-        client.start()
+        stop, a = serve_in_thread(app, _client, "new" in parts, loop=loop, http=http)
         out = {}
         for n in [int(x) for x in args.lengths.split(",")]:
             ids = [int(t) for t in rng.integers(3, cfg.vocab_size, n)]
@@ -148,10 +132,7 @@ def main(argv=None) -> None:
             out[n] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             out[n]["over_api"] = statistics.median(r["http_ttft"] - r["api_ttft"] for r in rows)
             out[n]["rows"] = rows
-        a.send(None)
-        client.join()
-        server.should_exit = True
-        th.join()
+        stop()
         rec["variants"][variant] = out
         write_json(os.path.join(args.out, "serve_path.json"), rec)
     sys.setswitchinterval(sw0)
