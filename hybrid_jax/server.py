@@ -394,17 +394,15 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                 return Response(status_code=499)
             if first[0] == "error":
                 return error(ApiError(500, first[1], type_="server_error"))
+            if first[0] != "started":  # the request ended before any step: events() reads how
+                job.out.put_nowait(first)
 
             async def events():
                 try:
                     if kind == "chat":
                         yield chunk(delta={"role": "assistant", "content": ""})
-                    item = first
                     while True:
-                        what, val = item if item is not None else await job.out.get()
-                        item = None
-                        if what == "started":
-                            continue
+                        what, val = await job.out.get()
                         if what == "text":
                             yield chunk(delta={"content": val}, text=val)
                         elif what == "error":
