@@ -271,9 +271,8 @@ def rows_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
     return cfg if bn >= 16 and _tiles(cfg, scheme) else None
 
 
-# Prefill chunks of up to GEMM_ROWS_MAX rows take `gemm`; longer ones a matmul over XLA's dequantized matrix. On
-# an H100 (LLaMA-2-7B shape) the kernel took TTFT at 10 tokens (16 rows) from 14.0 to 5.9 ms in int8 and 22.5 to
-# 7.5 ms in int4, and lost at 128 rows (19.9 vs 14.7, 25.0 vs 23.3 ms) and 512 (67.8 vs 21.0, 83.2 vs 28.1 ms).
+# Prefill chunks of up to GEMM_ROWS_MAX rows take `gemm`; longer ones a matmul over XLA's dequantized matrix: the
+# kernel dequantizes each tile again for every tile of rows, which loses from 128 rows (docs/performance.md).
 GEMM_ROWS_MAX = 16
 
 

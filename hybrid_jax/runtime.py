@@ -515,9 +515,8 @@ class Runtime:
     def run_once(self) -> None:
         """Execute every step in memory (compiled or loaded; not the logits executables, which take no state) once
         on the state, whose rows are scratch afterwards (the caller owns the state). An executable's first
-        execution instantiates its CUDA graph and builds what cuDNN compiles at run time: on an H100 the first
-        1024-row prefill of a warmed-up 7B took 142 ms, the next ones 21 (docs/performance.md); `Engine.warmup`
-        takes that off the requests."""
+        execution instantiates its CUDA graph and builds what cuDNN compiles at run time (docs/performance.md):
+        `Engine.warmup` takes that off the requests."""
         one = np.ones((1,), np.int32)
         with self._lock:
             specs = [s for s in self._execs if s[0] != "logits"]
