@@ -194,3 +194,103 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # [K, P, G]; 0 for empty partitions
     o = jnp.sum(acc * w[..., None], axis=1) / jnp.sum(l * w, axis=1)[..., None]
     return o.astype(dtype), k_cache, v_cache
+
+
+# ---- a chunk of rows over the cache ----------------------------------------------------------------------------
+# The rows of a chunk that attends over more cache rows than its own (a prompt's rest after reused rows, a verify
+# step's K+1 rows, a chunk of a prompt longer than the largest bucket): XLA computes that as scores over every
+# cache row, filled or not, then mask, softmax and the weighted values, each a kernel of its own per layer.
+
+CHUNK_QUERY_ROWS = 64  # query rows (T x G) a program holds: [64, Dh] float32 accumulators in registers
+CHUNK_PARTIALS_BYTES = 4 << 20  # the partitions' float32 partial results stay below this per layer
+
+
+def chunk_supported(cache_len: int, head_dim: int) -> bool:
+    return supported(cache_len, head_dim)
+
+
+def _chunk_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, layer: int, groups: int, t: int, bm: int,
+                  bs: int, rows: int, scale: float):
+    """Program (KV head kh, row partition part, query block qb): query rows qb*bm .. +bm of kh's T x G (row m is
+    token m // G of the chunk, at position pos + m // G) over the cache rows of `part` that any of them sees."""
+    kh, part, qb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    pos = pos_ref[0]
+    f32 = jnp.float32
+    m0 = qb * bm
+    # each row's position; padding rows (m >= T x G) as the last token's, their results dropped
+    qpos = pos + jnp.minimum((m0 + jax.lax.broadcasted_iota(jnp.int32, (bm,), 0)) // groups, t - 1)
+    start = part * rows
+    stop = jnp.minimum(pos + jnp.minimum((m0 + bm - 1) // groups, t - 1) + 1, start + rows)  # rows start..stop-1
+    steps = jnp.maximum(stop - start + bs - 1, 0) // bs
+    q = q_ref[kh, pl.ds(m0, bm), :]  # [bm, Dh]
+
+    def body(i, carry):
+        m, l, acc = carry
+        s0 = pl.multiple_of(start + i * bs, bs)
+        k = k_ref[layer, pl.ds(s0, bs), kh, :]  # [bs, Dh]
+        # a block's rows past `stop` (stale, or never written) are zeroed: 0 x inf would leak into the sum
+        v = jnp.where((s0 + jax.lax.broadcasted_iota(jnp.int32, (bs, 1), 0)) < stop, v_ref[layer, pl.ds(s0, bs), kh, :],
+                      0).astype(v_ref.dtype)
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale  # [bm, bs]
+        valid = (s0 + jax.lax.broadcasted_iota(jnp.int32, (bm, bs), 1)) <= qpos[:, None]
+        s = jnp.where(valid, s, _NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(valid, jnp.exp(s - m_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=f32)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((bm,), _NEG, f32), jnp.zeros((bm,), f32), jnp.zeros((bm, q.shape[1]), f32))
+    m, l, acc = jax.lax.fori_loop(0, steps, body, init)
+    m_ref[kh, part, pl.ds(m0, bm)] = m
+    l_ref[kh, part, pl.ds(m0, bm)] = l
+    acc_ref[kh, part, pl.ds(m0, bm), :] = acc
+
+
+def attend_chunk(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int, pos: jax.Array, *,
+                 rows_per_program: int | None = None, interpret: bool = False) -> jax.Array:
+    """Causal attention of a chunk of T tokens at positions pos .. pos+T-1 over the cache rows 0 .. pos+T-1 of
+    `layer`, whose keys and values (the chunk's own included) are already written there.
+
+    q: [T, K, G, Dh] (rotary embedding applied) in the model's dtype; k_cache, v_cache: [L, S, K, Dh]; pos: int32
+    [1], with pos + T <= S. Returns [T, K, G, Dh] in q's dtype: `model.attention` over rows 0..S-1 up to float32
+    rounding (the softmax normalised at the end; the probabilities rounded to the values' dtype for the tensor-core
+    product, as `model.attention` rounds them). Rows past the chunk's last token do not change the result, whatever
+    they hold: a program (KV head, row partition, block of query rows) walks only the row blocks its queries see,
+    with an online softmax, and XLA combines the partitions."""
+    T, K, G, Dh = q.shape
+    L, S, Kc, Dc = k_cache.shape
+    if (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q {q.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
+    if not chunk_supported(S, Dh):
+        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `chunk_supported` first)")
+    M = T * G
+    mp = max(16, 1 << (M - 1).bit_length())  # the tensor-core product's rows: a power of 2, at least 16
+    bm = min(mp, CHUNK_QUERY_ROWS)
+    bs = block_rows(S)
+    if rows_per_program is None:  # as many partitions as the partial results' budget allows, up to ~256 programs
+        parts = max(1, min(-(-256 // K), CHUNK_PARTIALS_BYTES // (K * mp * Dh * 4), S // bs))
+        rows_per_program = -(-(-(-S // parts)) // bs) * bs
+    rows = rows_per_program
+    if rows % bs:
+        raise ValueError(f"rows_per_program {rows} is not a multiple of the row block {bs}")
+    parts = -(-S // rows)
+    qm = jnp.transpose(q, (1, 0, 2, 3)).reshape(K, M, Dh)  # row m = token m // G, query head m % G
+    if mp != M:
+        qm = jnp.pad(qm, ((0, 0), (0, mp - M), (0, 0)))
+    kernel = functools.partial(_chunk_kernel, layer=layer, groups=G, t=T, bm=bm, bs=bs, rows=rows,
+                               scale=1.0 / float(Dh) ** 0.5)
+    params = {}
+    if plt is not None and not interpret:
+        params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
+    f32 = jnp.float32
+    m, l, acc = pl.pallas_call(
+        kernel, grid=(K, parts, mp // bm), interpret=interpret, name=f"chunk_attention_l{layer}",
+        out_shape=(jax.ShapeDtypeStruct((K, parts, mp), f32), jax.ShapeDtypeStruct((K, parts, mp), f32),
+                   jax.ShapeDtypeStruct((K, parts, mp, Dh), f32)),
+        **params,
+    )(pos.reshape(1).astype(jnp.int32), qm.astype(k_cache.dtype), k_cache, v_cache)
+    w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # [K, P, Mp]; 0 for partitions past a row's position
+    o = jnp.sum(acc * w[..., None], axis=1) / jnp.sum(l * w, axis=1)[..., None]  # [K, Mp, Dh]
+    o = o[:, :M].reshape(K, T, G, Dh)
+    return jnp.transpose(o, (1, 0, 2, 3)).astype(q.dtype)

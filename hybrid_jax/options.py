@@ -48,6 +48,10 @@ class KernelOptions:
                        kernels run there per shard inside shard_map when named, with `decode_attention`).
     decode_attention   the decode step's rope + cache write + attention as one kernel (decode_attention.py):
                        KERNEL_MODES. auto: as `gemv`.
+    chunk_attention    the attention of a chunk (T > 1) that does not take `prefill_attention` (a prompt's rest
+                       after reused rows, a verify step, a bucket below `prefill_attention_min_rows`) as one kernel
+                       over the rows its tokens see (decode_attention.attend_chunk): KERNEL_MODES. auto: "xla"
+                       (the kernel is not yet timed on a GPU).
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
                        reductions instead of the GEMV kernel, where `gemv` is not "xla". auto: ROW_REDUCE_AUTO
                        in mode "pallas" (none for a quantized model: qgemv.py's kernels), none in "interpret".
@@ -72,6 +76,7 @@ class KernelOptions:
     """
     gemv: str = AUTO
     decode_attention: str = AUTO
+    chunk_attention: str = AUTO
     row_reduce: Any = AUTO  # "auto" or a frozenset of names (any iterable of names is converted)
     matmul_2d: Any = AUTO  # "auto" or a bool
     prefill_wo: str = AUTO
@@ -86,7 +91,7 @@ class KernelOptions:
         def setf(name, v):
             object.__setattr__(self, name, v)
 
-        for name in ("gemv", "decode_attention", "prefill_wo", "quant_prefill"):
+        for name in ("gemv", "decode_attention", "chunk_attention", "prefill_wo", "quant_prefill"):
             v = getattr(self, name)
             if v is None:  # the old API's spelling of XLA's path
                 setf(name, v := "xla")
@@ -132,7 +137,7 @@ class KernelOptions:
     @classmethod
     def xla(cls, matmul_2d: bool) -> "KernelOptions":
         """Resolved options with XLA's path everywhere (no Pallas kernel, no fused attention)."""
-        return cls(gemv="xla", decode_attention="xla", row_reduce=frozenset(), matmul_2d=matmul_2d,
+        return cls(gemv="xla", decode_attention="xla", chunk_attention="xla", row_reduce=frozenset(), matmul_2d=matmul_2d,
                    prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
                    prefill_matmuls="autotune", token_memory="device",
                    quant_matvec="grouped" if matmul_2d else "rowsum", quant_prefill="xla")
@@ -156,6 +161,9 @@ class KernelOptions:
         # "pallas" for the two below is their default: where the GEMVs run
         if get("HYBRID_JAX_DECODE_ATTN", ("auto", "xla", "pallas")) == "xla":
             kw["decode_attention"] = "xla"
+        v = get("HYBRID_JAX_CHUNK_ATTN", ("auto", "xla", "pallas"))
+        if v in ("xla", "pallas"):
+            kw["chunk_attention"] = v
         if get("HYBRID_JAX_PREFILL_WO", ("auto", "xla", "pallas")) == "xla":
             kw["prefill_wo"] = "xla"
         v = env.get("HYBRID_JAX_ROW_REDUCE", "").strip().lower()
@@ -214,6 +222,8 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     gpu = _on_gpu(devices)
     gemv = ("pallas" if gpu and mesh is None else "xla") if o.gemv == AUTO else o.gemv
     attn = gemv if o.decode_attention == AUTO else o.decode_attention
+    # XLA's attention until the kernel has its A/B on a GPU (bench.probes.chunk_check)
+    chunk = "xla" if o.chunk_attention == AUTO else o.chunk_attention
     wo = gemv if o.prefill_wo == AUTO else o.prefill_wo
     if gemv == "xla":
         rr = frozenset()  # XLA's path has no kernels to replace
@@ -245,10 +255,10 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
                     ("token_memory", token)):
         _one_device(name, v, mesh)
     if mesh is not None and gemv == "xla":
-        for name, v in (("decode_attention", attn), ("prefill_wo", wo)):
+        for name, v in (("decode_attention", attn), ("chunk_attention", chunk), ("prefill_wo", wo)):
             if v != "xla":
                 raise ValueError(f"{name}={v!r} with tensor_parallel > 1 runs inside shard_map with gemv's kernels: "
                                  f"name gemv too (gemv='pallas'), or use the XLA path")
-    return KernelOptions(gemv=gemv, decode_attention=attn, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
+    return KernelOptions(gemv=gemv, decode_attention=attn, chunk_attention=chunk, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
                          prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
                          token_memory=token, quant_matvec=qmv, quant_prefill=qpre)

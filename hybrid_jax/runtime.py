@@ -336,7 +336,7 @@ class Runtime:
                              quant_prefill=o.quant_prefill if T <= qgemv.GEMM_ROWS_MAX else "xla")
         if spec[0] == "decode":
             return o.replace(prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
-                             prefill_matmuls="autotune", quant_prefill="xla")
+                             prefill_matmuls="autotune", quant_prefill="xla", chunk_attention="xla")
         return KernelOptions.xla(matmul_2d=o.matmul_2d)
 
     def cache_key(self, spec: tuple) -> dict:

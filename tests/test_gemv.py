@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_VARIANTS, hf_params, make_hf_model, rel_err
 from hybrid_jax import gemv as G
-from hybrid_jax import kv_cache, model
+from hybrid_jax import kv_cache, model, weights
 from hybrid_jax.config import LlamaConfig
 from hybrid_jax.engine import Engine, generate
 from hybrid_jax.options import ROW_REDUCE_AUTO, KernelOptions
@@ -429,6 +429,59 @@ def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
     changed = np.asarray(kc2 != kc).any(axis=(2, 3))  # [L, S]: only row n-1 of layer 1
     assert changed[1, n - 1] and changed.sum() == 1
     assert np.asarray(vc2 != vc).any(axis=(2, 3)).sum() == 1
+
+
+@pytest.mark.parametrize("K,G,S,T,pos,rows", [(2, 1, 64, 5, 10, None), (1, 3, 48, 7, 41, None),
+                                              (2, 2, 128, 64, 30, 64), (3, 3, 96, 16, 0, 32), (1, 1, 64, 1, 63, None),
+                                              (2, 4, 256, 40, 200, 64), (1, 2, 1040, 9, 1000, None)])
+def test_chunk_attention_kernel_equals_model(K, G, S, T, pos, rows):
+    """T tokens at positions pos..pos+T-1 over layer 1 of a stacked cache whose rows past pos+T-1 hold garbage:
+    the kernel's output equals the model's attention over the whole cache (causal by position), with the row
+    partitions (rows) and query blocks (T x G over 64 rows) split several ways."""
+    rng = np.random.default_rng(S + T + pos)
+    Dh, L = 32, 2
+    cfg = LlamaConfig(vocab_size=32, dim=K * G * Dh, n_layers=L, n_heads=K * G, n_kv_heads=K, ffn_dim=32)
+    kc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((L, S, K, Dh)), jnp.float32) * 3
+    q = jnp.asarray(rng.standard_normal((T, K, G, Dh)), jnp.float32)
+    got = A.attend_chunk(q, kc, vc, 1, jnp.asarray([pos], jnp.int32), rows_per_program=rows, interpret=True)
+    ref = model.attention(cfg, q, kc[1], vc[1], pos + jnp.arange(T, dtype=jnp.int32))
+    assert got.shape == q.shape and rel_err(got, ref) < 1e-5
+    # rows past the last token change nothing, whatever they hold
+    bad = kc.at[1, pos + T:].set(jnp.nan), vc.at[1, pos + T:].set(jnp.nan)
+    again = A.attend_chunk(q, *bad, 1, jnp.asarray([pos], jnp.int32), rows_per_program=rows, interpret=True)
+    assert np.array_equal(np.asarray(again), np.asarray(got))
+
+
+def test_chunk_attention_in_the_prefill_equals_xla():
+    """The forward pass of a chunk after 37 cached rows (as KV reuse and verify steps run it) gives the same logits
+    and cache with the kernel (interpreted) as with XLA's attention; and through the engine, a prompt then a second
+    one that reuses its rows gives the same greedy tokens both ways."""
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="float32")
+    params = weights.init_random(cfg, jax.random.PRNGKey(3), scale=0.3)
+    cache = kv_cache.zeros(cfg, 128)
+    toks = jnp.asarray(np.random.default_rng(0).integers(1, 64, 48), jnp.int32)
+    xla = KernelOptions.xla(matmul_2d=True)
+    _, cache = model.forward(cfg, params, cache, toks[:37], jnp.arange(37, dtype=jnp.int32), None, xla)
+    pos = jnp.arange(37, 48, dtype=jnp.int32)
+    ref, ref_cache = model.forward(cfg, params, cache, toks[37:], pos, None, xla)
+    got, got_cache = model.forward(cfg, params, cache, toks[37:], pos, None, xla.replace(chunk_attention="interpret"))
+    assert rel_err(got, ref) < 1e-5 and rel_err(got_cache.k, ref_cache.k) < 1e-6
+    rng = np.random.default_rng(1)
+    first = [int(t) for t in rng.integers(1, 64, 37)]
+    second = first + [int(t) for t in rng.integers(1, 64, 21)]
+    outs = []
+    for chunk in ("xla", "interpret"):
+        eng = Engine(cfg, params, max_seq_len=128, prefill_buckets=(16, 32), compile_sampling=False, kv_reuse=True,
+                     options=KernelOptions(gemv="xla", decode_attention="xla", chunk_attention=chunk))
+        try:
+            r1 = generate(eng, first, max_new_tokens=6, ignore_eos=True)
+            r2 = generate(eng, second, max_new_tokens=6, ignore_eos=True)
+            assert r2.timings.reused_tokens == 37
+            outs.append((r1.token_ids, r2.token_ids))
+        finally:
+            eng.close()
+    assert outs[0] == outs[1]
 
 
 def test_attention_kernel_bf16_rounds_like_the_model():

@@ -42,6 +42,8 @@ def test_resolve_on_one_gpu_takes_the_kernels():
     assert (o.gemv, o.decode_attention, o.prefill_wo, o.prefill_attention) == ("pallas", "pallas", "pallas", "cudnn")
     assert o.row_reduce == ROW_REDUCE_AUTO == {"wqkv", "wo", "w13"} and o.matmul_2d is False
     assert o.prefill_attention_min_rows == 128 and o.prefill_matmuls == "split" and o.token_memory == "pinned_host"
+    assert o.chunk_attention == "xla"  # until the kernel's A/B
+    assert resolve(KernelOptions(chunk_attention="pallas"), BF16, gpu(), None).chunk_attention == "pallas"
     assert resolve(None, BF16, gpu("device"), None).token_memory == "device"  # no pinned host memory
     # cuDNN's fused attention: 16-bit, head dim a multiple of 8 up to 128
     assert resolve(None, BF16.replace(dtype="float32"), gpu(), None).prefill_attention == "off"
@@ -98,6 +100,7 @@ VARS = {  # variable, value -> the options it gives
     ("HYBRID_JAX_ROW_REDUCE", " w13, w2 "): KernelOptions(row_reduce={"w13", "w2"}),
     ("HYBRID_JAX_ROW_REDUCE", "auto"): KernelOptions(),
     ("HYBRID_JAX_PREFILL_WO", "xla"): KernelOptions(prefill_wo="xla"),
+    ("HYBRID_JAX_CHUNK_ATTN", "pallas"): KernelOptions(chunk_attention="pallas"),
     ("HYBRID_JAX_PREFILL_ATTN", "off"): KernelOptions(prefill_attention="off"),
     ("HYBRID_JAX_PREFILL_ATTN", "all"): KernelOptions(prefill_attention_min_rows=0),
     ("HYBRID_JAX_PREFILL_MATMULS", "cublas"): KernelOptions(prefill_matmuls="cublas"),
