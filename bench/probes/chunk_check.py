@@ -56,7 +56,7 @@ def main(argv=None):
         eng.warmup()
         out = {"options": eng.stats().get("options"), "start_s": round(time.perf_counter() - t0, 1)}
 
-        def ttft(prompt, before=None):
+        def ttft(prompt, before=None, eng=eng):
             if before is not None:
                 hybrid_jax.generate(eng, before, max_new_tokens=1, ignore_eos=True, speculative=False)
             r = hybrid_jax.generate(eng, prompt, max_new_tokens=1, ignore_eos=True, speculative=False)
