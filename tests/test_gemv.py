@@ -484,6 +484,24 @@ def test_chunk_attention_in_the_prefill_equals_xla():
     assert outs[0] == outs[1]
 
 
+def test_verify_steps_through_the_chunk_kernel_equal_plain_decode():
+    """Prompt lookup's verify steps (K + 1 rows over the cache) with the chunk kernel (interpreted): the greedy
+    tokens of plain decode, with proposals accepted."""
+    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="float32")
+    params = weights.init_random(cfg, jax.random.PRNGKey(1), scale=0.5)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, 64, 12)] * 4
+    outs = []
+    for kw in ({}, dict(speculative="ngram", num_speculative_tokens=4,
+                        options=KernelOptions(chunk_attention="interpret"))):
+        eng = Engine(cfg, params, max_seq_len=128, prefill_buckets=(16, 32), compile_sampling=False, **kw)
+        try:
+            r = generate(eng, prompt, max_new_tokens=40, ignore_eos=True)
+            outs.append((r.token_ids, r.timings.verify_steps, r.timings.accepted))
+        finally:
+            eng.close()
+    assert outs[1][0] == outs[0][0] and outs[1][1] > 0 and outs[1][2] > 0
+
+
 def test_attention_kernel_bf16_rounds_like_the_model():
     """In bf16 the summed projection is rounded to bf16 before rope, and rope's result again, as the
     model's bf16 tensors are: the written cache row equals the model's bit for bit."""
