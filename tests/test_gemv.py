@@ -494,6 +494,7 @@ def test_verify_steps_through_the_chunk_kernel_equal_plain_decode():
     for kw in ({}, dict(speculative="ngram", num_speculative_tokens=4,
                         options=KernelOptions(chunk_attention="interpret"))):
         eng = Engine(cfg, params, max_seq_len=128, prefill_buckets=(16, 32), compile_sampling=False, **kw)
+        eng.spec_break_even = 0  # speculate throughout: the interpreted kernel is slow, which the back-off would see
         try:
             r = generate(eng, prompt, max_new_tokens=40, ignore_eos=True)
             outs.append((r.token_ids, r.timings.verify_steps, r.timings.accepted))
