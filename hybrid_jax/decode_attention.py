@@ -197,9 +197,10 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
 
 
 # ---- a chunk of rows over the cache ----------------------------------------------------------------------------
-# The rows of a chunk that attends over more cache rows than its own (a prompt's rest after reused rows, a verify
-# step's K+1 rows, a chunk of a prompt longer than the largest bucket): XLA computes that as scores over every
-# cache row, filled or not, then mask, softmax and the weighted values, each a kernel of its own per layer.
+# The rows of a chunk that does not take cuDNN's fused attention (a prompt's rest after reused rows, a verify step's
+# K+1 rows, a chunk of a prompt longer than the largest bucket, a bucket under 128 rows): XLA computes that as scores
+# over every row it may attend, filled or not, then mask, softmax and the weighted values, each a kernel of its own
+# per layer.
 
 CHUNK_QUERY_ROWS = 64  # query rows (T x G) a program holds: [64, Dh] float32 accumulators in registers
 CHUNK_PARTIALS_BYTES = 4 << 20  # the partitions' float32 partial results stay below this per layer
