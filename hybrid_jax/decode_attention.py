@@ -206,10 +206,6 @@ CHUNK_QUERY_ROWS = 64  # query rows (T x G) a program holds: [64, Dh] float32 ac
 CHUNK_PARTIALS_BYTES = 4 << 20  # the partitions' float32 partial results stay below this per layer
 
 
-def chunk_supported(cache_len: int, head_dim: int) -> bool:
-    return supported(cache_len, head_dim)
-
-
 def _chunk_kernel(pos_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, layer: int, groups: int, t: int, bm: int,
                   bs: int, rows: int, scale: float):
     """Program (KV head kh, row partition part, query block qb): query rows qb*bm .. +bm of kh's T x G (row m is
@@ -263,8 +259,8 @@ def attend_chunk(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: in
     L, S, Kc, Dc = k_cache.shape
     if (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
         raise ValueError(f"q {q.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
-    if not chunk_supported(S, Dh):
-        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `chunk_supported` first)")
+    if not supported(S, Dh):
+        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
     M = T * G
     mp = max(16, 1 << (M - 1).bit_length())  # the tensor-core product's rows: a power of 2, at least 16
     bm = min(mp, CHUNK_QUERY_ROWS)

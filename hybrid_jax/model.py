@@ -248,7 +248,7 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
             # The attended rows are exactly this chunk's (a prompt's own bucket from position 0): one fused
             # kernel over the new keys and values, instead of XLA's scores, mask, softmax and two products.
             o = fused_attention(q, k.astype(cache.k.dtype), v.astype(cache.v.dtype), opts.prefill_attention)
-        elif opts.chunk_attention != "xla" and decode_attention.chunk_supported(cache.max_seq_len, cfg.hd):
+        elif opts.chunk_attention != "xla" and decode_attention.supported(cache.max_seq_len, cfg.hd):
             # One kernel over the rows each token sees (no scores over unfilled rows, no separate mask/softmax).
             o = decode_attention.attend_chunk(q, cache.k, cache.v, l, positions[:1],
                                               interpret=opts.chunk_attention == "interpret")

@@ -137,8 +137,8 @@ class KernelOptions:
     @classmethod
     def xla(cls, matmul_2d: bool) -> "KernelOptions":
         """Resolved options with XLA's path everywhere (no Pallas kernel, no fused attention)."""
-        return cls(gemv="xla", decode_attention="xla", chunk_attention="xla", row_reduce=frozenset(), matmul_2d=matmul_2d,
-                   prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
+        return cls(gemv="xla", decode_attention="xla", chunk_attention="xla", row_reduce=frozenset(),
+                   matmul_2d=matmul_2d, prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
                    prefill_matmuls="autotune", token_memory="device",
                    quant_matvec="grouped" if matmul_2d else "rowsum", quant_prefill="xla")
 
@@ -259,6 +259,6 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
             if v != "xla":
                 raise ValueError(f"{name}={v!r} with tensor_parallel > 1 runs inside shard_map with gemv's kernels: "
                                  f"name gemv too (gemv='pallas'), or use the XLA path")
-    return KernelOptions(gemv=gemv, decode_attention=attn, chunk_attention=chunk, row_reduce=rr, matmul_2d=m2d, prefill_wo=wo,
-                         prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
+    return KernelOptions(gemv=gemv, decode_attention=attn, chunk_attention=chunk, row_reduce=rr, matmul_2d=m2d,
+                         prefill_wo=wo, prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
                          token_memory=token, quant_matvec=qmv, quant_prefill=qpre)

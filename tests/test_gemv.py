@@ -431,6 +431,10 @@ def test_attention_kernel_equals_model(K, G, S, n, splits, blocks):
     assert np.asarray(vc2 != vc).any(axis=(2, 3)).sum() == 1
 
 
+# a small GQA model in float32 for the chunk kernel inside the engine
+CHUNK_CFG = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="float32")
+
+
 @pytest.mark.parametrize("K,G,S,T,pos,rows", [(2, 1, 64, 5, 10, None), (1, 3, 48, 7, 41, None),
                                               (2, 2, 128, 64, 30, 64), (3, 3, 96, 16, 0, 32), (1, 1, 64, 1, 63, None),
                                               (2, 4, 256, 40, 200, 64), (1, 2, 1040, 9, 1000, None)])
@@ -457,7 +461,7 @@ def test_chunk_attention_in_the_prefill_equals_xla():
     """The forward pass of a chunk after 37 cached rows (as KV reuse and verify steps run it) gives the same logits
     and cache with the kernel (interpreted) as with XLA's attention; and through the engine, a prompt then a second
     one that reuses its rows gives the same greedy tokens both ways."""
-    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="float32")
+    cfg = CHUNK_CFG
     params = weights.init_random(cfg, jax.random.PRNGKey(3), scale=0.3)
     cache = kv_cache.zeros(cfg, 128)
     toks = jnp.asarray(np.random.default_rng(0).integers(1, 64, 48), jnp.int32)
@@ -487,7 +491,7 @@ def test_chunk_attention_in_the_prefill_equals_xla():
 def test_verify_steps_through_the_chunk_kernel_equal_plain_decode():
     """Prompt lookup's verify steps (K + 1 rows over the cache) with the chunk kernel (interpreted): the greedy
     tokens of plain decode, with proposals accepted."""
-    cfg = LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="float32")
+    cfg = CHUNK_CFG
     params = weights.init_random(cfg, jax.random.PRNGKey(1), scale=0.5)
     prompt = [int(t) for t in np.random.default_rng(0).integers(1, 64, 12)] * 4
     outs = []
