@@ -51,9 +51,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="10,500")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--variants", default="asyncio/httptools,asyncio/httptools/early,asyncio/h11",
-                    help="LOOP/HTTP[/swMS][/new][/early], comma-separated; early: the response's headers sent as the "
-                         "engine's thread starts the request (as before Stream.when_enqueued), not once its first "
+    ap.add_argument("--variants", default="asyncio/httptools,asyncio/httptools/queue,asyncio/httptools/queue/early",
+                    help="LOOP/HTTP[/swMS][/new][/queue][/early], comma-separated; queue: every request through the "
+                         "worker's queue (no first piece on the event loop's thread); early (with queue): the "
+                         "response's headers sent as the engine's thread starts the request, not once its first "
                          "steps are on the device")
     args = parse(ap, argv)
     import jax
@@ -78,9 +79,9 @@ def main(argv=None) -> None:
         st["generate"] = time.perf_counter()
         return generate0(*a, **k)
 
-    def submit(self, job):
-        submit0(self, job)
+    def submit(self, job):  # (inline, the first piece is computed inside submit)
         st["queued"] = time.perf_counter()
+        submit0(self, job)
 
     def send(self, item):
         if item[0] == "text" and "first_piece" not in st:
@@ -92,12 +93,14 @@ def main(argv=None) -> None:
     rec = {"run": run_record(), "args": vars(args), "variants": {}}
     sw0 = sys.getswitchinterval()
     when_enqueued = hybrid_jax.engine.Stream.when_enqueued
+    inline_max = S.INLINE_MAX_IDS
     for variant in args.variants.split(","):
         parts = variant.split("/")
         loop, http = parts[0], parts[1]
         sw = next((float(p[2:]) * 1e-3 for p in parts[2:] if p.startswith("sw")), sw0)
         sys.setswitchinterval(sw)
         hybrid_jax.engine.Stream.when_enqueued = (lambda self, fn: fn()) if "early" in parts else when_enqueued
+        S.INLINE_MAX_IDS = 0 if "queue" in parts else inline_max
         app = S.create_app(eng, "m")
         route = next(r for r in app.router.routes if getattr(r, "path", None) == "/v1/completions")
         inner = route.app
@@ -137,6 +140,7 @@ def main(argv=None) -> None:
         write_json(os.path.join(args.out, "serve_path.json"), rec)
     sys.setswitchinterval(sw0)
     hybrid_jax.engine.Stream.when_enqueued = when_enqueued
+    S.INLINE_MAX_IDS = inline_max
 
     print(f"\n{rec['run']['device']}, {args.shape}; medians (ms), each stamp after the one before")
     print("variant                     n   " + "  ".join(f"{k:>12s}" for k in STAMPS) + "   http   api  +api")
