@@ -93,15 +93,15 @@ def main(argv=None) -> None:
     rec = {"run": run_record(), "args": vars(args), "variants": {}}
     sw0 = sys.getswitchinterval()
     when_enqueued = hybrid_jax.engine.Stream.when_enqueued
-    inline_max = S.INLINE_MAX_IDS
     for variant in args.variants.split(","):
         parts = variant.split("/")
         loop, http = parts[0], parts[1]
         sw = next((float(p[2:]) * 1e-3 for p in parts[2:] if p.startswith("sw")), sw0)
         sys.setswitchinterval(sw)
         hybrid_jax.engine.Stream.when_enqueued = (lambda self, fn: fn()) if "early" in parts else when_enqueued
-        S.INLINE_MAX_IDS = 0 if "queue" in parts else inline_max
         app = S.create_app(eng, "m")
+        if "queue" in parts:
+            app.state.worker.inline_max_ids = 0
         route = next(r for r in app.router.routes if getattr(r, "path", None) == "/v1/completions")
         inner = route.app
 
@@ -140,7 +140,6 @@ def main(argv=None) -> None:
         write_json(os.path.join(args.out, "serve_path.json"), rec)
     sys.setswitchinterval(sw0)
     hybrid_jax.engine.Stream.when_enqueued = when_enqueued
-    S.INLINE_MAX_IDS = inline_max
 
     print(f"\n{rec['run']['device']}, {args.shape}; medians (ms), each stamp after the one before")
     print("variant                     n   " + "  ".join(f"{k:>12s}" for k in STAMPS) + "   http   api  +api")
