@@ -5,7 +5,8 @@ request models, whose validation errors (422, their own JSON) are not OpenAI's 4
 in OpenAI's error format and names the parameter.
 
 Requests are served one at a time (batch 1) by one worker thread that owns the engine, from a FIFO queue with a
-bound (past it: 503 with Retry-After). The engine's own KV reuse makes a chat's next turn prefill only its new
+bound (past it: 503 with Retry-After). A request that finds the engine idle has its first token computed on the
+event loop's thread, saving two thread crossings on its TTFT, and goes on in the worker's thread. The engine's own KV reuse makes a chat's next turn prefill only its new
 tokens. A request whose client goes away is stopped at its next token. The page at `/` (static/chat.html, in the
 package) is a small chat client of the same API.
 """
@@ -180,6 +181,7 @@ INLINE_MAX_IDS = {"cpu": 64, "gpu": 2048}
 # the rest of an inline stream goes to the worker's thread once the route has sent what is queued, or after this
 GO_ON_AFTER_S = 0.002
 
+
 class Worker:
     """The thread that owns the engine: runs queued jobs one at a time, in order. A job that finds the engine
     idle has its first piece computed on the submitting (event loop's) thread, then continues on this one."""
@@ -344,7 +346,6 @@ class Worker:
         self._finish(job, stream)
 
     def _finish(self, job: Job, stream) -> None:
-        stream.close()
         m, res = self.metrics, stream.result
         if job.cancelled.is_set():
             res.finish_reason = "cancelled"
