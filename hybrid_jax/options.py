@@ -50,8 +50,8 @@ class KernelOptions:
                        KERNEL_MODES. auto: as `gemv`.
     chunk_attention    the attention of a chunk (T > 1) that does not take `prefill_attention` (a prompt's rest
                        after reused rows, a verify step, a bucket below `prefill_attention_min_rows`) as one kernel
-                       over the rows its tokens see (decode_attention.attend_chunk): KERNEL_MODES. auto: "xla"
-                       (the kernel is not yet timed on a GPU).
+                       over the rows its tokens see (decode_attention.attend_chunk): KERNEL_MODES. auto: "pallas"
+                       where `decode_attention` resolves to "pallas" on one device, "xla" elsewhere.
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
                        reductions instead of the GEMV kernel, where `gemv` is not "xla". auto: ROW_REDUCE_AUTO
                        in mode "pallas" (none for a quantized model: qgemv.py's kernels), none in "interpret".
@@ -222,8 +222,9 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
     gpu = _on_gpu(devices)
     gemv = ("pallas" if gpu and mesh is None else "xla") if o.gemv == AUTO else o.gemv
     attn = gemv if o.decode_attention == AUTO else o.decode_attention
-    # XLA's attention until the kernel has its A/B on a GPU (bench.probes.chunk_check)
-    chunk = "xla" if o.chunk_attention == AUTO else o.chunk_attention
+    # the kernel where the decode step's kernels run on one GPU (bench.probes.chunk_check, docs/performance.md)
+    chunk = ("pallas" if attn == "pallas" and mesh is None else "xla") if o.chunk_attention == AUTO \
+        else o.chunk_attention
     wo = gemv if o.prefill_wo == AUTO else o.prefill_wo
     if gemv == "xla":
         rr = frozenset()  # XLA's path has no kernels to replace

@@ -41,8 +41,8 @@ def _lower(fn, *args):
 
 @pytest.mark.parametrize("shape,quant,options", [c + (None,) for c in CASES] + [
     ("smollm2-135m", "int8", options_lib.KernelOptions(quant_prefill="xla")),
-    ("llama2-7b", None, options_lib.KernelOptions(chunk_attention="pallas")),
-    ("smollm2-135m", None, options_lib.KernelOptions(chunk_attention="pallas"))])
+    ("llama2-7b", None, options_lib.KernelOptions(chunk_attention="xla")),
+    ("smollm2-135m", None, options_lib.KernelOptions(chunk_attention="xla"))])
 def test_steps_lower_for_cuda(shape, quant, options):
     cfg = LlamaConfig(n_layers=2, dtype="bfloat16", quant=quant, **SHAPES[shape])
     opts = options_lib.resolve(options, cfg, [_GPU()], None)
@@ -68,6 +68,6 @@ def test_steps_lower_for_cuda(shape, quant, options):
     # everywhere when quant_prefill is "xla")
     assert ("qgemm" in hlo[2]) == (quant is not None and options is None) and "qgemm" not in hlo[3]
     # a chunk over the cache (a prefill over the whole cache, the verify step) attends through the chunk kernel
-    # where it is named
-    chunk = options is not None and options.chunk_attention == "pallas"
+    # unless XLA's attention is named
+    chunk = opts.chunk_attention == "pallas"
     assert all(("chunk_attention_l0" in h) == chunk for h in hlo[2:]) and "chunk_attention" not in hlo[0]

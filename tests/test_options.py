@@ -42,8 +42,10 @@ def test_resolve_on_one_gpu_takes_the_kernels():
     assert (o.gemv, o.decode_attention, o.prefill_wo, o.prefill_attention) == ("pallas", "pallas", "pallas", "cudnn")
     assert o.row_reduce == ROW_REDUCE_AUTO == {"wqkv", "wo", "w13"} and o.matmul_2d is False
     assert o.prefill_attention_min_rows == 128 and o.prefill_matmuls == "split" and o.token_memory == "pinned_host"
-    assert o.chunk_attention == "xla"  # until the kernel's A/B
-    assert resolve(KernelOptions(chunk_attention="pallas"), BF16, gpu(), None).chunk_attention == "pallas"
+    assert o.chunk_attention == "pallas"
+    assert resolve(KernelOptions(chunk_attention="xla"), BF16, gpu(), None).chunk_attention == "xla"
+    assert resolve(KernelOptions(decode_attention="xla"), BF16, gpu(), None).chunk_attention == "xla"
+    assert resolve(KernelOptions(gemv="interpret"), BF16, CPU, None).chunk_attention == "xla"
     assert resolve(None, BF16, gpu("device"), None).token_memory == "device"  # no pinned host memory
     # cuDNN's fused attention: 16-bit, head dim a multiple of 8 up to 128
     assert resolve(None, BF16.replace(dtype="float32"), gpu(), None).prefill_attention == "off"
@@ -76,6 +78,7 @@ def test_resolve_with_a_mesh():
     # named kernels run per shard inside shard_map (model._layers_on_shards): gemv's, the attention's, the prefill's
     o = resolve(KernelOptions(gemv="pallas"), BF16, devs, m)
     assert (o.gemv, o.decode_attention, o.prefill_wo, o.row_reduce) == ("pallas", "pallas", "pallas", ROW_REDUCE_AUTO)
+    assert o.chunk_attention == "xla"  # the chunk kernel is timed on one GPU only
     assert resolve(KernelOptions(prefill_attention="xla"), BF16, devs, m).prefill_attention == "xla"
 
 
