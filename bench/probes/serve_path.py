@@ -1,14 +1,16 @@
 """Where a streamed request's TTFT goes between the client and the engine (issue 26): stamps along the path of one
 `POST /v1/completions` (stream) against the same prompt in process, for uvicorn's HTTP parsers and event loops,
-the interpreter's switch interval, and when the response's headers go (`early`: as the engine's thread starts the
-request; default: once its first steps are enqueued, Stream.when_enqueued).
+the interpreter's switch interval, where the first piece is computed (default: on the event loop's thread when the
+engine is idle; `queue`: every request through the worker's thread), and, with `queue`, when the response's headers
+go (`early`: as the engine's thread starts the request; else once its first steps are enqueued).
 
     python3 -m bench.probes.serve_path --shape llama2-7b --out $OUT
     JAX_PLATFORMS=cpu python3 -m bench.probes.serve_path --shape tiny --reps 5 --out /tmp/sp
 
 The client runs in its own process over one keep-alive connection (http.client; "new" variants open one a
 request). Stamps (time.perf_counter is CLOCK_MONOTONIC, one clock for both processes): client start -> request
-sent -> route entered -> job queued -> worker calls generate -> first piece -> first chunk read by the client.
+sent -> route entered -> checks done (Worker.submit called) -> generate called (on the loop's thread when the
+first piece runs there, else on the worker's) -> first piece -> first chunk read by the client.
 Writes serve_path.json and prints medians (ms).
 """
 from __future__ import annotations
