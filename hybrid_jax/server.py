@@ -177,7 +177,9 @@ class Worker:
         self.q: queue.Queue = queue.Queue()
         self.waiting = 0  # queued, not yet running
         self.running: Job | None = None
-        self._lock = threading.Lock()
+        # re-entrant: `stop` runs in uvicorn's SIGTERM handler, which can interrupt this lock's holder on the loop's
+        # thread (`submit`); a plain Lock would then wait for itself
+        self._lock = threading.RLock()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="hybrid_jax-serve", daemon=True)
         self.thread.start()
