@@ -261,5 +261,5 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
                 raise ValueError(f"{name}={v!r} with tensor_parallel > 1 runs inside shard_map with gemv's kernels: "
                                  f"name gemv too (gemv='pallas'), or use the XLA path")
     return KernelOptions(gemv=gemv, decode_attention=attn, chunk_attention=chunk, row_reduce=rr, matmul_2d=m2d,
-                         prefill_wo=wo, prefill_attention=fused, prefill_attention_min_rows=min_rows, prefill_matmuls=matmuls,
-                         token_memory=token, quant_matvec=qmv, quant_prefill=qpre)
+                         prefill_wo=wo, prefill_attention=fused, prefill_attention_min_rows=min_rows,
+                         prefill_matmuls=matmuls, token_memory=token, quant_matvec=qmv, quant_prefill=qpre)
