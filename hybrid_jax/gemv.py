@@ -51,7 +51,6 @@ class GemvConfig:
     splits: int  # programs along the reduction dimension
     warps: int = 4
     stages: int = 3
-    mma: bool = False  # qgemv.py only: the codes' products on the tensor cores (see qgemv._kernel)
 
 
 # The fastest tiling per shape (Kd, N, transposed), measured by bench/probes/gemv_tune.py on an H200 (a tiling

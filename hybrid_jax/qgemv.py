@@ -54,19 +54,11 @@ TUNED: dict[tuple[int, int, str], GemvConfig] = {
 }
 
 
-# The tensor-core form's rows: groups a tile (the dot's smallest dimension on the GPU)
-MMA_ROWS = 16
-
-
 def _tiles(cfg: GemvConfig, scheme: Scheme) -> bool:
-    """Whether cfg's tiles suit the kernel: bk a power of 2 of whole blocks, each tile whole groups; for the
-    tensor-core form, bn >= 16 and a tile of MMA_ROWS groups (with one scale a row, any tile of 16+ inputs)."""
+    """Whether cfg's tiles suit the kernel: bk a power of 2 of whole blocks, each tile whole groups."""
     nb = cfg.bk // GGUF_BLOCK
-    ok = cfg.splits == 1 and cfg.bk % GGUF_BLOCK == 0 and nb & (nb - 1) == 0 and \
+    return cfg.splits == 1 and cfg.bk % GGUF_BLOCK == 0 and nb & (nb - 1) == 0 and \
         (scheme.group is None or cfg.bk % scheme.group == 0)
-    if cfg.mma:
-        ok = ok and cfg.bn >= 16 and (scheme.group is None or cfg.bk == MMA_ROWS * scheme.group)
-    return ok
 
 
 def default_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
@@ -175,69 +167,15 @@ def _kernel(*refs, layer, norm_layer, cfg: GemvConfig, scheme: Scheme, kd: int, 
             y = y + z_ref[lead + (pl.ds(row0, bn), pl.ds(g0, ng))].astype(f32) * xsum[None]
         return jnp.sum(y, axis=1)
 
-    # The tensor-core form (cfg.mma): a tile's codes become 16-bit values exactly (4 bits: 128 + code as bf16's bit
-    # pattern, an integer OR and no conversion; 8 bits: a cast), and one dot per plane with x laid out block-
-    # diagonally, one row a group ([MMA_ROWS, tile], zeros elsewhere), gives every group's sum of codes x inputs
-    # at once; the scales (and the 128 the pattern added, and the offsets) then apply to [bn, MMA_ROWS] sums.
-    # That leaves about one integer operation a code on the CUDA cores, where the float form above needs a
-    # conversion, a subtraction and a multiply-add a code (the 4-bit kernels' bound: docs/performance.md).
-    wdt = dtype if jnp.dtype(dtype).itemsize == 2 else f32
-    magic = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}.get(jnp.dtype(wdt))
-    four = scheme.bits == 4
-    bias = 0.0
-    if four and magic is not None:
-        bias = magic[1] + (0.0 if scheme.asym else 8.0)
-    elif four:
-        bias = 0.0 if scheme.asym else 8.0
-
-    def mma_operands(nb, xs):  # x block-diagonal per plane [MMA_ROWS, nb * 32 / P], and the groups' sums of x
-        rid = jax.lax.broadcasted_iota(jnp.int32, (MMA_ROWS, nb), 0)
-        grp = jax.lax.broadcasted_iota(jnp.int32, (MMA_ROWS, nb), 1) // gb if grouped else jnp.zeros_like(rid)
-        own = rid == grp  # [MMA_ROWS, nb]: block b feeds row b // gb
-        xs = [x.astype(wdt) for x in xs]  # the sums of x below are of these values: the 128 cancels exactly
-        a = [jnp.where(own[:, :, None], x[None], 0).reshape(MMA_ROWS, nb * x.shape[1]) for x in xs]
-        bsum = sum(jnp.sum(x.astype(f32), axis=1) for x in xs)  # [nb]
-        return a, jnp.sum(jnp.where(own, bsum[None, :], 0.0), axis=1)  # [MMA_ROWS]
-
-    def mma_sums(row0, b0, nb, a, xsum):  # as block_sums, summed over the tile: [bn]
-        c = q_ref[lead + (pl.ds(row0, bn), pl.ds(b0, nb), slice(None))]  # [bn, nb, 32 / P]
-        p = None
-        for i, ap in enumerate(a):
-            if not four:
-                v = c.astype(wdt)
-            else:
-                u = (c >> 4) if i else (c & 0x0F)
-                v = (jax.lax.bitcast_convert_type(u.astype(jnp.int16) | magic[0], wdt) if magic is not None
-                     else u.astype(wdt))
-            d = jax.lax.dot_general(v.reshape(bn, ap.shape[1]), ap, (((1,), (1,)), ((), ())),
-                                    preferred_element_type=f32)  # [bn, MMA_ROWS]
-            p = d if p is None else p + d
-        if not grouped:
-            return jnp.sum(p, axis=1)
-        g0 = b0 // gb
-        y = s_ref[lead + (pl.ds(row0, bn), pl.ds(g0, MMA_ROWS))].astype(f32) * (p - bias * xsum[None, :])
-        if scheme.asym:
-            y = y + z_ref[lead + (pl.ds(row0, bn), pl.ds(g0, MMA_ROWS))].astype(f32) * xsum[None, :]
-        return jnp.sum(y, axis=1)
-
     gated = gate_rows is not None
 
     def loop(acc, first, nb, count):  # `count` iterations of nb blocks from block `first`
-        # the tensor-core form for tiles of MMA_ROWS whole groups (grouped) or any tile (one scale a row); a
-        # tail tile of fewer groups takes the float form
-        mma = cfg.mma and (not grouped or nb == MMA_ROWS * gb)
-
         def body(i, acc):
             b0 = pl.multiple_of(first + i * nb, nb)
             xs = [xplane(b0, nb, p) for p in range(planes)]
-            if mma:
-                a, xsum = mma_operands(nb, xs)
-                sums = functools.partial(mma_sums, a=a, xsum=xsum)
-            else:
-                sums = functools.partial(block_sums, xs=xs)
             if gated:
-                return acc[0] + sums(n0, b0, nb), acc[1] + sums(gate_rows + n0, b0, nb)
-            return acc + sums(n0, b0, nb)
+                return acc[0] + block_sums(n0, b0, nb, xs), acc[1] + block_sums(gate_rows + n0, b0, nb, xs)
+            return acc + block_sums(n0, b0, nb, xs)
         return jax.lax.fori_loop(0, count, body, acc)
 
     zero = jnp.zeros((bn,), f32)

@@ -5,8 +5,7 @@ request models, whose validation errors (422, their own JSON) are not OpenAI's 4
 in OpenAI's error format and names the parameter.
 
 Requests are served one at a time (batch 1) by one worker thread that owns the engine, from a FIFO queue with a
-bound (past it: 503 with Retry-After). A request that finds the engine idle has its first token computed on the
-event loop's thread, saving two thread crossings on its TTFT, and goes on in the worker's thread. The engine's own KV reuse makes a chat's next turn prefill only its new
+bound (past it: 503 with Retry-After). The engine's own KV reuse makes a chat's next turn prefill only its new
 tokens. A request whose client goes away is stopped at its next token. The page at `/` (static/chat.html, in the
 package) is a small chat client of the same API.
 """
@@ -73,15 +72,9 @@ class Job:
     out: asyncio.Queue
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     enqueued: float = dataclasses.field(default_factory=time.perf_counter)
-    stream: object = None  # set when the first piece ran on the event loop's thread (Worker.submit)
-    go_on: object = None  # then: hands the rest of the stream to the worker's thread (idempotent)
-    on_loop: bool = False  # the job's items are being made on the event loop's thread
 
     def send(self, item) -> None:
-        if self.on_loop:
-            self.out.put_nowait(item)
-        else:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
 
 
 def _check_common(body: dict, fields: set[str]) -> None:
@@ -174,90 +167,33 @@ def _messages(msgs) -> list[dict]:
 
 # ---- the worker ----------------------------------------------------------------------------------------------
 
-# A request that finds the engine idle gets its first token on the event loop's thread: no hand-off to the
-# worker's thread and back before it. Longer prompts go through the queue, not to stall the loop for long (on a
-# GPU 2048 ids of a 7B take ~40 ms; on a CPU 64 ids of SmolLM2 take ~0.1 s).
-INLINE_MAX_IDS = {"cpu": 64, "gpu": 2048}
-# the rest of an inline stream goes to the worker's thread once the route has sent what is queued, or after this
-GO_ON_AFTER_S = 0.002
-
-
 class Worker:
-    """The thread that owns the engine: runs queued jobs one at a time, in order. A job that finds the engine
-    idle has its first piece computed on the submitting (event loop's) thread, then continues on this one."""
+    """The thread that owns the engine: runs queued jobs one at a time, in order."""
 
     def __init__(self, engine: Engine, max_queue: int, metrics: "Metrics"):
         self.engine = engine
         self.max_queue = max_queue
         self.metrics = metrics
-        self.q: queue.Queue = queue.Queue()  # Jobs, and ("go on", Job) for streams started inline
+        self.q: queue.Queue = queue.Queue()
         self.waiting = 0  # queued, not yet running
         self.running: Job | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._done = False  # the thread has stopped taking items
-        self.inline_max_ids = INLINE_MAX_IDS["cpu" if engine.runtime._devices[0].platform == "cpu" else "gpu"]
         self.thread = threading.Thread(target=self._loop, name="hybrid_jax-serve", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue `job`, or, when the engine is idle and nothing waits, compute its first piece now on this thread
-        (the event loop's: its items are then in job.out), leaving job.go_on to hand the rest to the worker."""
         with self._lock:
             if self._stop.is_set():
                 raise ApiError(503, "The server is shutting down", type_="server_error", code="shutting_down")
-            inline = self.running is None and self.waiting == 0 and len(job.ids) <= self.inline_max_ids
-            if inline:
-                self.running = job  # the engine is this thread's until the hand-off
-            else:
-                if self.waiting >= self.max_queue:
-                    self.metrics.rejected.inc()
-                    raise ApiError(503, f"The server is busy: {self.waiting} requests are waiting (the bound is "
-                                        f"{self.max_queue}). Retry shortly.", type_="server_error",
-                                   code="queue_full", headers={"Retry-After": "1"})
-                self.waiting += 1
-                self.metrics.queue.set(self.waiting)
-        if not inline:
-            self.q.put(job)
-            return
-        job.on_loop = True
-        try:
-            self.metrics.queue_wait.observe(0.0)
-            stream = self._stream(job)
-            piece = next(stream, None)
-        except Exception as e:  # noqa: BLE001 - as _loop: the request's failure is its own
-            log.exception("request failed")
-            self.metrics.errors.inc()
-            job.send(("error", f"{type(e).__name__}: {e}"))
-            self._release()
-            return
-        job.send(("started", None))
-        if piece is None:  # ended at its first piece
-            self._finish(job, stream)
-            self._release()
-            return
-        self._piece(job, piece)
-        job.stream = stream
-        handed = []
-
-        def go_on():
-            if handed:
-                return
-            handed.append(True)
-            job.on_loop = False
-            with self._lock:
-                if not self._done:
-                    self.q.put(("go on", job))
-                    return
-            job.cancelled.set()  # the worker's thread has stopped (shutdown): end the stream here
-            self._continue(job)
-
-        job.go_on = go_on
-        job.loop.call_later(GO_ON_AFTER_S, go_on)
-
-    def _release(self) -> None:
-        with self._lock:
-            self.running = None
+            if self.waiting >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise ApiError(503, f"The server is busy: {self.waiting} requests are waiting (the bound is "
+                                    f"{self.max_queue}). Retry shortly.", type_="server_error", code="queue_full",
+                               headers={"Retry-After": "1"})
+            self.waiting += 1
+            self.metrics.queue.set(self.waiting)
+        self.q.put(job)
 
     def stop_soon(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """`stop` from a signal handler: it runs on the loop's thread between two bytecodes, maybe inside this
@@ -278,13 +214,6 @@ class Worker:
             job = self.q.get()
             if job is None:
                 break
-            if isinstance(job, tuple):  # the rest of a stream whose first piece ran on the event loop's thread
-                if job[1].stream is not None:  # (not taken over already, below)
-                    self._continue(job[1])
-                continue
-            if self.running is not None:  # such a stream not yet handed over: its rest goes first
-                self.running.on_loop = False
-                self._continue(self.running)
             with self._lock:
                 self.waiting -= 1
                 self.metrics.queue.set(self.waiting)
@@ -298,61 +227,34 @@ class Worker:
                 self.metrics.errors.inc()
                 job.send(("error", f"{type(e).__name__}: {e}"))
             finally:
-                self._release()
+                with self._lock:
+                    self.running = None
         while True:  # queued behind the stop: tell them
-            with self._lock:
-                try:
-                    job = self.q.get_nowait()
-                except queue.Empty:
-                    self._done = True
-                    break
-            if isinstance(job, tuple):
-                if job[1].stream is not None:
-                    job[1].cancelled.set()
-                    self._continue(job[1])
-            elif job is not None:
+            try:
+                job = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
                 job.send(("error", "The server is shutting down"))
 
-    def _stream(self, job: Job):
-        return generate(self.engine, job.ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
-                        top_p=job.top_p, seed=job.seed, stop=job.stop or None, stream=True)
-
-    def _piece(self, job: Job, piece) -> None:
-        if piece.text or self.engine.tokenizer is None:  # (no tokenizer: an empty chunk a token)
-            job.send(("text", piece.text))
-
     def _run(self, job: Job) -> None:
-        self.metrics.queue_wait.observe(time.perf_counter() - job.enqueued)
+        m = self.metrics
+        m.queue_wait.observe(time.perf_counter() - job.enqueued)
         if job.cancelled.is_set():
             job.send(("done", None))
             return
-        stream = self._stream(job)
+        stream = generate(self.engine, job.ids, max_new_tokens=job.max_tokens, temperature=job.temperature,
+                          top_p=job.top_p, seed=job.seed, stop=job.stop or None, stream=True)
         stream.when_enqueued(lambda: job.send(("started", None)))
-        self._drain(job, stream)
-
-    def _continue(self, job: Job) -> None:
-        try:
-            self._drain(job, job.stream)
-        except Exception as e:  # noqa: BLE001
-            log.exception("request failed")
-            self.metrics.errors.inc()
-            job.send(("error", f"{type(e).__name__}: {e}"))
-        finally:
-            job.stream = None
-            self._release()
-
-    def _drain(self, job: Job, stream) -> None:
         try:
             for piece in stream:
                 if job.cancelled.is_set():
                     break
-                self._piece(job, piece)
+                if piece.text or self.engine.tokenizer is None:  # (no tokenizer: an empty chunk a token)
+                    job.send(("text", piece.text))
         finally:
             stream.close()
-        self._finish(job, stream)
-
-    def _finish(self, job: Job, stream) -> None:
-        m, res = self.metrics, stream.result
+        res = stream.result
         if job.cancelled.is_set():
             res.finish_reason = "cancelled"
         t = res.timings
@@ -506,8 +408,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                     if kind == "chat":
                         yield chunk(delta={"role": "assistant", "content": ""})
                     while True:
-                        if job.go_on is not None and job.out.empty():
-                            job.go_on()  # what the first piece queued is sent: the worker's thread goes on
                         what, val = await job.out.get()
                         if what == "text":
                             yield chunk(delta={"content": val}, text=val)
@@ -528,8 +428,6 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None, max_qu
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         parts = []
-        if job.go_on is not None:
-            job.go_on()
         try:
             while True:
                 if (item := await next_item(request, job)) is None:

@@ -254,51 +254,6 @@ def test_qgemv_matches_xla_sums(name):
         assert part.shape == (1, n) and float(jnp.max(jnp.abs(part[0] - y))) < tol
 
 
-@pytest.mark.parametrize("name", SCHEMES)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_qgemv_tensor_core_form_matches_xla_sums(name, dtype):
-    """The tensor-core form (GemvConfig.mma: codes as exact 16-bit values, x block-diagonal by group, one dot a
-    plane) equals quant.matvec to float32 rounding, in float32 and in bfloat16 (where 4-bit codes go through
-    bf16's bit pattern of 128 + code): plain, after the RMSNorm, with each consumer, and on 18 blocks of inputs
-    (a tile of 16 groups of 32, then a tail of 2 in the float form)."""
-    from hybrid_jax import gemv as G, qgemv
-    rng = np.random.default_rng(1)
-    sch = Q.parse(name)
-    dt = jnp.dtype(dtype)
-    for kd, n, bk in ((576, 64, 512), (1024, 32, 512), (512, 32, 256)):
-        if sch.group is not None:
-            bk = 16 * sch.group
-        cfg = G.GemvConfig(bn=16, bk=bk, splits=1, mma=True)
-        if bk > kd or not qgemv.supported(kd, n, sch):
-            continue
-        qm = jax.tree.map(jnp.asarray, Q.quantize_np(rng.standard_normal((2, n, kd)).astype(np.float32), sch))
-        x = jnp.asarray(rng.standard_normal(kd).astype(np.float32)).astype(dt)
-        nw = jnp.asarray(rng.standard_normal((2, kd)).astype(np.float32)).astype(dt)
-        res = jnp.asarray(rng.standard_normal(n).astype(np.float32)).astype(dt)
-        y = Q.matvec(qm, 1, sch, x.astype(jnp.float32))
-        tol = 1e-5 * float(jnp.max(jnp.abs(y)))
-        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, interpret=True)
-        assert out.shape == (n,) and float(jnp.max(jnp.abs(out - y))) < tol, (kd, bk)
-        # bfloat16: the consumers round to it, and so does the dot's copy of the normalised x (the interpreter's
-        # float form may keep that product in float32: XLA on the CPU drops a round trip through bf16)
-        ftol = 1e-5 if dtype == "float32" else 1e-2
-        yn = Q.matvec(qm, 1, sch, model.rms_norm(x, nw[1], 1e-6).astype(jnp.float32))
-        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, norm=nw, eps=1e-6, interpret=True)
-        assert rel_err(out, yn) < ftol, (kd, bk)
-        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, residual=res, interpret=True)
-        assert rel_err(out.astype(jnp.float32), res.astype(jnp.float32) + y) < ftol, (kd, bk)
-        out = qgemv.gemv(x, qm, 1, sch, cfg=cfg, gated=True, interpret=True)
-        assert rel_err(out.astype(jnp.float32), jax.nn.silu(y[: n // 2]) * y[n // 2:]) < ftol, (kd, bk)
-    qm = jax.tree.map(jnp.asarray, Q.quantize_np(np.ones((1, 32, 1024), np.float32), sch))
-    bk = 16 * (sch.group or 32)
-    with pytest.raises(ValueError, match="does not tile"):  # the dot needs 16 rows a program
-        qgemv.gemv(jnp.ones(1024), qm, 0, sch, cfg=G.GemvConfig(bn=8, bk=bk, splits=1, mma=True), interpret=True)
-    if sch.group:  # and a tile of 16 groups
-        with pytest.raises(ValueError, match="does not tile"):
-            qgemv.gemv(jnp.ones(1024), qm, 0, sch, cfg=G.GemvConfig(bn=16, bk=bk // 2, splits=1, mma=True),
-                       interpret=True)
-
-
 def test_qgemv_errors():
     from hybrid_jax import gemv as G, qgemv
     sch = Q.parse("int4-g32-asym")

@@ -30,25 +30,15 @@ from hybrid_jax import quant
 from hybrid_jax.model import rms_norm
 
 
-def candidates(kd, n, scheme, forms=("float", "mma")):
-    """Tilings to time: "float" the float form's grid, "tuned" only its current default (qgemv.default_config),
-    "mma" the tensor-core form's (bn >= 16 rows, a tile of 16 groups; any tile with one scale a row)."""
+def candidates(kd, n, scheme):
     out = []
-    if "tuned" in forms:
-        out.append(Q.default_config(kd, n, scheme))
     for bn, bk in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096)):
         tile = bn * bk * scheme.bits // 8  # code bytes an iteration
-        if "float" not in forms or bk > kd or n % bn or not 1024 <= tile <= 16384 or n // bn < 128 or \
-                (scheme.group and bk % scheme.group):
+        if bk > kd or n % bn or not 1024 <= tile <= 16384 or n // bn < 128 or (scheme.group and bk % scheme.group):
             continue
         for warps in ((4, 8) if tile >= 4096 else (4,)):
             out.append(G.GemvConfig(bn, bk, 1, warps=warps, stages=3))
-    if "mma" in forms:
-        bks = (Q.MMA_ROWS * scheme.group,) if scheme.group else (512, 1024)
-        for bn, bk, warps, stages in itertools.product((16, 32, 64), bks, (4, 8), (2, 3)):
-            if bk <= kd and n % bn == 0 and n // bn >= 64 and bn * bk * scheme.bits // 8 <= 32768:
-                out.append(G.GemvConfig(bn, bk, 1, warps=warps, stages=stages, mma=True))
-    return [c for c in out if c is not None]
+    return out
 
 
 def random_codes(key, lw, n, kd, scheme):
@@ -64,7 +54,7 @@ def random_codes(key, lw, n, kd, scheme):
     return qm
 
 
-def tune(cfg, schemes, interpret, set_bytes=256e6, forms=("float", "mma")):
+def tune(cfg, schemes, interpret, set_bytes=256e6):
     rows, best = [], {}
     for (name, kd, n), sname in itertools.product(layer_matrices(cfg), schemes):
         scheme = quant.parse(sname)
@@ -114,17 +104,14 @@ def tune(cfg, schemes, interpret, set_bytes=256e6, forms=("float", "mma")):
             except Exception as e:  # a tiling Triton rejects
                 return f"{type(e).__name__}: {e}"[:300]
 
-        cands = candidates(kd, n, scheme, forms)
-        if interpret:  # a dry run: one of each form
-            cands = [c for c in cands if not c.mma][:1] + [c for c in cands if c.mma][:1]
+        cands = candidates(kd, n, scheme)[: 2 if interpret else None]
         with cf.ThreadPoolExecutor(1 if interpret else 8) as pool:
             exes = list(pool.map(attempt, cands))
         mine = [measure(c, e) for c, e in zip(cands, exes)]
         rows += mine
-        for form in (False, True):  # the best of each form (the float one as "float", the tensor-core one "mma")
-            ok = [r for r in mine if "us" in r and r["cfg"].get("mma", False) == form]
-            if ok:
-                best.setdefault("mma" if form else "float", {})[(kd, n, sname)] = min(ok, key=lambda r: r["us"])["cfg"]
+        ok = [r for r in mine if "us" in r]
+        if ok:
+            best[(kd, n, sname)] = min(ok, key=lambda r: r["us"])["cfg"]
     return rows, best
 
 
@@ -133,8 +120,6 @@ def main(argv=None) -> None:
     ap.add_argument("--schemes", default="int8,int4-g32-sym,int4-g32-asym")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--no-step", action="store_true", help="kernels only")
-    ap.add_argument("--forms", default="float,mma", help="the kernel forms to tile (candidates()): float, tuned "
-                    "(the float form's default only), mma")
     ap.add_argument("--variants", default="xla,qgemv", help="the decode steps per scheme: xla (every projection an "
                     "XLA row reduction), qgemv (every one the kernel), xla-NAME-NAME... (those through XLA)")
     args = parse(ap, argv)
@@ -147,26 +132,23 @@ def main(argv=None) -> None:
     schemes = args.schemes.split(",")
     rec = {"run": run_record(), "args": vars(args)}
     path = os.path.join(args.out, "qgemv_tune.json")
-    rows, best = tune(cfg, schemes, interpret, forms=tuple(args.forms.split(",")))
+    rows, best = tune(cfg, schemes, interpret)
     rec["kernels"] = rows
-    rec["best"] = [{"form": f, "kd": k[0], "n": k[1], "scheme": k[2], "cfg": v} for f, b in best.items()
-                   for k, v in b.items()]
+    rec["best"] = [{"kd": k[0], "n": k[1], "scheme": k[2], "cfg": v} for k, v in best.items()]
     write_json(path, rec)
     steps = []
     if not args.no_step:
+        for k, c in best.items():  # the winners
+            Q.TUNED[k] = G.GemvConfig(**c)
         on_acc = not interpret
         bw = floors.copy_bandwidth(2 << 30 if on_acc else 64 << 20, cfg.dtype, reps=20 if on_acc else 3)["bw_Bps"]
         rec["copy_bw_Bps"] = bw
         variants = {"xla": frozenset({"wqkv", "wo", "w13", "w2"}), "qgemv": frozenset()}
         variants.update({v: frozenset(v.split("-")[1:]) for v in args.variants.split(",") if v.startswith("xla-")})
-        # the kernels' variants once per form with winners, that form's best tilings installed (qgemv.TUNED)
-        labels = [("none", {}, None)] + [(f"{s}:{v}" + (f"-{f}" if f else ""), {"row_reduce": variants[v]}, f)
-                                         for s in schemes for v in args.variants.split(",")
-                                         for f in ([None] if v == "xla" else sorted(best))]
-        for label, kw, form in labels:
+        labels = [("none", {})] + [(f"{s}:{v}", {"row_reduce": variants[v]}) for s in schemes
+                                   for v in args.variants.split(",")]
+        for label, kw in labels:
             s = label.split(":")[0]
-            for k, c in best.get(form, {}).items():
-                Q.TUNED[k] = G.GemvConfig(**c)
             if interpret:
                 kw = {**kw, "gemv": "interpret", "decode_attention": "interpret"}
             r = quant_check.one(cfg.replace(quant=None if s == "none" else s), args.steps if on_acc else 2,
@@ -180,14 +162,13 @@ def main(argv=None) -> None:
     print("matrix  scheme          impl          us      TB/s   best cfg")
     for (name, kd, n), s in itertools.product(layer_matrices(cfg), schemes):
         mine = [r for r in rows if r["matrix"] == name and r["scheme"] == s and "us" in r]
-        for impl, form in (("xla", None), ("qgemv", False), ("qgemv", True)):
-            rs = [r for r in mine if r["impl"] == impl and (form is None or r["cfg"].get("mma", False) == form)]
+        for impl in ("xla", "qgemv"):
+            rs = [r for r in mine if r["impl"] == impl]
             if rs:
                 b = min(rs, key=lambda r: r["us"])
                 c = b.get("cfg")
-                cs = f"bn={c['bn']} bk={c['bk']} w={c['warps']} s={c['stages']}" if c else ""
-                label = impl + ("-mma" if form else "")
-                print(f"{name:7s} {s:15s} {label:12s} {b['us']:7.1f}  {b['TBps']:5.2f}   {cs}")
+                cs = f"bn={c['bn']} bk={c['bk']} w={c['warps']}" if c else ""
+                print(f"{name:7s} {s:15s} {impl:12s} {b['us']:7.1f}  {b['TBps']:5.2f}   {cs}")
     if steps:
         print("\nstep            GB     decode ms  floor ms  x floor  TTFT@10  TTFT@100")
         for r in steps:

@@ -1,16 +1,14 @@
 """Where a streamed request's TTFT goes between the client and the engine (issue 26): stamps along the path of one
 `POST /v1/completions` (stream) against the same prompt in process, for uvicorn's HTTP parsers and event loops,
-the interpreter's switch interval, where the first piece is computed (default: on the event loop's thread when the
-engine is idle; `queue`: every request through the worker's thread), and, with `queue`, when the response's headers
-go (`early`: as the engine's thread starts the request; else once its first steps are enqueued).
+the interpreter's switch interval, and when the response's headers go (`early`: as the engine's thread starts the
+request; default: once its first steps are enqueued, Stream.when_enqueued).
 
     python3 -m bench.probes.serve_path --shape llama2-7b --out $OUT
     JAX_PLATFORMS=cpu python3 -m bench.probes.serve_path --shape tiny --reps 5 --out /tmp/sp
 
 The client runs in its own process over one keep-alive connection (http.client; "new" variants open one a
 request). Stamps (time.perf_counter is CLOCK_MONOTONIC, one clock for both processes): client start -> request
-sent -> route entered -> checks done (Worker.submit called) -> generate called (on the loop's thread when the
-first piece runs there, else on the worker's) -> first piece -> first chunk read by the client.
+sent -> route entered -> job queued -> worker calls generate -> first piece -> first chunk read by the client.
 Writes serve_path.json and prints medians (ms).
 """
 from __future__ import annotations
@@ -53,10 +51,9 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="10,500")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--variants", default="asyncio/httptools,asyncio/httptools/queue,asyncio/httptools/queue/early",
-                    help="LOOP/HTTP[/swMS][/new][/queue][/early], comma-separated; queue: every request through the "
-                         "worker's queue (no first piece on the event loop's thread); early (with queue): the "
-                         "response's headers sent as the engine's thread starts the request, not once its first "
+    ap.add_argument("--variants", default="asyncio/httptools,asyncio/httptools/early,asyncio/h11",
+                    help="LOOP/HTTP[/swMS][/new][/early], comma-separated; early: the response's headers sent as the "
+                         "engine's thread starts the request (as before Stream.when_enqueued), not once its first "
                          "steps are on the device")
     args = parse(ap, argv)
     import jax
@@ -81,9 +78,9 @@ def main(argv=None) -> None:
         st["generate"] = time.perf_counter()
         return generate0(*a, **k)
 
-    def submit(self, job):  # (inline, the first piece is computed inside submit)
-        st["queued"] = time.perf_counter()
+    def submit(self, job):
         submit0(self, job)
+        st["queued"] = time.perf_counter()
 
     def send(self, item):
         if item[0] == "text" and "first_piece" not in st:
@@ -102,8 +99,6 @@ def main(argv=None) -> None:
         sys.setswitchinterval(sw)
         hybrid_jax.engine.Stream.when_enqueued = (lambda self, fn: fn()) if "early" in parts else when_enqueued
         app = S.create_app(eng, "m")
-        if "queue" in parts:
-            app.state.worker.inline_max_ids = 0
         route = next(r for r in app.router.routes if getattr(r, "path", None) == "/v1/completions")
         inner = route.app
 
