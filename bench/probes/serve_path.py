@@ -133,7 +133,11 @@ def main(argv=None) -> None:
             out[n]["over_api"] = statistics.median(r["http_ttft"] - r["api_ttft"] for r in rows)
             out[n]["rows"] = rows
         stop()
-        rec["variants"][variant] = out
+        key, k = variant, 1
+        while key in rec["variants"]:  # a variant named again (A, B, A, B) keeps each run
+            k += 1
+            key = f"{variant} ({k})"
+        rec["variants"][key] = out
         write_json(os.path.join(args.out, "serve_path.json"), rec)
     sys.setswitchinterval(sw0)
     hybrid_jax.engine.Stream.when_enqueued = when_enqueued
