@@ -48,8 +48,8 @@ def _add_load_args(p: argparse.ArgumentParser):
                         "the output is unchanged")
     p.add_argument("--draft", default=None, metavar="DIR",
                    help="with --speculative draft: a smaller converted model of the same vocabulary")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                   help="proposals verified per step with --speculative (1..15)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="proposals verified per step with --speculative (1..15; default 8 for ngram, 4 for draft)")
 
 
 def _add_model_args(p: argparse.ArgumentParser):
@@ -123,10 +123,10 @@ def _new_tokens(args, engine, n_prompt: int) -> int:
 
 def _check_sampling(args) -> None:
     """The generation arguments, checked before the model loads (the same checks as generate())."""
-    from .engine import _check_request, check_max_seq_len_arg, check_speculative
+    from .engine import _check_request, check_max_seq_len_arg, speculative_tokens
 
     check_max_seq_len_arg(args.max_seq_len)
-    check_speculative(args.speculative, args.num_speculative_tokens)
+    speculative_tokens(args.speculative, args.num_speculative_tokens)
     if (args.speculative == "draft") != (args.draft is not None):
         raise ValueError("--speculative draft needs --draft DIR, and --draft needs --speculative draft")
     n = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
@@ -269,11 +269,11 @@ def cmd_warmup(args) -> int:
 def cmd_serve(args) -> int:
     """The OpenAI-compatible server (server.py): warmed up before it listens, so the first request waits for no
     compile; exits 0 on SIGINT / SIGTERM (the running request cancelled)."""
-    from .engine import check_max_seq_len_arg, check_speculative
+    from .engine import check_max_seq_len_arg, speculative_tokens
     from .server import serve
 
     check_max_seq_len_arg(args.max_seq_len)
-    check_speculative(args.speculative, args.num_speculative_tokens)
+    speculative_tokens(args.speculative, args.num_speculative_tokens)
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue < 0:

@@ -30,6 +30,10 @@ SPECULATIVE = ("ngram", "draft")  # load(speculative=...): prompt lookup, or a d
 SPEC_BREAK_EVEN = {"cpu": 2.0, "gpu": 1.25}  # a verify step's cost in one-token steps where a cache is too short
 # to time it in (H100, 7B shape: 1.22 at K = 4; docs/performance.md)
 MAX_SPECULATIVE_TOKENS = 15  # K + 1 rows must fit the cache's slack past max_seq_len (at least 16 rows)
+# K when none is given. Prompt lookup: 8, measured on the real SmolLM2 (H100, bench/results/
+# 2026-12-07_NVIDIA-H100_speculative_smollm2: grounded 2.24x plain at 8 against 1.86x at 4, chat 1.04x at both).
+# A draft: 4, since each proposal costs one of the draft's own steps.
+DEFAULT_SPECULATIVE_TOKENS = {"ngram": 8, "draft": 4}
 
 
 @dataclasses.dataclass
@@ -79,12 +83,12 @@ class Engine:
 
     def __init__(self, cfg: LlamaConfig, params, tokenizer: Tokenizer | None = None, max_seq_len: int | None = None,
                  path: str | None = None, tensor_parallel: int = 1, allow_long_context: bool = False,
-                 speculative: str | None = None, num_speculative_tokens: int = 4,
+                 speculative: str | None = None, num_speculative_tokens: int | None = None,
                  draft: tuple[LlamaConfig, object] | None = None, kv_reuse: bool = True, **runtime_kw):
         """`draft`: (config, weights) of the draft model, for speculative="draft". `kv_reuse`: a request whose
         token ids begin with those whose rows the cache holds (the previous request's prompt and answer: a
         chat's earlier turns) prefills only the rest (not with a draft model, whose cache is its own)."""
-        check_speculative(speculative, num_speculative_tokens)
+        num_speculative_tokens = speculative_tokens(speculative, num_speculative_tokens)
         if (speculative == "draft") != (draft is not None):
             raise ValueError('speculative="draft" needs a draft model (load(..., draft=DIR)), and a draft model '
                              'needs speculative="draft"')
@@ -296,11 +300,15 @@ def _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_para
         raise TypeError(f"verify must be True or False, got {verify!r}")
 
 
-def check_speculative(speculative, k) -> None:
+def speculative_tokens(speculative, k) -> int:
+    """K for `speculative` (checked), DEFAULT_SPECULATIVE_TOKENS's where `k` is None."""
     if speculative is not None and speculative not in SPECULATIVE:
         raise ValueError(f"speculative must be one of {', '.join(map(repr, SPECULATIVE))} or None, got {speculative!r}")
+    if k is None:
+        return DEFAULT_SPECULATIVE_TOKENS.get(speculative, DEFAULT_SPECULATIVE_TOKENS["ngram"])
     if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ValueError(f"num_speculative_tokens must be an integer in 1..{MAX_SPECULATIVE_TOKENS}, got {k!r}")
+    return int(k)
 
 
 def check_draft(cfg: LlamaConfig, dcfg: LlamaConfig, path=None, draft_path=None) -> None:
@@ -335,7 +343,7 @@ def check_max_seq_len(max_seq_len: int | None, cfg: LlamaConfig, allow_long_cont
 def load(path: str | Path | None = None, max_seq_len: int | None = None,
          prefill_buckets: Sequence[int] | None = None, cache_dir: str | Path | None = None, dtype: str | None = None,
          tensor_parallel: int = 1, verify: bool = False, allow_long_context: bool = False,
-         speculative: str | None = None, num_speculative_tokens: int = 4, draft: str | Path | None = None,
+         speculative: str | None = None, num_speculative_tokens: int | None = None, draft: str | Path | None = None,
          kv_reuse: bool = True, **runtime_kw) -> Engine:
     """Load a converted checkpoint folder (see `python -m convert`) into a ready engine.
 
@@ -343,13 +351,13 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
     `tensor_parallel=N` > 1 each weight is restored straight into its shards on N devices. Every file's size
     is checked against the checkpoint's manifest; `verify=True` also checks every file's sha256 first.
     `speculative="ngram"`: prompt-lookup speculative decoding, K = `num_speculative_tokens` proposals a step
-    (exact: greedy output is the output without it; sampled tokens keep the model's distribution);
+    (default 8; 4 with a draft) (exact: greedy output is the output without it; sampled tokens keep the model's distribution);
     `speculative="draft", draft=DIR`: the proposals come from a smaller converted model of the same vocabulary.
     `kv_reuse=True`: a request that begins with the previous request's tokens (a chat's history) prefills only
     the rest (Engine).
     """
     _check_load_args(max_seq_len, prefill_buckets, cache_dir, dtype, tensor_parallel, verify)
-    check_speculative(speculative, num_speculative_tokens)
+    num_speculative_tokens = speculative_tokens(speculative, num_speculative_tokens)
     if (speculative == "draft") != (draft is not None):
         raise ValueError('speculative="draft" needs draft=DIR (a converted model of the same vocabulary), and '
                          'draft=DIR needs speculative="draft"')

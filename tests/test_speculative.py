@@ -9,7 +9,7 @@ import pytest
 from conftest import hf_params, make_hf_model
 from hybrid_jax import speculative
 from hybrid_jax.config import LlamaConfig
-from hybrid_jax.engine import Engine, generate, load
+from hybrid_jax.engine import Engine, generate, load, speculative_tokens
 from hybrid_jax.sampling import make_params
 
 
@@ -181,6 +181,9 @@ def test_bad_speculative_arguments(tmp_path):
     plain = Engine(cfg, p, max_seq_len=32, use_disk_cache=False, compile_sampling=False)
     with pytest.raises(TypeError, match="speculative must be True or False"):
         generate(plain, [1, 2, 3], speculative="yes")
+    # K left out: the measured defaults, 8 proposals a step for prompt lookup, 4 for a draft
+    assert speculative_tokens("ngram", None) == 8 and speculative_tokens("draft", None) == 4
+    assert speculative_tokens("ngram", 3) == 3 and plain.num_speculative_tokens == 0
 
 
 def test_smollm2_greedy_equal_with_and_without(smollm2_dir):
