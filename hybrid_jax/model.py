@@ -162,7 +162,7 @@ def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l
     `opts.row_reduce`, through the Pallas kernel over the codes (qgemv.py; the norm and the consumer inside it,
     as for 16-bit weights); else in XLA: one token as float32 sums over the codes (quant.matvec or
     matvec_grouped, as `opts.quant_matvec` says), a chunk through qgemv.gemm where `opts.quant_prefill` runs
-    kernels, else as a matmul over the values dequantized to x's dtype (quant.dequantize), or with one int8 scale a
+    kernels (up to qgemv.gemm_rows_max rows), else as a matmul over the values dequantized to x's dtype (quant.dequantize), or with one int8 scale a
     row over the codes, the scales applied to the product."""
     t = x.shape[0]
     kd = math.prod(x.shape[1:])
@@ -183,7 +183,8 @@ def _project_quantized(opts: KernelOptions, name: str, x: jax.Array, qm: dict, l
         y = mv(qm, l, scheme, h[0])  # [N] float32
         if partials:
             return y.reshape((1,) + out_shape)  # one "split"
-    elif opts.quant_prefill != "xla" and qgemv.gemm_supported(kd, n, scheme):  # codes dequantized tile by tile
+    elif opts.quant_prefill != "xla" and t <= qgemv.gemm_rows_max(scheme) and qgemv.gemm_supported(kd, n, scheme):
+        # codes dequantized tile by tile
         y = qgemv.gemm(h, qm, l, scheme, interpret=opts.quant_prefill == "interpret")
         if partials:
             return y.astype(dt).astype(jnp.float32).reshape((1,) + out_shape)

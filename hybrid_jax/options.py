@@ -67,8 +67,8 @@ class KernelOptions:
     prefill_matmuls    PREFILL_MATMULS. auto: "split".
     quant_matvec       the decode step's products of quantized matrices: QUANT_MATVEC. auto: "rowsum" on a GPU,
                        "grouped" elsewhere.
-    quant_prefill      the prefill's products of quantized matrices, in chunks of up to qgemv.GEMM_ROWS_MAX
-                       rows (longer ones always take XLA's path): KERNEL_MODES ("pallas": qgemv.gemm, each
+    quant_prefill      the prefill's products of quantized matrices, in chunks of up to qgemv.gemm_rows_max
+                       rows (32 for int8, 64 for 4 bits; longer ones always take XLA's path): KERNEL_MODES ("pallas": qgemv.gemm, each
                        tile of codes dequantized inside the matmul; "xla": a matmul over the matrix XLA
                        dequantizes first). auto: as `gemv` on one device, "xla" with a mesh.
     token_memory       where the steps write the next token: TOKEN_MEMORY (None means "device"). auto:

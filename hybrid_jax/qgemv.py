@@ -271,9 +271,15 @@ def rows_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
     return cfg if bn >= 16 and _tiles(cfg, scheme) else None
 
 
-# Prefill chunks of up to GEMM_ROWS_MAX rows take `gemm`; longer ones a matmul over XLA's dequantized matrix: the
-# kernel dequantizes each tile again for every tile of rows, which loses from 128 rows (docs/performance.md).
-GEMM_ROWS_MAX = 16
+# Prefill chunks of up to `gemm_rows_max(scheme)` rows take `gemm`; longer ones a matmul over XLA's dequantized
+# matrix. Measured on an H100, 7B shape (bench/results/2026-12-07_NVIDIA-H100_quant-prefill-rows): TTFT at a 32-row
+# bucket int8 8.6 ms against XLA's 14.0, at 64 rows 14.6 against 14.3; int4 9.0 against 23.0 at 32 rows, 17.4
+# against 23.0 at 64. The kernel's cost grows with the rows (its tiles are small for many rows; docs/performance.md).
+GEMM_ROWS_MAX = 64  # the most rows any scheme takes through `gemm` (runtime.Runtime.step_options)
+
+
+def gemm_rows_max(scheme: Scheme) -> int:
+    return 32 if scheme.bits == 8 else GEMM_ROWS_MAX
 
 
 def gemm_supported(kd: int, n: int, scheme: Scheme) -> bool:

@@ -325,7 +325,7 @@ class Runtime:
         that step reads, so that executables that compute the same thing share one key. A prefill bucket:
         its fused attention (or "off" below `prefill_attention_min_rows` rows), its matmuls' compile mode
         (PREFILL_MATMULS, per bucket under "split") and its quantized products' path (`quant_prefill` up to
-        qgemv.GEMM_ROWS_MAX rows, XLA's above); a decode step: none of the prefill's choices; the logits
+        qgemv.GEMM_ROWS_MAX rows (per scheme: model._project_quantized), XLA's above); a decode step: none of the prefill's choices; the logits
         executable: XLA's path."""
         o = self.options
         if spec[0] in ("prefill", "verify", "draft"):  # a verify step is a (K + 1)-row chunk over the cache

@@ -327,3 +327,16 @@ def test_quantized_prefill_through_qgemm_equals_hf(name):
     lg, _ = chunk(p, cache)
     assert rel_err(lg, ref) < 1e-5
     assert str(jax.make_jaxpr(chunk)(p, cache)).count("qgemm") >= 4 * cfg.n_layers
+
+
+def test_quantized_prefill_rows_through_qgemm_per_scheme():
+    """A 40-row chunk: 4-bit products through qgemv.gemm (up to 64 rows), int8 through XLA's matmul (up to 32),
+    as measured on the GPU (qgemv.gemm_rows_max)."""
+    for name, kernel in (("int8", False), ("int4-g32-asym", True)):
+        m, deq, cfg, p = _quantized("gqa", name)
+        opts = KernelOptions.xla(matmul_2d=True).replace(quant_prefill="interpret")
+        for t, expect in ((32, True), (40, kernel)):
+            def chunk(p, c):
+                return model.forward(cfg, p, c, jnp.zeros((t,), jnp.int32), jnp.arange(t, dtype=jnp.int32), opts=opts)
+            n = str(jax.make_jaxpr(chunk)(p, kv_cache.zeros(cfg, 64))).count("qgemm")
+            assert (n >= 4 * cfg.n_layers) if expect else n == 0, (name, t, n)

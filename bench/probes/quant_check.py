@@ -48,7 +48,7 @@ def main(argv=None) -> None:
                     "each optionally with :grouped or :rowsum (KernelOptions.quant_matvec), :pallas (row_reduce none: "
                     "every int8 projection through the Pallas gemv), :xla (every one an XLA row reduction), :autotune (prefill_matmuls='autotune') "
                     ":qgemm (the prefill's products through qgemv.gemm at every bucket: by default only up to "
-                    "qgemv.GEMM_ROWS_MAX rows) and :xlaprefill (quant_prefill='xla': XLA's dequantized matmul at every bucket)")
+                    "qgemv.gemm_rows_max rows) and :xlaprefill (quant_prefill='xla': XLA's dequantized matmul at every bucket)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lengths", default="10,100,500")
     ap.add_argument("--reps", type=int, default=5)
@@ -80,13 +80,14 @@ def main(argv=None) -> None:
             kw["quant_prefill"] = "pallas" if on_acc else "interpret"
         if "xlaprefill" in mods:
             kw["quant_prefill"] = "xla"
-        rows_max = qgemv.GEMM_ROWS_MAX
-        qgemv.GEMM_ROWS_MAX = 1 << 30 if "qgemm" in mods else rows_max  # read by Runtime.step_options
+        rows_max, rows_max_of = qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max
+        if "qgemm" in mods:  # read by Runtime.step_options and model._project_quantized
+            qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = 1 << 30, lambda scheme: 1 << 30
         try:
             r = one(cfg0.replace(quant=None if s == "none" else quant.parse(s).name), args.steps,
                     [int(x) for x in args.lengths.split(",")], args.reps, KernelOptions(**kw))
         finally:
-            qgemv.GEMM_ROWS_MAX = rows_max
+            qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = rows_max, rows_max_of
         r["label"] = item
         r["floor_ms"] = round(r["weight_bytes"] / bw * 1e3, 4)
         r["over_floor"] = round(r["decode_ms"] / r["floor_ms"], 3)
