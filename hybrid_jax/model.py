@@ -362,3 +362,42 @@ def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array
     opts = _options(opts)
     x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, opts)
     return logits_from_hidden(cfg, params, x, opts, normed=False), cache
+
+
+def rows_exact(cfg: LlamaConfig, cache_len: int, opts: KernelOptions | None) -> bool:
+    """Whether `forward_rows` runs here: the decode step's kernels (one token's attention through
+    decode_attention.py), one device."""
+    o = _options(opts)
+    return (o.gemv != "xla" and o.decode_attention != "xla" and decode_attention.supported(cache_len, cfg.hd)
+            and jax.sharding.get_abstract_mesh().empty)
+
+
+def forward_rows(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+                 opts: KernelOptions | None = None) -> tuple[jax.Array, KVCache]:
+    """`forward` of R consecutive tokens (positions[r] = positions[0] + r) with each row's arithmetic the one-token
+    step's: row r's logits and cache row are bit for bit what `forward` of that token alone gives after the rows
+    before it. Every one-token product runs once with a grid axis over the rows (jax.vmap of the same kernel or XLA
+    reduction), the attention through decode_attention.attend_rows. A verify step (speculative decoding) computed
+    so emits the tokens plain decode would. Needs `rows_exact`."""
+    opts = _options(opts)
+    if not rows_exact(cfg, cache.max_seq_len, opts):
+        raise ValueError("forward_rows needs the decode step's kernels (gemv and decode_attention) on one device")
+    lw = params.layers
+    G, D = cfg.q_per_kv, cfg.dim
+
+    def rows(fn, *xs):  # fn of one token's [1, ...] arrays, once per row
+        return jax.vmap(lambda *a: fn(*(v[None] for v in a)))(*xs)
+
+    x = params.embed[tokens]  # [R, D]
+    cos, sin = rope_cos_sin(cfg, positions)
+    for l in range(cfg.n_layers):
+        parts = rows(lambda h: _project(opts, "td,kghd->tkgh", h, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd),
+                                        norm=lw.attn_norm, eps=cfg.norm_eps, partials=True), x)
+        o, kc, vc = decode_attention.attend_rows(parts, cos, sin, cache.k, cache.v, l, positions[:1], dtype=x.dtype,
+                                                 interpret=opts.decode_attention == "interpret")
+        cache = KVCache(k=kc, v=vc)
+        x = rows(lambda a, r: _project(opts, "tkgh,dkgh->td", a, lw.wo, l, (D,), residual=r)[0], o, x)
+        a = rows(lambda h: _project(opts, "td,cfd->tcf", h, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm,
+                                    eps=cfg.norm_eps, gated=True)[0], x)
+        x = rows(lambda f, r: _project(opts, "tf,df->td", f, lw.w2, l, (D,), residual=r)[0], a, x)
+    return rows(lambda h: logits_from_hidden(cfg, params, h, opts, normed=False)[0], x), cache

@@ -548,3 +548,29 @@ def test_attention_kernel_errors():
     with pytest.raises(ValueError, match="no kernel"):
         A.attend(jnp.ones((1, 2, 3, 32)), cs, cs, jnp.ones((1, 33, 2, 32)), jnp.ones((1, 33, 2, 32)), 0, one,
                  interpret=True)
+
+
+@pytest.mark.parametrize("row_reduce", [frozenset(), ROW_REDUCE_AUTO])
+def test_rows_bit_for_bit_the_one_token_steps(row_reduce):
+    """model.forward_rows (a verify step's rows, each through the decode step's kernels): in bf16 every row's logits
+    and cache row are bit for bit those of one-token steps run one after the other."""
+    cfg = LlamaConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="bfloat16")
+    params = weights.init_random(cfg, jax.random.PRNGKey(3), scale=0.5)
+    opts = XLA.replace(gemv="interpret", decode_attention="interpret", row_reduce=row_reduce)
+    ids = [int(t) for t in np.random.default_rng(1).integers(1, 64, 14)]
+    _, cache0 = model.forward(cfg, params, kv_cache.zeros(cfg, 64), jnp.asarray(ids[:9], jnp.int32),
+                              jnp.arange(9, dtype=jnp.int32))
+    step = jax.jit(lambda c, t, pos: model.forward(cfg, params, c, t, pos, opts=opts))
+    cache, one = cache0, []
+    for t in range(9, 14):
+        lg, cache = step(cache, jnp.asarray(ids[t:t + 1], jnp.int32), jnp.asarray([t], jnp.int32))
+        one.append(np.asarray(lg[0]))
+    rows = jax.jit(lambda c, t, pos: model.forward_rows(cfg, params, c, t, pos, opts=opts))
+    lg, cache_r = rows(cache0, jnp.asarray(ids[9:14], jnp.int32), jnp.arange(9, 14, dtype=jnp.int32))
+    assert np.array_equal(np.asarray(lg), np.stack(one))
+    for a, b in ((cache_r.k, cache.k), (cache_r.v, cache.v)):
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # what the equality rules out: the same rows as one chunk (XLA's matmuls) part from the one-token steps in bf16
+    lg_chunk, _ = model.forward(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32),
+                                jnp.arange(9, 14, dtype=jnp.int32), opts=opts)
+    assert not np.array_equal(np.asarray(lg_chunk), np.stack(one))

@@ -67,7 +67,12 @@ def test_steps_lower_for_cuda(shape, quant, options):
     # a quantized prefill's products: qgemv.gemm in the 16-row bucket, XLA's matmuls in the 128-row one (and
     # everywhere when quant_prefill is "xla")
     assert ("qgemm" in hlo[2]) == (quant is not None and options is None) and "qgemm" not in hlo[3]
-    # a chunk over the cache (a prefill over the whole cache, the verify step) attends through the chunk kernel
-    # unless XLA's attention is named
+    # a chunk over the cache (a prefill over the whole cache) attends through the chunk kernel unless XLA's
+    # attention is named
     chunk = opts.chunk_attention == "pallas"
-    assert all(("chunk_attention_l0" in h) == chunk for h in hlo[2:]) and "chunk_attention" not in hlo[0]
+    assert all(("chunk_attention_l0" in h) == chunk for h in hlo[2:4]) and "chunk_attention" not in hlo[0]
+    # the verify step's rows: each through the decode step's kernels (a grid axis over the rows), every layer's
+    # keys and values written first
+    assert opts.verify_rows == "exact"
+    assert all(f"decode_attention_{k}_l{n}" in hlo[4] for k in ("write", "rows") for n in range(cfg.n_layers))
+    assert "chunk_attention" not in hlo[4] and "__gpu$xla.gpu.triton" in hlo[4]

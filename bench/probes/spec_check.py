@@ -30,7 +30,19 @@ WORKLOADS = Path(__file__).resolve().parents[1] / "workloads" / "speculative.jso
 KS = (4, 8)
 
 
-def step_costs(cfg, steps: int) -> dict:
+def _options(**kw):
+    """The engine's options (auto), or on the CPU the kernels interpreted (a dry run of the GPU's paths)."""
+    import jax
+
+    from hybrid_jax.options import KernelOptions
+    if jax.default_backend() == "cpu":
+        kw = dict(gemv="interpret", decode_attention="interpret", chunk_attention="interpret", **kw)
+    return KernelOptions(**kw)
+
+
+def step_costs(cfg, steps: int, verify_rows=("auto",)) -> dict:
+    """ms a step: decode, verify K = 4 and 8 and a draft iteration (K = 4), each verify step per `verify_rows`
+    value (KernelOptions.verify_rows; "auto" the default), named verify_k{K}[_{value}]."""
     import tempfile
 
     import numpy as np
@@ -40,21 +52,66 @@ def step_costs(cfg, steps: int) -> dict:
     dparams = random_params(dcfg, seed=1)
     cache = tempfile.mkdtemp()  # the engines share their prefill and decode executables
     out = {"draft_params": dcfg.n_params}
-    for k, kind in [(0, None)] + [(k, "ngram") for k in KS] + [(4, "draft")]:
+    runs = [(0, None, "auto")] + [(k, "ngram", v) for v in verify_rows for k in KS] + \
+        [(4, "draft", v) for v in verify_rows]
+    for k, kind, vrows in runs:
         eng, _ = random_engine(cfg, params, lengths=(100,), max_seq_len=1024, compile_sampling=False, cache_dir=cache,
                                speculative=kind, num_speculative_tokens=k or 4,
-                               draft=(dcfg, dparams) if kind == "draft" else None)
+                               draft=(dcfg, dparams) if kind == "draft" else None,
+                               options=_options(verify_rows=vrows))
         rt = eng.runtime
         ids = [int(t) for t in np.random.default_rng(0).integers(3, cfg.vocab_size, 100)]
         spec = (rt.verify_kind, rt.cache_len, k, False) if k else ("decode", rt.cache_len, False)
         times = [eng.step_seconds([spec], steps, ids)[0] for _ in range(3)]
         name = "decode" if not k else (f"verify_k{k}" if kind == "ngram" else f"draft_k{k}")
+        name += "" if not k or vrows == "auto" else f"_{vrows}"
         out[name] = round(statistics.median(times) * 1e3, 4)
         eng.close()
         del eng
-    for name in [f"verify_k{k}" for k in KS] + ["draft_k4"]:
+    for name in [n for n in out if n.startswith(("verify_", "draft_k"))]:
         out[f"{name}_over_decode"] = round(out[name] / out["decode"], 3)
     return out
+
+
+def exactness(cfg, k: int = 8, prompt: int = 100) -> dict:
+    """Whether a verify step's rows are bit for bit the decode step's: after a `prompt`-token prefill, K + 1 tokens
+    as one-token steps (the decode step's options) against model.forward_rows and the chunk path (the verify step's
+    options), random weights. Logits and written cache rows compared; the largest differences reported."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hybrid_jax import kv_cache, model
+
+    params = random_params(cfg)
+    eng, _ = random_engine(cfg, params, max_seq_len=1024, compile_sampling=False, options=_options())
+    rt = eng.runtime
+    od = rt.step_options(("decode", rt.cache_len, False))
+    ov = rt.step_options((rt.verify_kind, rt.cache_len, k, False))
+    n = rt.cache_len
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, prompt + k + 1), jnp.int32)
+    _, cache0 = jax.jit(lambda c, t, p: model.forward(cfg, params, c, t, p))(
+        kv_cache.zeros(cfg, n), ids[:prompt], jnp.arange(prompt, dtype=jnp.int32))
+    step = jax.jit(lambda c, t, p: model.forward(cfg, params, c, t, p, n, od))
+    cache, one = cache0, []
+    for i in range(prompt, prompt + k + 1):
+        lg, cache = step(cache, ids[i:i + 1], jnp.asarray([i], jnp.int32))
+        one.append(np.asarray(lg[0]))
+    one = np.stack(one)
+    pos = jnp.arange(prompt, prompt + k + 1, dtype=jnp.int32)
+    rows, cache_r = jax.jit(lambda c, t, p: model.forward_rows(cfg, params, c, t, p, ov.replace(verify_rows="exact")))(
+        cache0, ids[prompt:], pos)
+    chunk, _ = jax.jit(lambda c, t, p: model.forward(cfg, params, c, t, p, n, ov.replace(verify_rows="chunk")))(
+        cache0, ids[prompt:], pos)
+    rows, chunk = np.asarray(rows), np.asarray(chunk)
+    kv = [np.asarray(a[:, prompt:prompt + k + 1], np.float32) for a in (cache.k, cache.v, cache_r.k, cache_r.v)]
+    eng.close()
+    return {"rows": k + 1, "rows_logits_equal": bool(np.array_equal(rows, one)),
+            "rows_cache_equal": bool(np.array_equal(kv[0], kv[2]) and np.array_equal(kv[1], kv[3])),
+            "rows_max_abs_diff": float(np.max(np.abs(rows - one))),
+            "rows_argmax_equal": bool((rows.argmax(-1) == one.argmax(-1)).all()),
+            "chunk_logits_equal": bool(np.array_equal(chunk, one)),
+            "chunk_max_abs_diff": float(np.max(np.abs(chunk - one)))}
 
 
 def _gen(eng, prompt, new, reps, **kw):
@@ -143,6 +200,10 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--new-tokens", type=int, default=160)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--verify-rows", default="auto",
+                    help="step costs: comma list of KernelOptions.verify_rows values for the verify steps")
+    ap.add_argument("--exactness", action="store_true",
+                    help="step costs: also compare a verify step's rows with one-token steps, bit for bit")
     args = parse(ap, argv)
     rec = {"run": run_record(), "args": vars(args)}
     if args.model:
@@ -150,16 +211,19 @@ def main(argv=None) -> None:
         if args.hf_gguf:
             rec["hf"] = hf_peer(args.hf_gguf, args.new_tokens, args.reps)
     else:
-        rec["step_ms"] = step_costs(shape_config(args.shape), args.steps)
+        if args.exactness:
+            rec["exactness"] = exactness(shape_config(args.shape))
+            write_json(os.path.join(args.out, "spec_check.json"), rec)
+            print(f"{args.shape}: {rec['exactness']}")
+        rec["step_ms"] = step_costs(shape_config(args.shape), args.steps, tuple(args.verify_rows.split(",")))
     write_json(os.path.join(args.out, "spec_check.json"), rec)
 
     print(f"\n{rec['run']['device']}")
     if "step_ms" in rec:
         s = rec["step_ms"]
-        print(f"{args.shape}: decode step {s['decode']:.3f} ms; " + "; ".join(
-            f"verify K={k} ({k + 1} rows) {s[f'verify_k{k}']:.3f} ms = {s[f'verify_k{k}_over_decode']:.3f}x" for k in KS)
-            + f"; draft ({s['draft_params'] / 1e9:.2f} B) K=4: 5 draft steps + verify {s['draft_k4']:.3f} ms = "
-              f"{s['draft_k4_over_decode']:.3f}x")
+        print(f"{args.shape}: decode step {s['decode']:.3f} ms; draft {s['draft_params'] / 1e9:.2f} B")
+        for name in [n for n in s if n.startswith(("verify_", "draft_k")) and not n.endswith("_over_decode")]:
+            print(f"  {name:24s} {s[name]:8.3f} ms  {s[name + '_over_decode']:.3f}x decode")
         return
     print(f"verify step / decode step, timed at load: {rec['real']['break_even']}")
     for wl in ("grounded", "chat"):
