@@ -372,32 +372,39 @@ def rows_exact(cfg: LlamaConfig, cache_len: int, opts: KernelOptions | None) -> 
             and jax.sharding.get_abstract_mesh().empty)
 
 
+def _rows(fn, *xs):
+    """fn of one token's [1, ...] arrays, for each of R rows (xs: [R, ...]) with the one-token arithmetic: a
+    Pallas kernel once, with a grid axis over the rows (jax.vmap: each program runs the one-token program's code);
+    XLA's own reductions once per row, as separate ops of the one-token shape (vmapped, XLA reduces [R, N, Kd]
+    in another order than [N, Kd]: measured on an H100, bench/results/2026-12-07_NVIDIA-H100_exact-verify)."""
+    def one(*a):
+        return fn(*(v[None] for v in a))
+    if any(e.primitive.name == "pallas_call" for e in jax.make_jaxpr(one)(*(v[0] for v in xs)).eqns):
+        return jax.vmap(one)(*xs)
+    return jnp.stack([one(*(v[r] for v in xs)) for r in range(xs[0].shape[0])])
+
+
 def forward_rows(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
                  opts: KernelOptions | None = None) -> tuple[jax.Array, KVCache]:
     """`forward` of R consecutive tokens (positions[r] = positions[0] + r) with each row's arithmetic the one-token
-    step's: row r's logits and cache row are bit for bit what `forward` of that token alone gives after the rows
-    before it. Every one-token product runs once with a grid axis over the rows (jax.vmap of the same kernel or XLA
-    reduction), the attention through decode_attention.attend_rows. A verify step (speculative decoding) computed
-    so emits the tokens plain decode would. Needs `rows_exact`."""
+    step's: row r's logits and cache row are meant to be bit for bit what `forward` of that token alone gives after
+    the rows before it (`_rows`; the attention through decode_attention.attend_rows). A verify step (speculative
+    decoding) computed so emits the tokens plain decode would. Needs `rows_exact`."""
     opts = _options(opts)
     if not rows_exact(cfg, cache.max_seq_len, opts):
         raise ValueError("forward_rows needs the decode step's kernels (gemv and decode_attention) on one device")
     lw = params.layers
     G, D = cfg.q_per_kv, cfg.dim
-
-    def rows(fn, *xs):  # fn of one token's [1, ...] arrays, once per row
-        return jax.vmap(lambda *a: fn(*(v[None] for v in a)))(*xs)
-
     x = params.embed[tokens]  # [R, D]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):
-        parts = rows(lambda h: _project(opts, "td,kghd->tkgh", h, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd),
-                                        norm=lw.attn_norm, eps=cfg.norm_eps, partials=True), x)
+        parts = _rows(lambda h: _project(opts, "td,kghd->tkgh", h, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd),
+                                         norm=lw.attn_norm, eps=cfg.norm_eps, partials=True), x)
         o, kc, vc = decode_attention.attend_rows(parts, cos, sin, cache.k, cache.v, l, positions[:1], dtype=x.dtype,
                                                  interpret=opts.decode_attention == "interpret")
         cache = KVCache(k=kc, v=vc)
-        x = rows(lambda a, r: _project(opts, "tkgh,dkgh->td", a, lw.wo, l, (D,), residual=r)[0], o, x)
-        a = rows(lambda h: _project(opts, "td,cfd->tcf", h, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm,
-                                    eps=cfg.norm_eps, gated=True)[0], x)
-        x = rows(lambda f, r: _project(opts, "tf,df->td", f, lw.w2, l, (D,), residual=r)[0], a, x)
-    return rows(lambda h: logits_from_hidden(cfg, params, h, opts, normed=False)[0], x), cache
+        x = _rows(lambda a, r: _project(opts, "tkgh,dkgh->td", a, lw.wo, l, (D,), residual=r)[0], o, x)
+        a = _rows(lambda h: _project(opts, "td,cfd->tcf", h, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm,
+                                     eps=cfg.norm_eps, gated=True)[0], x)
+        x = _rows(lambda f, r: _project(opts, "tf,df->td", f, lw.w2, l, (D,), residual=r)[0], a, x)
+    return _rows(lambda h: logits_from_hidden(cfg, params, h, opts, normed=False)[0], x), cache

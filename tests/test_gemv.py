@@ -574,3 +574,23 @@ def test_rows_bit_for_bit_the_one_token_steps(row_reduce):
     lg_chunk, _ = model.forward(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32),
                                 jnp.arange(9, 14, dtype=jnp.int32), opts=opts)
     assert not np.array_equal(np.asarray(lg_chunk), np.stack(one))
+
+
+def test_exact_verify_steps_in_the_engine_equal_plain_decode():
+    """Prompt lookup with verify_rows="exact" (interpreted kernels, bf16): the greedy tokens of plain decode with
+    the same kernels, with proposals accepted and rejected."""
+    cfg = CHUNK_CFG.replace(dtype="bfloat16")
+    params = weights.init_random(cfg, jax.random.PRNGKey(1), scale=0.1)  # answers that repeat: accepted
+    prompt = [int(t) for t in np.random.default_rng(0).integers(1, 64, 12)] * 4
+    kern = dict(gemv="interpret", decode_attention="interpret", row_reduce=ROW_REDUCE_AUTO)
+    outs = []
+    for kw in (dict(options=KernelOptions(**kern)),
+               dict(speculative="ngram", num_speculative_tokens=4, options=KernelOptions(**kern, verify_rows="exact"))):
+        eng = Engine(cfg, params, max_seq_len=128, prefill_buckets=(16, 32), compile_sampling=False, **kw)
+        eng.spec_break_even = 0  # speculate throughout
+        try:
+            r = generate(eng, prompt, max_new_tokens=24, ignore_eos=True)
+            outs.append((r.token_ids, r.timings.verify_steps, r.timings.accepted, r.timings.proposed))
+        finally:
+            eng.close()
+    assert outs[1][0] == outs[0][0] and outs[1][1] > 0 and 0 < outs[1][2] < outs[1][3]

@@ -59,7 +59,9 @@ def test_steps_lower_for_cuda(shape, quant, options):
         req = jax.ShapeDtypeStruct((T + runtime.REQ_FIELDS,), jnp.int32)
         hlo.append(_lower(lambda p, s, r: runtime._prefill_step(cfg, cache_len, p, s, r, o), p, s, req).as_text())
     o = runtime.Runtime.step_options(stub, ("verify", cache_len, 4, False))
-    hlo.append(_lower(lambda p, s: runtime._verify_step(cfg, cache_len, 4, False, p, s, o), p, s).as_text())
+    for v in ("chunk", "exact"):
+        ov = o.replace(verify_rows=v)
+        hlo.append(_lower(lambda p, s: runtime._verify_step(cfg, cache_len, 4, False, p, s, ov), p, s).as_text())
     # the decode steps' kernels are in the programs (as Triton calls), not replaced by XLA's path
     assert all("__gpu$xla.gpu.triton" in h for h in hlo[:2])
     if quant:
@@ -71,8 +73,8 @@ def test_steps_lower_for_cuda(shape, quant, options):
     # attention is named
     chunk = opts.chunk_attention == "pallas"
     assert all(("chunk_attention_l0" in h) == chunk for h in hlo[2:4]) and "chunk_attention" not in hlo[0]
-    # the verify step's rows: each through the decode step's kernels (a grid axis over the rows), every layer's
-    # keys and values written first
-    assert opts.verify_rows == "exact"
-    assert all(f"decode_attention_{k}_l{n}" in hlo[4] for k in ("write", "rows") for n in range(cfg.n_layers))
-    assert "chunk_attention" not in hlo[4] and "__gpu$xla.gpu.triton" in hlo[4]
+    # the exact verify step's rows: each through the decode step's kernels (a grid axis over the rows), every
+    # layer's keys and values written first
+    assert opts.verify_rows == "chunk" and ("chunk_attention_l0" in hlo[4]) == chunk
+    assert all(f"decode_attention_{k}_l{n}" in hlo[5] for k in ("write", "rows") for n in range(cfg.n_layers))
+    assert "chunk_attention" not in hlo[5] and "__gpu$xla.gpu.triton" in hlo[5]
