@@ -258,6 +258,11 @@ def rows_tile(t: int) -> int:
     return min(gemv_lib.rows_padded(t), ROWS_TILE)
 
 
+# Tilings of `gemm` measured faster than `rows_config`'s default, per (Kd, N, scheme name, rows padded to its row
+# tile): (config, rows of x a program). Filled from bench/probes/qgemm_tune.py's runs; empty until one is kept.
+TUNED_ROWS: dict[tuple[int, int, str, int], tuple[GemvConfig, int]] = {}
+
+
 def rows_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
     """A tiling of `gemm` (bn columns a program, bk inputs an iteration), or None where the kernel does not take
     the matrix (as `default_config`; bn >= 16, the tensor-core dot's minimum)."""
@@ -330,7 +335,7 @@ def _rows_kernel(*refs, layer, cfg: GemvConfig, scheme: Scheme, kd: int, bt: int
 
 
 def gemm(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig | None = None,
-         interpret: bool = False) -> jax.Array:
+         bt: int | None = None, interpret: bool = False) -> jax.Array:
     """float32 [T, N] = x @ W^T for rows x [T, Kd] and W layer `layer` of a stacked quantized matrix (quant.py's
     arrays {q, scale[, zero]}, [L, N, ...]): the product XLA computes over `quant.dequantize`'s matrix (int8 with
     one scale a row: over the codes, the scale applied to the product), summed in float32 in another order."""
@@ -338,12 +343,16 @@ def gemm(x: jax.Array, qm: dict, layer: int, scheme: Scheme, *, cfg: GemvConfig 
     n = q.shape[1]
     t, kd = x.shape
     _check_codes(q, kd, scheme)
+    if cfg is None and bt is None:
+        cfg, bt = TUNED_ROWS.get((kd, n, scheme.name, gemv_lib.rows_padded(t)), (None, None))
     cfg = cfg or rows_config(kd, n, scheme)
     if cfg is None:
         raise ValueError(f"no kernel shape for a {kd} x {n} {scheme.name} matrix (call `gemm_supported` first)")
     if n % cfg.bn or cfg.bn < 16 or not _tiles(cfg, scheme) or cfg.bk > kd:
         raise ValueError(f"{cfg} does not tile a {kd} x {n} {scheme.name} matrix")
-    bt = rows_tile(t)
+    bt = bt or rows_tile(t)
+    if bt < 16 or bt & (bt - 1):
+        raise ValueError(f"bt (rows of x a program) must be a power of 2 >= 16, got {bt}")
     tp = -(-t // bt) * bt
     if tp != t:
         x = jnp.pad(x, ((0, tp - t), (0, 0)))

@@ -340,3 +340,24 @@ def test_quantized_prefill_rows_through_qgemm_per_scheme():
                 return model.forward(cfg, p, c, jnp.zeros((t,), jnp.int32), jnp.arange(t, dtype=jnp.int32), opts=opts)
             n = str(jax.make_jaxpr(chunk)(p, kv_cache.zeros(cfg, 64))).count("qgemm")
             assert (n >= 4 * cfg.n_layers) if expect else n == 0, (name, t, n)
+
+
+def test_qgemm_row_tiles_and_tuned_tilings(monkeypatch):
+    """`gemm` with a row tile of its own (bt) computes the same product; a TUNED_ROWS entry for the rows' bucket is
+    what a call without a tiling takes; a bt that is not a power of 2 >= 16 is refused."""
+    from hybrid_jax import gemv as G, qgemv
+    rng = np.random.default_rng(2)
+    sch = Q.parse("int4-g32-asym")
+    kd, n, t = 256, 32, 40
+    qm = jax.tree.map(jnp.asarray, Q.quantize_np(rng.standard_normal((2, n, kd)).astype(np.float32), sch))
+    x = jnp.asarray(rng.standard_normal((t, kd)).astype(np.float32))
+    ref = jnp.dot(x, Q.dequantize(qm, 1, sch, jnp.float32).T)
+    for bt in (16, 32, 64):
+        assert rel_err(qgemv.gemm(x, qm, 1, sch, bt=bt, interpret=True), ref) < 1e-5, bt
+    tuned = (G.GemvConfig(bn=16, bk=64, splits=1), 16)
+    monkeypatch.setitem(qgemv.TUNED_ROWS, (kd, n, sch.name, 64), tuned)
+    jpr = str(jax.make_jaxpr(lambda x: qgemv.gemm(x, qm, 1, sch, interpret=True))(x))
+    assert "qgemm16_" in jpr and "qgemm64_" not in jpr  # the tuned row tile (the default's is 64 for 40 rows)
+    for bt in (8, 24):
+        with pytest.raises(ValueError, match="bt"):
+            qgemv.gemm(x, qm, 1, sch, bt=bt, interpret=True)
