@@ -30,6 +30,15 @@ DEFAULT_GRID = {
     "autotune_4": "--xla_gpu_autotune_level=4",
     "no_triton_gemm": "--xla_gpu_enable_triton_gemm=false",
     "cublaslt": "--xla_gpu_enable_cublaslt=true",
+    # issue 27's additions: how a replayed graph is updated, a smaller graph threshold, collectives captured, the
+    # middle autotune level (the prefill's matmuls), concurrent regions (flag values as jaxlib 0.10-0.11 parse them)
+    "update_never": "--xla_gpu_command_buffer_update_mode=NEVER_UPDATE",
+    "update_capture": "--xla_gpu_command_buffer_update_mode=CAPTURE_CMD_NEVER_UPDATE",
+    "update_always": "--xla_gpu_command_buffer_update_mode=ALWAYS_UPDATE",
+    "min_graph_2": "--xla_gpu_graph_min_graph_size=2",
+    "collectives": f"--xla_gpu_enable_command_buffer={CB_DEFAULT},COLLECTIVES",
+    "autotune_2": "--xla_gpu_autotune_level=2",
+    "concurrent_regions": "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT_REGIONS",
 }
 
 

@@ -134,6 +134,22 @@ def test_parse_grid_and_file(tmp_path):
     assert DEFAULT_GRID["concurrent"] == "--xla_gpu_command_buffer_scheduling_mode=CONCURRENT"
 
 
+def test_default_grid_flags_parse():
+    """Every flag of the default sweep grid is one this jaxlib's XLA parses (names and enum values: XLA aborts at
+    start-up on a flag it does not know, which the GPU run would find only after its first minute)."""
+    import subprocess
+    import sys
+    flags = " ".join(f for f in DEFAULT_GRID.values() if f)
+    p = subprocess.run([sys.executable, "-c", "import jax.numpy as j; j.ones(1).block_until_ready()"],
+                       env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", "import jax.numpy as j; j.ones(1).block_until_ready()"],
+                         env={**os.environ, "XLA_FLAGS": "--xla_gpu_command_buffer_update_mode=SOMETIMES",
+                              "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0  # what the check would see
+
+
 def test_classify_failure():
     st, msg = classify_failure(1, "stuff\nF1126 parse_flags_from_env.cc:234] Unknown flag in XLA_FLAGS: --xla_x=1\n")
     assert st == "unsupported flag" and "--xla_x=1" in msg
