@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import itertools
-import math
 import os
 
 import numpy as np
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.probes.harness import layer_matrices, parse, parser, run_record, shape_config, timed, write_json
-from bench.probes.qgemv_tune import random_codes
+from bench.probes.qgemv_tune import code_set
 from hybrid_jax import gemv as G
 from hybrid_jax import qgemv as Q
 from hybrid_jax import quant
@@ -57,9 +56,7 @@ def tune(cfg, schemes, rows_list, interpret, set_bytes=256e6):
         scheme = quant.parse(sname)
         if not Q.gemm_supported(kd, n, scheme):
             continue
-        nbytes = n * kd * scheme.bits // 8 + n * scheme.groups(kd) * 2 * (2 if scheme.asym else 1)
-        lw = min(64, max(2, math.ceil(set_bytes / nbytes)))
-        qm = random_codes(jax.random.PRNGKey(kd + n), lw, n, kd, scheme)
+        _, lw, qm = code_set(kd, n, scheme, set_bytes)
         x = jax.random.normal(jax.random.PRNGKey(t), (t, kd), jnp.bfloat16)
         key = {"matrix": name, "scheme": sname, "kd": kd, "n": n, "rows": t}
 

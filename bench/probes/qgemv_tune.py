@@ -54,15 +54,21 @@ def random_codes(key, lw, n, kd, scheme):
     return qm
 
 
+def code_set(kd, n, scheme, set_bytes=256e6):
+    """(stored bytes of one matrix, Lw, Lw random copies of its codes and scales): Lw so that the set exceeds the
+    L2 cache, and the products read it from memory."""
+    nbytes = n * kd * scheme.bits // 8 + n * scheme.groups(kd) * 2 * (2 if scheme.asym else 1)
+    lw = min(64, max(2, math.ceil(set_bytes / nbytes)))
+    return nbytes, lw, random_codes(jax.random.PRNGKey(kd + n), lw, n, kd, scheme)
+
+
 def tune(cfg, schemes, interpret, set_bytes=256e6):
     rows, best = [], {}
     for (name, kd, n), sname in itertools.product(layer_matrices(cfg), schemes):
         scheme = quant.parse(sname)
         if not Q.supported(kd, n, scheme):
             continue
-        nbytes = n * kd * scheme.bits // 8 + n * scheme.groups(kd) * 2 * (2 if scheme.asym else 1)
-        lw = min(64, max(2, math.ceil(set_bytes / nbytes)))
-        qm = random_codes(jax.random.PRNGKey(kd + n), lw, n, kd, scheme)
+        nbytes, lw, qm = code_set(kd, n, scheme, set_bytes)
         x = jax.random.normal(jax.random.PRNGKey(1), (kd,), jnp.bfloat16)
         epi = EPILOGUES[name]
         nw = (1 + 0.1 * jax.random.normal(jax.random.PRNGKey(n), (lw, kd))).astype(jnp.bfloat16) if epi.get("norm") else None
