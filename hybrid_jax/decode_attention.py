@@ -86,8 +86,8 @@ def _new_token(qkv_ref, cos_ref, sin_ref, kh, row, *, groups: int, splits: int, 
 def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *outs, layer: int,
             groups: int, splits: int, bs: int, rows: int, scale: float, dtype, batched: bool = False):
     """Program (KV head kh, row partition part); with `batched`, program (token r, kh, part) of several
-    consecutive tokens, token r at position pos + r, whose keys and values `write_rows` has already written (the
-    same arithmetic per token: only the refs' indexing differs). k_out/v_out (`outs`, one token only) are
+    consecutive tokens, token r at position pos + r, whose keys and values `_write_kernel` has already written
+    (the same arithmetic per token: only the refs' indexing differs). k_out/v_out (`outs`, one token only) are
     k_ref/v_ref's buffers (aliased)."""
     if batched:
         r, kh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -224,10 +224,10 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
 
 
 # ---- several consecutive tokens, each as the one-token kernel computes it ------------------------------------------
-# A verify step's K + 1 rows (speculative decoding) through this path give each row the decode step's arithmetic,
-# bit for bit: `write_rows` first writes every token's key and value (the same code as the kernel's), then
-# `attend`'s kernel runs once per token (a grid axis), token r at position pos + r reading rows up to pos + r - 1
-# from the cache as a decode step at that position would.
+# A verify step's K + 1 rows (speculative decoding) through this path get the decode step's arithmetic row by row:
+# `_write_kernel` first writes every token's key and value (the same code as the kernel's), then `attend`'s kernel
+# runs once per token (a grid axis), token r at position pos + r reading rows up to pos + r - 1 from the cache as a
+# decode step at that position would.
 
 def _write_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, k_out, v_out, *, layer: int, groups: int,
                   splits: int, scale: float, dtype):
