@@ -12,7 +12,6 @@ XLA's product (relative error). Writes qgemm_tune.json and prints a table.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import itertools
 import os
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.probes.harness import layer_matrices, parse, parser, run_record, shape_config, timed, write_json
-from bench.probes.qgemv_tune import code_set
+from bench.probes.qgemv_tune import code_set, try_candidates
 from hybrid_jax import gemv as G
 from hybrid_jax import qgemv as Q
 from hybrid_jax import quant
@@ -74,31 +73,13 @@ def tune(cfg, schemes, rows_list, interpret, set_bytes=256e6):
                                         for l in range(lw)])
             return fn.lower(qm, x).compile()
 
-        def attempt(cb):
-            try:
-                return make(cb)
-            except Exception as e:  # a tiling Triton rejects
-                return f"{type(e).__name__}: {e}"[:300]
-
-        def measure(cb, exe, qm=qm, x=x, ref=ref, lw=lw, key=key):
-            row = {**key, "impl": "qgemm", "cfg": cb[0].__dict__, "bt": cb[1]}
-            if isinstance(exe, str):
-                return {**row, "error": exe}
-            out = np.asarray(jnp.stack(exe(qm, x)), np.float32)
-            row["rel_err"] = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-9))
-            if row["rel_err"] > 2e-2:
-                return {**row, "error": "wrong result"}
-            return {**row, "us": timed(exe, (qm, x)) / lw * 1e6}
-
         cands = candidates(kd, n, t, scheme)[: 2 if interpret else None]
         default = (Q.rows_config(kd, n, scheme), Q.rows_tile(t))
         if default not in cands:
             cands.append(default)
-        with cf.ThreadPoolExecutor(1 if interpret else 12) as pool:
-            exes = list(pool.map(attempt, cands))
-        mine = [measure(c, e) for c, e in zip(cands, exes)]
-        for r, c in zip(mine, cands):
-            r["default"] = c == default
+        mine = try_candidates(cands, make, (qm, x), ref, lw, 1 if interpret else 12,
+                              lambda cb, key=key, default=default: {**key, "impl": "qgemm", "cfg": cb[0].__dict__,
+                                                                     "bt": cb[1], "default": cb == default})
         rows += mine
         ok = [r for r in mine if "us" in r]
         if ok:

@@ -62,6 +62,33 @@ def code_set(kd, n, scheme, set_bytes=256e6):
     return nbytes, lw, random_codes(jax.random.PRNGKey(kd + n), lw, n, kd, scheme)
 
 
+def try_candidates(cands, make, args, ref, lw, threads, row_of) -> list[dict]:
+    """One row per candidate tiling (`row_of(candidate)`): compiled by `make(candidate)` in `threads` threads (a
+    tiling the compiler rejects gets its error), its Lw products `exe(*args)` checked against `ref` (relative error
+    at most 2e-2, else "wrong result"), then timed: "us" a product."""
+    def attempt(c):
+        try:
+            return make(c)
+        except Exception as e:  # a tiling Triton rejects
+            return f"{type(e).__name__}: {e}"[:300]
+
+    with cf.ThreadPoolExecutor(threads) as pool:
+        exes = list(pool.map(attempt, cands))
+    rows = []
+    for c, exe in zip(cands, exes):
+        row = row_of(c)
+        if isinstance(exe, str):
+            rows.append({**row, "error": exe})
+            continue
+        out = np.asarray(jnp.stack(exe(*args)), np.float32)
+        row["rel_err"] = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-9))
+        if row["rel_err"] > 2e-2:
+            rows.append({**row, "error": "wrong result"})
+            continue
+        rows.append({**row, "us": timed(exe, args) / lw * 1e6})
+    return rows
+
+
 def tune(cfg, schemes, interpret, set_bytes=256e6):
     rows, best = [], {}
     for (name, kd, n), sname in itertools.product(layer_matrices(cfg), schemes):
@@ -93,27 +120,13 @@ def tune(cfg, schemes, interpret, set_bytes=256e6):
                                                gated=gated, interpret=interpret) for l in range(lw)])
             return fn.lower(qm, x).compile()
 
-        def measure(c, exe):
-            row = {"matrix": name, "scheme": sname, "kd": kd, "n": n, "impl": "qgemv", "cfg": c.__dict__}
-            if isinstance(exe, str):
-                return {**row, "error": exe}
-            out = np.asarray(jnp.stack(exe(qm, x)), np.float32)
-            row["rel_err"] = float(np.max(np.abs(out - ref)) / (np.max(np.abs(ref)) + 1e-9))
-            if row["rel_err"] > 2e-2:
-                return {**row, "error": "wrong result"}
-            t = timed(exe, (qm, x))
-            return {**row, "us": t / lw * 1e6, "TBps": nbytes * lw / t / 1e12}
-
-        def attempt(c):
-            try:
-                return make(c)
-            except Exception as e:  # a tiling Triton rejects
-                return f"{type(e).__name__}: {e}"[:300]
-
         cands = candidates(kd, n, scheme)[: 2 if interpret else None]
-        with cf.ThreadPoolExecutor(1 if interpret else 8) as pool:
-            exes = list(pool.map(attempt, cands))
-        mine = [measure(c, e) for c, e in zip(cands, exes)]
+        mine = try_candidates(cands, make, (qm, x), ref, lw, 1 if interpret else 8,
+                              lambda c: {"matrix": name, "scheme": sname, "kd": kd, "n": n, "impl": "qgemv",
+                                         "cfg": c.__dict__})
+        for r in mine:
+            if "us" in r:
+                r["TBps"] = nbytes / (r["us"] * 1e-6) / 1e12
         rows += mine
         ok = [r for r in mine if "us" in r]
         if ok:
