@@ -83,6 +83,16 @@ def _new_token(qkv_ref, cos_ref, sin_ref, kh, row, *, groups: int, splits: int, 
     return qs, rope(head(groups)), head(groups + 1)
 
 
+def _store(k_out, v_out, layer: int, pos, kh, k_new, v_new) -> None:
+    """The new token's key and value (halves, as `_new_token` gives them) into row pos of kv head kh."""
+    half = k_new[0].shape[0]
+    lo, hi = pl.ds(0, half), pl.ds(half, half)
+    k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
+    k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
+    v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
+    v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
+
+
 def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *outs, layer: int,
             groups: int, splits: int, bs: int, rows: int, scale: float, dtype, batched: bool = False):
     """Program (KV head kh, row partition part); with `batched`, program (token r, kh, part) of several
@@ -108,14 +118,7 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
         owner = pos // rows == part  # this program's partition holds row pos
 
         if outs:
-            k_out, v_out = outs
-
-            @pl.when(owner)
-            def _write():
-                k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
-                k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
-                v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
-                v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
+            pl.when(owner)(lambda: _store(*outs, layer, pos, kh, k_new, v_new))
 
         stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
         steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
@@ -169,6 +172,26 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
             acc_ref[lead + (kh, part, g, slice(None))] = jnp.zeros((2 * half,), f32) + zero
 
 
+def _check_new_tokens(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> None:
+    """`attend`'s and `attend_rows`' arguments: qkv [..., splits, K, G+2, Dh], cos and sin [..., Dh] (the same
+    leading dims), a cache [L, S, K, Dh] the kernel takes."""
+    K, G2, Dh = qkv.shape[-3:]
+    L, S, Kc, Dc = k_cache.shape
+    if G2 < 3 or (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
+        raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
+    want = qkv.shape[:-4] + (Dh,)
+    if cos.shape != want or sin.shape != want:
+        raise ValueError(f"cos/sin must have shape {want}, got {cos.shape} / {sin.shape}")
+    if not supported(S, Dh):
+        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
+
+
+def _compiler_params(interpret: bool) -> dict:
+    """The attention kernels' Triton parameters (none in the interpreter)."""
+    return {"compiler_params": plt.CompilerParams(num_warps=4, num_stages=2)} if plt is not None and not interpret \
+        else {}
+
+
 def _combine(m: jax.Array, l: jax.Array, acc: jax.Array) -> jax.Array:
     """The partitions' results (m, l [K, P, G], acc [K, P, G, Dh]) combined: [K, G, Dh] float32."""
     w = jnp.exp(m - jnp.max(m, axis=1, keepdims=True))  # [K, P, G]; 0 for empty partitions
@@ -190,15 +213,9 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     the kernel's outputs). The rows are split over programs (`rows_per_program`, a multiple of the row
     block; default: `partition_rows`, about 2048 programs at a full cache); each leaves its running max, sum and weighted
     values, and XLA combines the partitions (flash-decoding). Partitions past the filled rows read nothing."""
+    _check_new_tokens(qkv, cos, sin, k_cache, v_cache)
     splits, K, G2, Dh = qkv.shape
-    G = G2 - 2
-    L, S, Kc, Dc = k_cache.shape
-    if G < 1 or (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
-    if cos.shape != (Dh,) or sin.shape != (Dh,):
-        raise ValueError(f"cos/sin must have shape ({Dh},), got {cos.shape} / {sin.shape}")
-    if not supported(S, Dh):
-        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
+    G, S = G2 - 2, k_cache.shape[1]
     dtype = jnp.dtype(dtype or k_cache.dtype)
     bs = block_rows(S)
     rows = rows_per_program or partition_rows(S, K, bs)
@@ -207,9 +224,7 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
     parts = -(-S // rows)
     kernel = functools.partial(_kernel, layer=layer, groups=G, splits=splits, bs=bs, rows=rows,
                                scale=1.0 / float(Dh) ** 0.5, dtype=dtype)
-    params = {}
-    if plt is not None and not interpret:
-        params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
+    params = _compiler_params(interpret)
     f32 = jnp.float32
     m, l, acc, k_cache, v_cache = pl.pallas_call(
         kernel, grid=(K, parts), interpret=interpret, name=f"decode_attention_l{layer}",
@@ -234,15 +249,9 @@ def _write_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, k_out, v_out
     """Program (token r, KV head kh): token r's key and value into rows pos + r of the cache (aliased)."""
     del k_ref, v_ref
     r, kh = pl.program_id(0), pl.program_id(1)
-    pos = pos_ref[0] + r
-    half = cos_ref.shape[-1] // 2
-    lo, hi = pl.ds(0, half), pl.ds(half, half)
     _, k_new, v_new = _new_token(qkv_ref, cos_ref, sin_ref, kh, r, groups=groups, splits=splits, scale=scale,
                                  dtype=dtype)
-    k_out[layer, pos, kh, lo] = k_new[0].astype(k_out.dtype)
-    k_out[layer, pos, kh, hi] = k_new[1].astype(k_out.dtype)
-    v_out[layer, pos, kh, lo] = v_new[0].astype(v_out.dtype)
-    v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
+    _store(k_out, v_out, layer, pos_ref[0] + r, kh, k_new, v_new)
 
 
 def attend_rows(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
@@ -251,24 +260,16 @@ def attend_rows(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Arr
     result bit for bit what `attend` gives at its position after the tokens before it). qkv: float32
     [R, splits, K, G+2, Dh]; cos, sin: [R, Dh]. Returns (out [R, K, G, Dh] in `dtype`, k_cache, v_cache) with rows
     pos .. pos + R - 1 written; pos + R <= S."""
+    _check_new_tokens(qkv, cos, sin, k_cache, v_cache)
     R, splits, K, G2, Dh = qkv.shape
-    G = G2 - 2
-    L, S, Kc, Dc = k_cache.shape
-    if G < 1 or (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
-        raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
-    if cos.shape != (R, Dh) or sin.shape != (R, Dh):
-        raise ValueError(f"cos/sin must have shape ({R}, {Dh}), got {cos.shape} / {sin.shape}")
-    if not supported(S, Dh):
-        raise ValueError(f"no kernel for cache length {S} and head dim {Dh} (call `supported` first)")
+    G, S = G2 - 2, k_cache.shape[1]
     dtype = jnp.dtype(dtype or k_cache.dtype)
     bs = block_rows(S)
     rows = partition_rows(S, K, bs)
     parts = -(-S // rows)
     scale = 1.0 / float(Dh) ** 0.5
     f32 = jnp.float32
-    params = {}
-    if plt is not None and not interpret:
-        params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
+    params = _compiler_params(interpret)
     args = (pos.reshape(1).astype(jnp.int32), qkv.astype(f32), cos.astype(f32), sin.astype(f32))
     k_cache, v_cache = pl.pallas_call(
         functools.partial(_write_kernel, layer=layer, groups=G, splits=splits, scale=scale, dtype=dtype),
@@ -367,9 +368,7 @@ def attend_chunk(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: in
         qm = jnp.pad(qm, ((0, 0), (0, mp - M), (0, 0)))
     kernel = functools.partial(_chunk_kernel, layer=layer, groups=G, t=T, bm=bm, bs=bs, rows=rows,
                                scale=1.0 / float(Dh) ** 0.5)
-    params = {}
-    if plt is not None and not interpret:
-        params["compiler_params"] = plt.CompilerParams(num_warps=4, num_stages=2)
+    params = _compiler_params(interpret)
     f32 = jnp.float32
     m, l, acc = pl.pallas_call(
         kernel, grid=(K, parts, mp // bm), interpret=interpret, name=f"chunk_attention_l{layer}",
