@@ -277,9 +277,7 @@ def rows_config(kd: int, n: int, scheme: Scheme) -> GemvConfig | None:
 
 
 # Prefill chunks of up to `gemm_rows_max(scheme)` rows take `gemm`; longer ones a matmul over XLA's dequantized
-# matrix. Measured on an H100, 7B shape (bench/results/2026-12-07_NVIDIA-H100_quant-prefill-rows): TTFT at a 32-row
-# bucket int8 8.6 ms against XLA's 14.0, at 64 rows 14.6 against 14.3; int4 9.0 against 23.0 at 32 rows, 17.4
-# against 23.0 at 64. The kernel's cost grows with the rows (its tiles are small for many rows; docs/performance.md).
+# matrix: where the kernel's TTFT stopped winning on an H100 (docs/performance.md, "Defaults and why").
 GEMM_ROWS_MAX = 64  # the most rows any scheme takes through `gemm` (runtime.Runtime.step_options)
 
 
