@@ -12,6 +12,7 @@ XLA's product (relative error). Writes qgemm_tune.json and prints a table.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -132,17 +133,10 @@ def main(argv=None) -> None:
     ttft = []
     for label in ["none"] + [f"{s}{v}" for s in schemes for v in ("", ":tuned")]:
         s = label.split(":")[0]
-        saved = dict(Q.TUNED_ROWS), Q.GEMM_ROWS_MAX, Q.gemm_rows_max
-        if label.endswith(":tuned"):
-            Q.TUNED_ROWS.update({k: (G.GemvConfig(**c), bt) for k, (c, bt) in best.items()})
-            Q.GEMM_ROWS_MAX, Q.gemm_rows_max = 1 << 30, lambda scheme: 1 << 30
-        try:
+        tuned = {k: (G.GemvConfig(**c), bt) for k, (c, bt) in best.items()}
+        with quant_check.gemm_at_every_bucket(tuned) if label.endswith(":tuned") else contextlib.nullcontext():
             r = quant_check.one(cfg.replace(quant=None if s == "none" else quant.parse(s).name), 20 if on_acc else 2,
                                 lengths, 5 if on_acc else 1, KernelOptions(**kern))
-        finally:
-            Q.TUNED_ROWS.clear()
-            Q.TUNED_ROWS.update(saved[0])
-            Q.GEMM_ROWS_MAX, Q.gemm_rows_max = saved[1], saved[2]
         ttft.append({"label": label, "ttft_ms": r["ttft_ms"], "decode_ms": r["decode_ms"]})
         rec["ttft"] = ttft
         write_json(path, rec)

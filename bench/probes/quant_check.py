@@ -11,11 +11,29 @@ Writes quant_check.json and prints a table.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
 
 from bench.probes.harness import parse, parser, random_engine, random_params, run_record, shape_config, write_json
+
+
+@contextlib.contextmanager
+def gemm_at_every_bucket(tuned: dict | None = None):
+    """Inside: every quantized prefill chunk through qgemv.gemm (not only up to qgemv.gemm_rows_max rows; both
+    Runtime.step_options and model._project_quantized read the bound), with `tuned` added to qgemv.TUNED_ROWS.
+    Restored on exit."""
+    from hybrid_jax import qgemv
+    saved = dict(qgemv.TUNED_ROWS), qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max
+    qgemv.TUNED_ROWS.update(tuned or {})
+    qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = 1 << 30, lambda scheme: 1 << 30
+    try:
+        yield
+    finally:
+        qgemv.TUNED_ROWS.clear()
+        qgemv.TUNED_ROWS.update(saved[0])
+        qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = saved[1], saved[2]
 
 
 def one(cfg, steps: int, lengths: list[int], reps: int, options=None) -> dict:
@@ -63,7 +81,7 @@ def main(argv=None) -> None:
            "copy": floors.copy_bandwidth(2 << 30 if on_acc else 64 << 20, cfg0.dtype, reps=20 if on_acc else 3)}
     bw = rec["copy"]["bw_Bps"]
     rows = []
-    from hybrid_jax import qgemv, quant
+    from hybrid_jax import quant
     from hybrid_jax.options import KernelOptions
     for item in args.schemes.split(","):
         s, *mods = item.split(":")  # SCHEME[:grouped][:autotune]; a short name (int4) as its full one
@@ -80,14 +98,9 @@ def main(argv=None) -> None:
             kw["quant_prefill"] = "pallas" if on_acc else "interpret"
         if "xlaprefill" in mods:
             kw["quant_prefill"] = "xla"
-        rows_max, rows_max_of = qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max
-        if "qgemm" in mods:  # read by Runtime.step_options and model._project_quantized
-            qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = 1 << 30, lambda scheme: 1 << 30
-        try:
+        with gemm_at_every_bucket() if "qgemm" in mods else contextlib.nullcontext():
             r = one(cfg0.replace(quant=None if s == "none" else quant.parse(s).name), args.steps,
                     [int(x) for x in args.lengths.split(",")], args.reps, KernelOptions(**kw))
-        finally:
-            qgemv.GEMM_ROWS_MAX, qgemv.gemm_rows_max = rows_max, rows_max_of
         r["label"] = item
         r["floor_ms"] = round(r["weight_bytes"] / bw * 1e3, 4)
         r["over_floor"] = round(r["decode_ms"] / r["floor_ms"], 3)
