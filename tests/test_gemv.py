@@ -574,6 +574,9 @@ def test_rows_bit_for_bit_the_one_token_steps(row_reduce):
     lg_chunk, _ = model.forward(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32),
                                 jnp.arange(9, 14, dtype=jnp.int32), opts=opts)
     assert not np.array_equal(np.asarray(lg_chunk), np.stack(one))
+    with pytest.raises(ValueError, match="forward_rows needs the decode step's kernels"):
+        model.forward_rows(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32), jnp.arange(9, 14, dtype=jnp.int32),
+                           opts=XLA)
 
 
 def test_exact_verify_steps_in_the_engine_equal_plain_decode():
