@@ -426,3 +426,30 @@ def test_latency_quantize_hybrid_and_torchao_peer(tmp_path):
         main(["--model", str(tmp_path), "--quantize", "int8"])
     with pytest.raises(SystemExit, match="--quantize"):
         main(["--shape", "tiny", "--quantize", "int3"])
+
+
+def test_spec_projection_counts_verify_and_single_steps(tmp_path):
+    """spec_check --project: a prompt's decoded tokens are its verify steps' (accepted + 1 each) and one-token
+    steps' for the rest, timed at the other shape's costs; a run cut mid-step counts no negative steps."""
+    from bench.probes.spec_check import main, project
+
+    def row(tokens, verify, accepted):
+        return {"prompt": "p", "plain": {"tokens": tokens},
+                "ngram_k4": {"tokens": tokens, "verify_steps": verify, "accepted": accepted, "proposed": 4 * verify}}
+
+    # 21 tokens: 20 decoded = 5 verify steps (10 accepted + 5) + 5 one-token steps; 9 tokens cut inside a step
+    real = {"real": {"grounded": [row(21, 5, 10)], "chat": [row(9, 3, 7)]}}
+    costs = {"step_ms": {"decode": 2.0, "verify_k4": 3.0}}
+    p = project(real, costs)
+    g = p["grounded"]["ngram_k4"]
+    assert g["over_plain"] == round(20 * 2.0 / (5 * 3.0 + 5 * 2.0), 3) and g["tok_s"] == round(20 / 25.0 * 1e3, 1)
+    assert p["chat"]["ngram_k4"]["over_plain"] == round(8 * 2.0 / (3 * 3.0), 3)
+    assert p["plain_tok_s"] == 500.0
+    # chunk_check's record (its kernel variant) is read too; a file with neither is refused
+    assert project(real, {"variants": {"kernel": costs["step_ms"]}}) == p
+    with pytest.raises(ValueError, match="step_ms"):
+        project(real, {"other": 1})
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    (tmp_path / "costs.json").write_text(json.dumps(costs))
+    main(["--project", str(tmp_path / "real.json"), "--costs", str(tmp_path / "costs.json"), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "spec_projection.json").read_text())["projection"] == p

@@ -2,11 +2,14 @@
 
     python -m bench.probes.spec_check --shape llama2-7b            # step costs, random weights
     python -m bench.probes.spec_check --model DIR [--hf-gguf FILE]  # real model: tokens/s, identical output
+    python -m bench.probes.spec_check --project REAL.json --costs COSTS.json  # a shape's projected tokens/s
 
 Step costs (random weights, so acceptance is whatever it is: only the cost is read): a prompt of 100 tokens,
 then `--steps` steps enqueued back to back and waited for at the end (the device's time a step), for the
 one-token decode step and verify steps of K = 4 and 8 (5 and 9 rows). The tokens/s such a verify step would
-give on a real model is projected from its cost and the acceptance measured on one (marked as a projection).
+give on a real model is projected from its cost and the acceptance measured on one (`--project`, marked as a
+projection): each prompt's verify steps, and the one-token steps its remaining tokens took, at the costs of the
+other shape.
 
 Real model: each prompt of bench/workloads/speculative.json ("grounded": answers that copy from the prompt;
 "chat": open questions), greedy, up to --new-tokens, EOS honoured, through generate(): plain decode, and
@@ -162,6 +165,43 @@ def real_model(path: str, new: int, reps: int, draft: str | None = None) -> dict
     return res
 
 
+def _step_costs(rec: dict) -> dict:
+    """decode and verify_k{K} ms from a step-costs record: this probe's (`step_ms`) or chunk_check's (its
+    "kernel" variant, the default attention)."""
+    if "step_ms" in rec:
+        return rec["step_ms"]
+    if "variants" in rec:
+        return rec["variants"]["kernel"]
+    raise ValueError("the costs file has neither step_ms (spec_check) nor variants (chunk_check)")
+
+
+def project(real: dict, costs: dict) -> dict:
+    """A PROJECTION of prompt lookup's decode tokens/s on another shape: the verify steps and the one-token steps
+    of each prompt in `real` (a --model run's record), timed at that shape's step costs (`costs`, ms). Tokens
+    from a verify step = its accepted proposals + 1; the rest of the decoded tokens (tokens - 1, the first is
+    the prefill's) came from one-token steps. Per workload and column: summed tokens over summed time, and the
+    ratio to plain decode (one step a token). The back-off's decisions are the measured model's."""
+    c = _step_costs(costs)
+    out = {"decode_ms": c["decode"], "plain_tok_s": round(1e3 / c["decode"], 1)}
+    for wl in ("grounded", "chat"):
+        cols = {}
+        for row in real["real"][wl]:
+            for name, r in row.items():
+                if not name.startswith("ngram_k"):
+                    continue
+                k = int(name[len("ngram_k"):].split("_")[0])
+                decoded = r["tokens"] - 1
+                single = max(0, decoded - r["accepted"] - r["verify_steps"])
+                ms = r["verify_steps"] * c[f"verify_k{k}"] + single * c["decode"]
+                t = cols.setdefault(name, {"tokens": 0, "plain_ms": 0.0, "ms": 0.0})
+                t["tokens"] += decoded
+                t["plain_ms"] += decoded * c["decode"]
+                t["ms"] += ms
+        out[wl] = {name: {"tok_s": round(t["tokens"] / t["ms"] * 1e3, 1), "over_plain": round(t["plain_ms"] / t["ms"], 3)}
+                   for name, t in cols.items()}
+    return out
+
+
 def hf_peer(gguf: str, new: int, reps: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -204,7 +244,20 @@ def main(argv=None) -> None:
                     help="step costs: comma list of KernelOptions.verify_rows values for the verify steps")
     ap.add_argument("--exactness", action="store_true",
                     help="step costs: also compare a verify step's rows with one-token steps, bit for bit")
+    ap.add_argument("--project", metavar="REAL_JSON", help="a --model run's spec_check.json: project its "
+                    "acceptance onto the step costs of --costs (no device work)")
+    ap.add_argument("--costs", metavar="COSTS_JSON", help="with --project: a step-costs spec_check.json or chunk_check json")
     args = parse(ap, argv)
+    if args.project:
+        if not args.costs:
+            ap.error("--project needs --costs")
+        proj = project(json.loads(Path(args.project).read_text()), json.loads(Path(args.costs).read_text()))
+        rec = {"projection": proj, "real": args.project, "costs": args.costs}
+        write_json(os.path.join(args.out, "spec_projection.json"), rec)
+        print(f"PROJECTION at {proj['decode_ms']} ms a decode step ({proj['plain_tok_s']} tok/s plain):")
+        for wl in ("grounded", "chat"):
+            print(f"  {wl}: " + ", ".join(f"{n} {v['tok_s']:.0f} tok/s ({v['over_plain']:.2f}x)" for n, v in proj[wl].items()))
+        return
     rec = {"run": run_record(), "args": vars(args)}
     if args.model:
         rec["real"] = real_model(args.model, args.new_tokens, args.reps, args.draft)
