@@ -29,7 +29,8 @@ from .stats import read_jsonl, write_jsonl
 from .worker import HF_SYSTEMS, SHAPES, sanitize, versions
 
 ALL_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
-               "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_spec_ngram", "hybrid_spec_draft", "plainjit",
+               "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_nopipe", "hybrid_nobuckets", "hybrid_spec_ngram",
+               "hybrid_spec_draft", "plainjit",
                "hf_eager", "hf_compile", "hf_lookup")
 FULL_LENGTHS = (10, 20, 50, 100, 200, 300, 400, 500)
 QUICK_LENGTHS = (10, 100, 500)
@@ -56,6 +57,10 @@ HYBRID_VARIANTS = {
     # at every length; the default splits them at runtime.CUBLAS_MIN_ROWS
     "hybrid_cublas": ("", (("HYBRID_JAX_PREFILL_MATMULS", "cublas"),)),
     "hybrid_autotune": ("", (("HYBRID_JAX_PREFILL_MATMULS", "autotune"),)),
+    # the worker builds these itself: the host reading each token before the next step is enqueued
+    # (Engine.pipeline_depth 1); a prefill executable of each prompt's exact length instead of the buckets
+    "hybrid_nopipe": ("", ()),
+    "hybrid_nobuckets": ("", ()),
     # speculative decoding (the worker builds the engine with it: --num-speculative-tokens, --draft)
     "hybrid_spec_ngram": ("", ()),
     "hybrid_spec_draft": ("", ()),

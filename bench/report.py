@@ -97,6 +97,7 @@ def markdown(records: list[dict]) -> str:
         if t["n"]:
             L.append(f"| {lab} | {n} | {t['n']} | " + " | ".join(_cell(t[k], x.get(k)) for k in ("p50", "p90", "p99", "max"))
                      + f" | {_ms(p['decode_floor_s'])} |")
+    L += against(S)
     L += ["", "## Per system", "", "Peak device memory is the whole process' peak, making the (random) weights included; "
           "start-up times are from process start (`process to ready`) and for building the engine alone.", "",
           "| system | status | TPOT all lengths p50 / p99 (ms) | pipelined step p50 (ms) | device memory: peak (in use at end) | "
@@ -105,6 +106,46 @@ def markdown(records: list[dict]) -> str:
     for lab in S["labels"]:
         L.append(_system_row(lab, S))
     return "\n".join(L) + "\n"
+
+
+BASES = ("hybrid", "default", "hybrid:default")
+
+
+def _ratio(v, b) -> str:
+    """'6.52 (1.04x)': milliseconds and the multiple of the base's."""
+    if v is None:
+        return ""
+    return f"{1e3 * v:.2f}" + (f" ({v / b:.2f}x)" if b else "")
+
+
+def against(S: dict) -> list[str]:
+    """Markdown lines: each system's p50s as multiples of the base's in the same run (the first of BASES
+    present: the runtime for its ablations, `default` for a sweep's flag sets); none without a base."""
+    base = next((b for b in BASES if b in S["labels"]), None)
+    if base is None or len(S["labels"]) < 2:
+        return []
+    lengths = sorted({n for (lab, n) in S["points"] if lab == base})
+    runs = {lab: sy.get("run") for lab, sy in S["systems"].items()}
+    L = ["", f"## Against `{base}` in the same run (ms; multiple of `{base}`'s)", "",
+         "| system | " + " | ".join(f"TTFT p50 {n} tok" for n in lengths)
+         + " | TPOT p50 | TPOT p99 | pipelined step p50 |", "|---" * (len(lengths) + 4) + "|"]
+    bsys = S["systems"].get(base, {})
+    bpool = S["pooled_tpot"].get(base, {})
+    for lab in S["labels"]:
+        if runs.get(lab) != runs.get(base):
+            continue  # another run (a merged report): not comparable
+        cells = []
+        for n in lengths:
+            p, b = S["points"].get((lab, n)), S["points"][(base, n)]
+            cells.append(_ratio(p["ttft"]["p50"], b["ttft"]["p50"]) if p else "")
+        pool = S["pooled_tpot"].get(lab, {})
+        for k in ("p50", "p99"):
+            cells.append(_ratio(pool.get(k), bpool.get(k)) if pool.get("n") else "")
+        sy = S["systems"].get(lab, {})
+        pipe = (sy.get("pipelined") or {}).get("p50")
+        cells.append(_ratio(pipe, (bsys.get("pipelined") or {}).get("p50")))
+        L.append(f"| {lab} | " + " | ".join(cells) + " |")
+    return L
 
 
 def _system_row(lab: str, S: dict) -> str:

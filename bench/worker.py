@@ -31,7 +31,8 @@ TINY = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, 
 SHAPES = {**PRESETS, "smollm2": PRESETS.get("smollm2", SMOLLM2_135M), "tiny": PRESETS.get("tiny", TINY)}
 HF_SYSTEMS = ("hf_eager", "hf_compile", "hf_lookup")
 HYBRID_SYSTEMS = ("hybrid", "hybrid_nocb", "hybrid_xlagemv", "hybrid_pallasgemv", "hybrid_devtoken", "hybrid_nofused", "hybrid_cudnnall", "hybrid_xlawo",
-                  "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_spec_ngram", "hybrid_spec_draft")
+                  "hybrid_vmm", "hybrid_cublas", "hybrid_autotune", "hybrid_nopipe", "hybrid_nobuckets",
+                  "hybrid_spec_ngram", "hybrid_spec_draft")
 WORKLOADS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workloads")
 # hybrid_spec_draft with random weights: a ~0.2 B draft of the model's vocabulary (only its cost is read)
 DRAFT_DIMS = dict(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816)
@@ -195,6 +196,9 @@ def _build_engine(args, cfg):
             else:
                 dcfg = cfg.replace(**DRAFT_DIMS)
                 kw["draft"] = (dcfg, jax.block_until_ready(W.init_random(dcfg, jax.random.PRNGKey(1))))
+    if system == "hybrid_nobuckets":  # a prefill executable of each prompt's exact length (the paper's prefill)
+        kw["prefill_buckets"] = sorted({len(ids) for _, ids in workload_prompts(args)} if args.workload
+                                       else set(args.lengths))
     if args.lean:
         kw["compile_sampling"] = False
     t = {}
@@ -219,6 +223,8 @@ def run_hybrid(args, emit, cold_only: bool = False):
     _, args.dtype_resolved = _jax_dtype(args)
     cfg = resolve_cfg(args)
     eng, t = _build_engine(args, cfg)
+    if getattr(args, "worker", None) == "hybrid_nopipe":
+        eng.pipeline_depth = 1  # the host reads each token before it enqueues the next step
     built = eng.stats()
     if cold_only:
         eng.runtime.wait_background()

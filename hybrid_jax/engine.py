@@ -122,6 +122,9 @@ class Engine:
                                speculative_k=self.num_speculative_tokens, draft=self.draft_runtime, **runtime_kw)
         # Enqueue the first decode step before reading the first token (True) or after (False).
         self.lookahead_first = True
+        # Steps in flight while the host reads one: 2 enqueues step n+1 before reading step n; 1 reads each
+        # token before enqueuing the next (the benchmarks' ablation of the pipelining, bench hybrid_nopipe).
+        self.pipeline_depth = 2
         # Guards the runtime's device state. Held while a request uses it, never across a yield to user code
         # (re-entrant: a stream dropped inside a locked section releases its claim there).
         self._lock = threading.RLock()
@@ -697,7 +700,7 @@ def _run(engine: Engine, ids: list[int], pr: _Progress, max_new: int, temperatur
                 # still compiling (a first sampled request), so that the compile does not delay it.
                 upper = pos + sum(max(w, 1) for _, w in pending)  # the device's position at most
                 ahead = out or (engine.lookahead_first and rt.compiled(rt.decode_spec(upper, do_sample)))
-                depth = 2 if ahead else 1
+                depth = engine.pipeline_depth if ahead else 1
                 # enqueue step n+1 before reading step n; each unread step yields at least one token
                 while len(out) + len(pending) < max_new and len(pending) < depth:
                     upper = pos + sum(max(w, 1) for _, w in pending)

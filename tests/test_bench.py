@@ -269,6 +269,33 @@ def test_latency_smoke(tmp_path):
     assert not list(d.glob("part-*.jsonl")) and (d / "logs" / "hybrid.log").exists()
 
 
+def test_latency_ablations_nopipe_nobuckets_against_hybrid(tmp_path):
+    """hybrid_nopipe and hybrid_nobuckets run the same weights to the same tokens; nobuckets prefills each prompt
+    in an executable of its exact length; the report puts every system against hybrid in the same run."""
+    from bench.latency import main
+
+    out = tmp_path / "results"
+    argv = ["--shape", "tiny", "--systems", "hybrid,hybrid_nopipe,hybrid_nobuckets", "--prompt-lengths", "5,20",
+            "--new-tokens", "4", "--reps", "1", "--warmup", "1", "--pipelined-reps", "1", "--no-coldstart",
+            "--out", str(out), "--cache-root", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    d = _one_results_dir(out)
+    recs = stats.read_jsonl(d / "results.jsonl")
+    sysrec = {r["label"]: r for r in recs if r["kind"] == "system"}
+    assert all(sysrec[s]["status"] == "ok" for s in ("hybrid", "hybrid_nopipe", "hybrid_nobuckets"))
+    assert sysrec["hybrid_nobuckets"]["stats"]["prefill_buckets"] == [5, 20]
+    assert sysrec["hybrid"]["stats"]["prefill_buckets"] != [5, 20]
+    heads = {}
+    for r in recs:
+        if r["kind"] == "sample":
+            heads.setdefault(r["prompt_len"], {})[r["label"]] = r["tokens_head"]
+    assert all(len({tuple(v) for v in h.values()}) == 1 and len(h) == 3 for h in heads.values())
+    md = (d / "results.md").read_text()
+    sect = md.split("## Against `hybrid` in the same run")[1].split("## Per system")[0]
+    assert "| hybrid | " in sect and "(1.00x)" in sect and "| hybrid_nopipe | " in sect
+    assert "TTFT p50 5 tok | TTFT p50 20 tok | TPOT p50 | TPOT p99 | pipelined step p50 |" in sect
+
+
 def test_sweep_smoke_records_unsupported_flag(tmp_path):
     from bench.sweep import main
 

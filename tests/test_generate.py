@@ -55,6 +55,39 @@ def test_first_token_read_before_a_compiling_step_and_without_lookahead(engine, 
         e.close()
 
 
+def test_pipeline_depth_orders_enqueues_and_reads(engine, monkeypatch):
+    """Depth 2 (the default) enqueues step n+1 before the host reads step n; depth 1 (the benchmarks'
+    hybrid_nopipe) reads each token before it enqueues the next step. The tokens are the same."""
+    rt = engine.runtime
+    events = []
+
+    class Read:  # the step's token, logging when the host reads it
+        def __init__(self, a):
+            self.a = a
+
+        def __array__(self, dtype=None, copy=None):
+            events.append("read")
+            return np.asarray(self.a, dtype)
+
+    decode = rt.decode
+
+    def logged(state, spec):
+        state, tok = decode(state, spec)
+        events.append("enqueue")
+        return state, Read(tok)
+
+    monkeypatch.setattr(rt, "decode", logged)
+    greedy = generate(engine, IDS, max_new_tokens=6, ignore_eos=True).token_ids
+    assert events[:4] == ["enqueue", "enqueue", "read", "enqueue"]  # step 2 is on the device before step 1 is read
+    events.clear()
+    engine.pipeline_depth = 1
+    try:
+        assert generate(engine, IDS, max_new_tokens=6, ignore_eos=True).token_ids == greedy
+    finally:
+        engine.pipeline_depth = 2
+    assert events == ["enqueue", "read"] * 5
+
+
 def test_stop_token_ids_and_eos(engine):
     greedy = generate(engine, IDS, max_new_tokens=20, ignore_eos=True).token_ids
     stop_at = greedy[5]
