@@ -97,7 +97,7 @@ def _options(opts: KernelOptions | None) -> KernelOptions:
 
 def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
-             residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
+             residual: jax.Array | None = None, gated: bool = False, rows: bool = False) -> jax.Array:
     """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, computed as `opts` says:
     one token (the decode step) where `opts.gemv` runs kernels: an XLA row reduction in float32 for the
@@ -107,10 +107,32 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
     consumer that adds them (XLA's einsum gives one, in x's dtype's values). The product's consumer, computed as
     model.py always has (gemv.finish), in the kernel's epilogue where the kernel runs one token: `residual`
     [T, *out_shape] returns residual + the product; `gated` (out_shape (2, F): gate and up) returns
-    silu(gate) * up [T, F]."""
+    silu(gate) * up [T, F].
+
+    With `rows`, x's T rows are independent tokens (a verify step's, `forward_rows`), each computed as the
+    one-token step computes it: [T, *out_shape] (with `partials`, [T, splits, *out_shape]), through
+    gemv.gemv_rows (one read of the weight for all rows) where the one-token step runs that kernel, else
+    `_rows`."""
     n = math.prod(out_shape)
     t = x.shape[0]
     dt = x.dtype
+    if rows:
+        kd = math.prod(x.shape[1:])
+        name = PROJECTIONS[spec]
+        if (not isinstance(stacked, dict) and opts.gemv != "xla" and name not in opts.row_reduce
+                and gemv_lib.supported(kd, n, transposed=True)):
+            w = stacked.reshape(stacked.shape[0], n, kd)
+            y = gemv_lib.gemv_rows(x.reshape(t, kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
+                                   residual=None if residual is None else residual.reshape(t, n), gated=gated,
+                                   interpret=opts.gemv == "interpret")
+            if partials:
+                return y.reshape((t, -1) + tuple(out_shape))
+            return y.astype(dt).reshape((t,) + (tuple(out_shape[1:]) if gated else tuple(out_shape)))
+
+        def one(h, *r):
+            y = _project(opts, spec, h, stacked, l, out_shape, norm, eps, partials, r[0] if r else None, gated)
+            return y if partials else y[0]
+        return _rows(one, x, *(() if residual is None else (residual,)))
     if isinstance(stacked, dict):  # quantized (quant.py): XLA's products over the matrix dequantized in the fusion
         return _project_quantized(opts, PROJECTIONS[spec], x, stacked, l, tuple(out_shape), norm, eps, partials,
                                   residual, gated)
@@ -337,11 +359,19 @@ def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array,
 
 
 def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, opts: KernelOptions | None = None,
-                       normed: bool = True) -> jax.Array:
+                       normed: bool = True, rows: bool = False) -> jax.Array:
     """[..., D] -> [..., V] float32 logits (fp32 accumulation). With `normed=False`, h is the residual
     stream and the final RMSNorm is applied first (inside the kernel where the kernel runs: one row, where
-    `opts.gemv` runs kernels)."""
+    `opts.gemv` runs kernels). With `rows`, h [R, D] holds independent rows, each computed as one row is
+    (`_project`'s `rows`)."""
     opts = _options(opts)
+    if rows:
+        tied = params.lm_head is None
+        if opts.gemv != "xla" and gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
+            return gemv_lib.gemv_rows(h, params.embed if tied else params.lm_head, transposed=tied,
+                                      norm=None if normed else params.final_norm, eps=cfg.norm_eps,
+                                      interpret=opts.gemv == "interpret")
+        return _rows(lambda r: logits_from_hidden(cfg, params, r, opts, normed)[0], h)
     if opts.gemv != "xla" and h.size == cfg.dim:
         tied = params.lm_head is None
         w = params.embed if tied else params.lm_head
@@ -398,13 +428,13 @@ def forward_rows(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.
     x = params.embed[tokens]  # [R, D]
     cos, sin = rope_cos_sin(cfg, positions)
     for l in range(cfg.n_layers):
-        parts = _rows(lambda h: _project(opts, "td,kghd->tkgh", h, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd),
-                                         norm=lw.attn_norm, eps=cfg.norm_eps, partials=True), x)
+        parts = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd), norm=lw.attn_norm,
+                         eps=cfg.norm_eps, partials=True, rows=True)
         o, kc, vc = decode_attention.attend_rows(parts, cos, sin, cache.k, cache.v, l, positions[:1], dtype=x.dtype,
                                                  interpret=opts.decode_attention == "interpret")
         cache = KVCache(k=kc, v=vc)
-        x = _rows(lambda a, r: _project(opts, "tkgh,dkgh->td", a, lw.wo, l, (D,), residual=r)[0], o, x)
-        a = _rows(lambda h: _project(opts, "td,cfd->tcf", h, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm,
-                                     eps=cfg.norm_eps, gated=True)[0], x)
-        x = _rows(lambda f, r: _project(opts, "tf,df->td", f, lw.w2, l, (D,), residual=r)[0], a, x)
-    return _rows(lambda h: logits_from_hidden(cfg, params, h, opts, normed=False)[0], x), cache
+        x = _project(opts, "tkgh,dkgh->td", o, lw.wo, l, (D,), residual=x, rows=True)
+        a = _project(opts, "td,cfd->tcf", x, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm, eps=cfg.norm_eps,
+                     gated=True, rows=True)
+        x = _project(opts, "tf,df->td", a, lw.w2, l, (D,), residual=x, rows=True)
+    return logits_from_hidden(cfg, params, x, opts, normed=False, rows=True), cache

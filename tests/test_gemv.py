@@ -142,6 +142,38 @@ def test_epilogues_compute_the_consumer(case, dtype):
         G.gemv(x, w, layer, transposed=transposed, gated=True, reduce=False, interpret=True)
 
 
+@pytest.mark.parametrize("case", EPILOGUE_CASES + [(3, 1376, 192, True, G.GemvConfig(bn=4, bk=32, splits=1)),
+                                  (3, 256, 384, False, G.GemvConfig(bn=128, bk=32, splits=4))],
+                         ids=lambda c: f"{c[1]}x{c[2]}{'t' if c[3] else ''}")
+def test_gemv_rows_bit_for_bit_one_row_each(case, monkeypatch):
+    """gemv_rows: each of R rows (bf16) is bit for bit gemv of that row alone, with each consumer and reduce
+    mode, its weight read for all rows at once or in blocks of rows (ROWS_ACC_REGS small)."""
+    layers, kd, n, transposed, cfg = case
+    rng = np.random.default_rng(kd + n)
+    shape = (n, kd) if transposed else (kd, n)
+    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape) / np.sqrt(kd), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((5, kd)), jnp.bfloat16)
+    res = jnp.asarray(rng.standard_normal((5, n)), jnp.bfloat16)
+    nw = jnp.asarray(1 + 0.1 * rng.standard_normal(kd), jnp.bfloat16)
+    layer = None if layers is None else layers - 1
+    if cfg is not None:  # gemv_rows takes the default tiling: make this case's the default
+        monkeypatch.setattr(G, "default_config", lambda *a, **k: cfg)
+    every = (dict(), dict(norm=nw), dict(residual=res), dict(norm=nw, gated=True), dict(reduce=False))
+    for regs, kws in ((1 << 20, every), (1, every[3:])):  # every row on one read of the weight; one row a block
+        monkeypatch.setattr(G, "ROWS_ACC_REGS", regs)
+        for kw in kws:
+            kw = dict(transposed=transposed, eps=1e-5, interpret=True, **kw)
+            rows = G.gemv_rows(x, w, layer, **kw)
+            one = jnp.stack([G.gemv(x[r], w, layer, **dict(kw, **({"residual": res[r]} if "residual" in kw else {})))
+                             for r in range(5)])
+            assert rows.shape == one.shape and rows.dtype == one.dtype
+            assert np.array_equal(np.asarray(rows, np.float32), np.asarray(one, np.float32)), kw
+    with pytest.raises(ValueError, match=r"needs \(R, "):
+        G.gemv_rows(x[0], w, layer, transposed=transposed, interpret=True)
+    with pytest.raises(ValueError, match="residual has shape"):
+        G.gemv_rows(x, w, layer, transposed=transposed, residual=res[:2], interpret=True)
+
+
 def test_epilogue_runs_in_the_kernel():
     """An unsplit tiling of a transposed W computes the consumer in the kernel: one pallas_call, whose output
     is the consumer's (in x's dtype), and nothing after it."""

@@ -78,3 +78,5 @@ def test_steps_lower_for_cuda(shape, quant, options):
     assert opts.verify_rows == "chunk" and ("chunk_attention_l0" in hlo[4]) == chunk
     assert all(f"decode_attention_{k}_l{n}" in hlo[5] for k in ("write", "rows") for n in range(cfg.n_layers))
     assert "chunk_attention" not in hlo[5] and "__gpu$xla.gpu.triton" in hlo[5]
+    if quant is None:  # the GEMVs' rows in one kernel each (gemv.gemv_rows): the down projection, the LM head
+        assert f"gemv_{cfg.ffn_dim}x{cfg.dim}_t_residual_rows5" in hlo[5] and "_rows5" in hlo[5].split("gemv_")[-1]
