@@ -43,9 +43,9 @@ def _options(**kw):
     return KernelOptions(**kw)
 
 
-def step_costs(cfg, steps: int, verify_rows=("auto",)) -> dict:
-    """ms a step: decode, verify K = 4 and 8 and a draft iteration (K = 4), each verify step per `verify_rows`
-    value (KernelOptions.verify_rows; "auto" the default), named verify_k{K}[_{value}]."""
+def step_costs(cfg, steps: int, verify_rows=("auto",), draft: bool = True) -> dict:
+    """ms a step: decode, verify K = 4 and 8 and (with `draft`) a draft iteration (K = 4), each verify step per
+    `verify_rows` value (KernelOptions.verify_rows; "auto" the default), named verify_k{K}[_{value}]."""
     import tempfile
 
     import numpy as np
@@ -56,7 +56,7 @@ def step_costs(cfg, steps: int, verify_rows=("auto",)) -> dict:
     cache = tempfile.mkdtemp()  # the engines share their prefill and decode executables
     out = {"draft_params": dcfg.n_params}
     runs = [(0, None, "auto")] + [(k, "ngram", v) for v in verify_rows for k in KS] + \
-        [(4, "draft", v) for v in verify_rows]
+        [(4, "draft", v) for v in verify_rows if draft]
     for k, kind, vrows in runs:
         eng, _ = random_engine(cfg, params, lengths=(100,), max_seq_len=1024, compile_sampling=False, cache_dir=cache,
                                speculative=kind, num_speculative_tokens=k or 4,
@@ -242,6 +242,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--verify-rows", default="auto",
                     help="step costs: comma list of KernelOptions.verify_rows values for the verify steps")
+    ap.add_argument("--no-draft", action="store_true", help="step costs: leave out the draft iteration")
     ap.add_argument("--exactness", action="store_true",
                     help="step costs: also compare a verify step's rows with one-token steps, bit for bit")
     ap.add_argument("--project", metavar="REAL_JSON", help="a --model run's spec_check.json: project its "
@@ -268,7 +269,8 @@ def main(argv=None) -> None:
             rec["exactness"] = exactness(shape_config(args.shape))
             write_json(os.path.join(args.out, "spec_check.json"), rec)
             print(f"{args.shape}: {rec['exactness']}")
-        rec["step_ms"] = step_costs(shape_config(args.shape), args.steps, tuple(args.verify_rows.split(",")))
+        rec["step_ms"] = step_costs(shape_config(args.shape), args.steps, tuple(args.verify_rows.split(",")),
+                                    draft=not args.no_draft)
     write_json(os.path.join(args.out, "spec_check.json"), rec)
 
     print(f"\n{rec['run']['device']}")
