@@ -183,7 +183,12 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
 
     def body(group, i, accs):
         k = pl.multiple_of(k_start + i * bk, bk)
-        nw = nw_ref[nlead + (pl.ds(k, bk),)] if norm else None
+        xss = []
+        for r in group:  # (one row: the loads in the order the tuned one-row kernel was measured with)
+            xs = x_ref[out_at[r] + (pl.ds(k, bk),)]
+            if norm:
+                xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * scale[r]).astype(xs.dtype)
+            xss.append(xs.astype(f32))
         if transposed:
             w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))].astype(f32)  # [bn, bk]
             if gated:  # the up rows that pair with these gate rows
@@ -191,11 +196,7 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
         else:
             w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(f32)  # [bk, bn]
         out = []
-        for r, acc in zip(group, accs):
-            xs = x_ref[out_at[r] + (pl.ds(k, bk),)]
-            if norm:
-                xs = nw * (xs.astype(f32) * scale[r]).astype(xs.dtype)
-            xs = xs.astype(f32)
+        for xs, acc in zip(xss, accs):
             if not transposed:
                 out.append(acc + w * xs[:, None])
             elif gated:
