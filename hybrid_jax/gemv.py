@@ -260,7 +260,7 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     rows as [gate; up] halves and returns silu(gate) * up [N / 2]. They run in the kernel's epilogue where
     its tiling does not split the reduction (transposed W), else in XLA after the partial sums are added.
     """
-    p = _plan(x.shape[-1:], w, layer, transposed, cfg, norm, reduce, residual, gated)
+    p = _plan(w, layer, transposed, cfg, norm, reduce, residual, gated)
     if x.shape != (p.kd,):
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs ({p.kd},)")
     if residual is not None and residual.shape != (p.n,):
@@ -282,7 +282,7 @@ def gemv_rows(x: jax.Array, w: jax.Array, layer: int | None = None, *, transpose
     `gemv(x[r], ..., residual=residual[r])` bit for bit (the one-row program's operations on each row, its
     tiling, and XLA's finishing operations on each row's own [splits, N] sums), stacked [R, ...]; the weight is
     read once for every `row_block` rows (ROWS_ACC_REGS)."""
-    p = _plan(x.shape[-1:], w, layer, transposed, None, norm, reduce, residual, gated)
+    p = _plan(w, layer, transposed, None, norm, reduce, residual, gated)
     if x.ndim != 2 or x.shape[1] != p.kd:
         raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs (R, {p.kd})")
     r = x.shape[0]
@@ -344,7 +344,7 @@ class _Plan:
         return y
 
 
-def _plan(x_last: tuple, w: jax.Array, layer: int | None, transposed: bool, cfg: GemvConfig | None,
+def _plan(w: jax.Array, layer: int | None, transposed: bool, cfg: GemvConfig | None,
           norm: jax.Array | None, reduce: bool, residual: jax.Array | None, gated: bool) -> _Plan:
     """The checks and tiling shared by `gemv` and `gemv_rows`."""
     mat_shape = _matrix_shape(w, layer)
