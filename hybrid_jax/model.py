@@ -95,6 +95,20 @@ def _options(opts: KernelOptions | None) -> KernelOptions:
     return opts
 
 
+def _gemv_runs(opts: KernelOptions, name: str, kd: int, n: int) -> bool:
+    """Whether the one-token step computes projection `name` (16-bit, [N, Kd]) through the Pallas gemv."""
+    return opts.gemv != "xla" and name not in opts.row_reduce and gemv_lib.supported(kd, n, transposed=True)
+
+
+def _head_gemv(cfg: LlamaConfig, params: Weights, opts: KernelOptions) -> tuple[jax.Array, bool] | None:
+    """The LM head's weight and layout (tied: the embedding, output-major) where one row of logits goes through
+    the Pallas gemv, else None."""
+    tied = params.lm_head is None
+    if opts.gemv != "xla" and gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
+        return (params.embed if tied else params.lm_head), tied
+    return None
+
+
 def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
              residual: jax.Array | None = None, gated: bool = False, rows: bool = False) -> jax.Array:
@@ -118,9 +132,7 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
     dt = x.dtype
     if rows:
         kd = math.prod(x.shape[1:])
-        name = PROJECTIONS[spec]
-        if (not isinstance(stacked, dict) and opts.gemv != "xla" and name not in opts.row_reduce
-                and gemv_lib.supported(kd, n, transposed=True)):
+        if not isinstance(stacked, dict) and _gemv_runs(opts, PROJECTIONS[spec], kd, n):
             w = stacked.reshape(stacked.shape[0], n, kd)
             y = gemv_lib.gemv_rows(x.reshape(t, kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
                                    residual=None if residual is None else residual.reshape(t, n), gated=gated,
@@ -146,7 +158,7 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
         if partials:
             return y.reshape((1,) + tuple(out_shape))  # one "split"
         y = y.astype(dt).reshape((1,) + tuple(out_shape))
-    elif mode != "xla" and t == 1 and gemv_lib.supported(kd, n, transposed=True):
+    elif t == 1 and _gemv_runs(opts, name, kd, n):
         res = None if residual is None else residual.reshape(n)
         y = gemv_lib.gemv(x.reshape(kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
                           residual=res, gated=gated, interpret=mode == "interpret")
@@ -365,20 +377,15 @@ def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, opts: Ke
     `opts.gemv` runs kernels). With `rows`, h [R, D] holds independent rows, each computed as one row is
     (`_project`'s `rows`)."""
     opts = _options(opts)
+    head = _head_gemv(cfg, params, opts)
+    kw = dict(norm=None if normed else params.final_norm, eps=cfg.norm_eps, interpret=opts.gemv == "interpret")
     if rows:
-        tied = params.lm_head is None
-        if opts.gemv != "xla" and gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
-            return gemv_lib.gemv_rows(h, params.embed if tied else params.lm_head, transposed=tied,
-                                      norm=None if normed else params.final_norm, eps=cfg.norm_eps,
-                                      interpret=opts.gemv == "interpret")
+        if head is not None:
+            return gemv_lib.gemv_rows(h, head[0], transposed=head[1], **kw)
         return _rows(lambda r: logits_from_hidden(cfg, params, r, opts, normed)[0], h)
-    if opts.gemv != "xla" and h.size == cfg.dim:
-        tied = params.lm_head is None
-        w = params.embed if tied else params.lm_head
-        if gemv_lib.supported(cfg.dim, cfg.vocab_size, transposed=tied):
-            y = gemv_lib.gemv(h.reshape(cfg.dim), w, transposed=tied, norm=None if normed else params.final_norm,
-                              eps=cfg.norm_eps, interpret=opts.gemv == "interpret")
-            return y.reshape(h.shape[:-1] + (cfg.vocab_size,))
+    if head is not None and h.size == cfg.dim:
+        y = gemv_lib.gemv(h.reshape(cfg.dim), head[0], transposed=head[1], **kw)
+        return y.reshape(h.shape[:-1] + (cfg.vocab_size,))
     if not normed:
         h = rms_norm(h, params.final_norm, cfg.norm_eps)
     if params.lm_head is None:
