@@ -23,11 +23,12 @@ from bench.probes.harness import parse, parser, write_json
 QUESTION = "What is the capital of France?"
 
 
-def _cli(env: dict) -> dict:
-    """One `hybrid-jax generate` of the quick-start question: wall time, and the ready / TTFT lines."""
+def _cli(env: dict, extra: tuple = (), timeout: float = 900) -> dict:
+    """One `hybrid-jax generate` of the quick-start question (`extra`: more of its arguments): wall time, and the
+    ready / TTFT lines."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "hybrid_jax", "generate", "--prompt", QUESTION, "--stats"],
-                       capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "hybrid_jax", "generate", "--prompt", QUESTION, "--stats", *extra],
+                       capture_output=True, text=True, env=env, timeout=timeout)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])

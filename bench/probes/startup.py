@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 
+from bench.probes.cpu_first_answer import _cli
 from bench.probes.harness import parse, parser, write_json
-
-QUESTION = "What is the capital of France?"
 
 # The --shape child: stamps relative to the spawn time passed in argv[1], as one JSON line on stdout.
 CHILD = r"""
@@ -67,20 +65,14 @@ def cli_runs(model: str, warm_runs: int, timeout: float) -> dict:
     """The command line on a converted model: generate with an empty cache, warmup into another, then
     generate from it."""
     env = dict(os.environ)
-    hj = [sys.executable, "-m", "hybrid_jax"]
-    gen = hj + ["generate", "--model", model, "--prompt", QUESTION, "--max-new-tokens", "1", "--stats"]
 
     def one(cache: str) -> dict:
-        wall, r = _run(gen + ["--cache-dir", cache], env, timeout)
-        ready = re.search(r"ready in ([\d.]+) s", r.stderr)
-        ttft = re.search(r"TTFT ([\d.]+) ms", r.stdout + r.stderr)
-        return {"wall_s": round(wall, 2), "ready_s": float(ready.group(1)) if ready else None,
-                "ttft_ms": float(ttft.group(1)) if ttft else None}
+        return _cli(env, ("--model", model, "--max-new-tokens", "1", "--cache-dir", cache), timeout)
 
     with tempfile.TemporaryDirectory() as d:
         out = {"empty": one(os.path.join(d, "empty"))}
-        wall, r = _run(hj + ["warmup", "--model", model, "--no-progress", "--cache-dir", os.path.join(d, "warm")],
-                       env, timeout)
+        wall, r = _run([sys.executable, "-m", "hybrid_jax", "warmup", "--model", model, "--no-progress",
+                        "--cache-dir", os.path.join(d, "warm")], env, timeout)
         out["warmup"] = {"wall_s": round(wall, 2), "says": r.stdout.strip().splitlines()[-1] if r.stdout else ""}
         out["warm"] = [one(os.path.join(d, "warm")) for _ in range(warm_runs)]
     return out
