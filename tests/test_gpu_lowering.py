@@ -79,4 +79,5 @@ def test_steps_lower_for_cuda(shape, quant, options):
     assert all(f"decode_attention_{k}_l{n}" in hlo[5] for k in ("write", "rows") for n in range(cfg.n_layers))
     assert "chunk_attention" not in hlo[5] and "__gpu$xla.gpu.triton" in hlo[5]
     if quant is None:  # the GEMVs' rows in one kernel each (gemv.gemv_rows): the down projection, the LM head
-        assert f"gemv_{cfg.ffn_dim}x{cfg.dim}_t_residual_rows5" in hlo[5] and "_rows5" in hlo[5].split("gemv_")[-1]
+        head = f"gemv_{cfg.dim}x{cfg.vocab_size}{'_t' if cfg.tie_embeddings else ''}_norm_rows5"
+        assert f"gemv_{cfg.ffn_dim}x{cfg.dim}_t_residual_rows5" in hlo[5] and head in hlo[5]
