@@ -351,7 +351,7 @@ class Runtime:
                 "params": [str(a.sharding) for a in jax.tree.leaves(self._abs_params)],
                 "mesh": sharding.describe(self.mesh),
                 # everything the traced step reads besides the source (the digest in self._env) and the shapes
-                "options": self.step_options(spec).to_dict(),
+                "options": self.step_options(spec).to_dict(), "compiler_options": self.compiler_options(spec),
                 "rows_max": gemv_lib.ROWS_MAX if spec[0] in ("prefill", "verify", "draft") else None,
                 # a draft step's other model: its shapes, placement and one-token step options
                 "draft": None if spec[0] != "draft" else {
@@ -359,6 +359,14 @@ class Runtime:
                     "params": [str(a.sharding) for a in jax.tree.leaves(self.draft._abs_params)],
                     "options": self.draft.step_options(("decode",) + tuple(spec[1:2]) + tuple(spec[3:])).to_dict()},
                 **self._env}
+
+    def compiler_options(self, spec: tuple) -> dict | None:
+        """The XLA options `spec`'s executable is compiled with: the prefill's matmul options (PREFILL_MATMULS),
+        and cpu_compile_options() on the CPU."""
+        opts = PREFILL_MATMULS[self.step_options(spec).prefill_matmuls]  # None for "autotune" (and decode steps)
+        if self._devices[0].platform == "cpu":
+            opts = {**(opts or {}), **cpu_compile_options()} or None
+        return opts
 
     def lower(self, spec: tuple):
         """jax's Lowered of `spec`'s step (abstract arguments: nothing runs); `executable` compiles it. Under a
@@ -423,8 +431,7 @@ class Runtime:
         if ex is not None:
             return ex
         t0 = time.perf_counter()
-        opts = PREFILL_MATMULS[self.step_options(spec).prefill_matmuls]  # None for "autotune" (and decode steps)
-        ex = self.lower(spec).compile(compiler_options=opts)
+        ex = self.lower(spec).compile(compiler_options=self.compiler_options(spec))
         dt = time.perf_counter() - t0
         with self._lock:
             self.stats_.compiles += 1
@@ -720,6 +727,19 @@ def _xla_none(mode: str) -> str | None:
 # 'Defaults and why'. The options are GPU compiler flags that other backends ignore.
 PREFILL_MATMULS = {"autotune": None,
                    "cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
+# XLA's default CPU scheduler (for concurrency) hoists work that needs no activations (each layer's weights
+# sliced out of the stacked arrays for a matmul, or unpacked from their codes) ahead of the layers, all of it live
+# at once: a 425 MB temp buffer in SmolLM2's float32 prefill, faulted in afresh on every call. The memory-optimized
+# one makes the prefill ~2x and a quantized model's step ~1.5x faster on a 2-core CPU, a float32 step as fast
+# (docs/performance.md).
+CPU_COMPILE = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def cpu_compile_options() -> dict:
+    """CPU_COMPILE, or nothing for a jax older than its option (0.9.1; the project allows older ones)."""
+    return dict(CPU_COMPILE) if jax.__version_info__ >= (0, 9, 1) else {}
+
+
 CUBLAS_MIN_ROWS = 256
 CUBLAS_MIN_FLOPS = 3e12
 

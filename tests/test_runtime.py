@@ -231,6 +231,12 @@ def test_fused_attention_from_a_bucket_size(tiny, tmp_path, monkeypatch):
         e.close()
 
 
+def _on_cpu(opts: dict | None) -> dict | None:
+    """`opts` as the CPU compiles them: with runtime.cpu_compile_options()."""
+    from hybrid_jax.runtime import cpu_compile_options
+    return {**(opts or {}), **cpu_compile_options()} or None
+
+
 def _record_compile_options(rt) -> list:
     """From now on, every (spec, compiler_options) `rt` compiles an executable with, in order."""
     compiled, lower = [], rt.lower
@@ -246,6 +252,22 @@ def _record_compile_options(rt) -> list:
 
     rt.lower = spy
     return compiled
+
+
+def test_cpu_prefill_does_not_hold_every_layers_weights_at_once(tiny):
+    """On the CPU the prefill's matmuls read each layer's weights from a copy (a slice of the stacked arrays); XLA's
+    default CPU scheduler makes all of them before the first layer runs (a temp buffer the size of the layers,
+    faulted in on every call: SmolLM2's 425 MB). Compiled as the runtime compiles it, the temp buffer holds a few
+    of them at most."""
+    import jax
+    _, cfg, p = tiny
+    e = Engine(cfg, p, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False)
+    try:
+        layers = sum(a.nbytes for a in jax.tree.leaves(p.layers))
+        temp = e.runtime.executable(("prefill", 16, 16)).memory_analysis().temp_size_in_bytes
+        assert temp < layers / 2, (temp, layers)
+    finally:
+        e.close()
 
 
 def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf(tiny, tmp_path):
@@ -265,8 +287,8 @@ def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf
         e.runtime.wait_background()  # the prompt's bucket (32), compiled in the background
         rt.executable(("decode", rt.cache_len, True))
         seen = [(spec[0], o) for spec, o in compiled]
-        assert ("prefill", PREFILL_MATMULS["cublas"]) in seen and ("decode", None) in seen
-        assert all(o == PREFILL_MATMULS["cublas"] for k, o in seen if k == "prefill")
+        assert ("prefill", _on_cpu(PREFILL_MATMULS["cublas"])) in seen and ("decode", _on_cpu(None)) in seen
+        assert all(o == _on_cpu(PREFILL_MATMULS["cublas"]) for k, o in seen if k == "prefill")
         r = generate(e, ids, max_new_tokens=NEW, ignore_eos=True)
         assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         pre, dec = ("prefill", 32, 32), rt.decode_spec(1, False)
@@ -308,8 +330,8 @@ def test_prefill_matmuls_split_by_rows_keys_and_equals_hf(tiny, tmp_path, monkey
             assert r.timings.prefill_chunks == 1 and r.token_ids == hf_greedy(m, ids, NEW)
         rt.executable(("decode", rt.cache_len, True))
         seen = dict(compiled)
-        assert seen[("prefill", 16, 16)] is None and seen[("decode", rt.cache_len, True)] is None
-        assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == R.PREFILL_MATMULS["cublas"]
+        assert seen[("prefill", 16, 16)] == seen[("decode", rt.cache_len, True)] == _on_cpu(None)
+        assert seen[("prefill", 32, 32)] == seen[("prefill", 64, 64)] == _on_cpu(R.PREFILL_MATMULS["cublas"])
         k16, k32 = rt.cache_key(("prefill", 16, 16)), rt.cache_key(("prefill", 32, 32))
         rt.options = rt.options.replace(prefill_matmuls="autotune")
         assert rt.cache_key(("prefill", 16, 16)) == k16 and rt.cache_key(("prefill", 32, 32)) != k32
