@@ -431,7 +431,7 @@ class Runtime:
         if ex is not None:
             return ex
         t0 = time.perf_counter()
-        ex = self.lower(spec).compile(compiler_options=self.compiler_options(spec))
+        ex = self.lower(spec).compile(compiler_options=key["compiler_options"])  # what the key says
         dt = time.perf_counter() - t0
         with self._lock:
             self.stats_.compiles += 1
@@ -729,9 +729,8 @@ PREFILL_MATMULS = {"autotune": None,
                    "cublas": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False}}
 # XLA's default CPU scheduler (for concurrency) hoists work that needs no activations (each layer's weights
 # sliced out of the stacked arrays for a matmul, or unpacked from their codes) ahead of the layers, all of it live
-# at once: a 425 MB temp buffer in SmolLM2's float32 prefill, faulted in afresh on every call. The memory-optimized
-# one makes the prefill ~2x and a quantized model's step ~1.5x faster on a 2-core CPU, a float32 step as fast
-# (docs/performance.md).
+# at once: a 425 MB temp buffer in SmolLM2's float32 prefill, faulted in afresh on every call. With the
+# memory-optimized one its TTFT is ~2x lower on a 2-core CPU, its decode step as fast (docs/performance.md).
 CPU_COMPILE = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
