@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -371,14 +372,16 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
         precompiled = 0
     cfg = checkpoint.load_config(path)
     max_seq_len = check_max_seq_len(max_seq_len, cfg, allow_long_context)
+    dtype = dtype or cpu_dtype(cfg, path)
     fn = None
     if tensor_parallel != 1:
         sharding.check(cfg, tensor_parallel)
         fn = sharding.sharding_fn(sharding.mesh(tensor_parallel))
     draft_model = None
     if draft is not None:
-        check_draft(cfg, checkpoint.load_config(draft), path, draft)
-        draft_model = checkpoint.restore(draft, dtype=dtype, verify=verify)
+        draft_cfg = checkpoint.load_config(draft)
+        check_draft(cfg, draft_cfg, path, draft)
+        draft_model = checkpoint.restore(draft, dtype=dtype or cpu_dtype(draft_cfg, draft), verify=verify)
     cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype, verify=verify)
     tok = Tokenizer(path, checkpoint.tokenizer_record(path)) if checkpoint.has_tokenizer(path) else None
     engine = Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
@@ -387,6 +390,43 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
                     kv_reuse=kv_reuse, **runtime_kw)
     engine.runtime.stats_.precompiled = precompiled
     return engine
+
+
+def cpu_dtype(cfg: LlamaConfig, path) -> str | None:
+    """"float32" for a bfloat16 / float16 checkpoint on the CPU where its float tensors fit in float32, else None
+    (the stored dtype). XLA's CPU dots take no 16-bit operands: it converts every matrix, and the LM head, to
+    float32 on every call (2-core CPU, SmolLM2 in bfloat16: decode 95-108 ms a token against 28-34 in float32)."""
+    if cfg.dtype == "float32" or jax.devices()[0].platform != "cpu":
+        return None
+    from . import weights as W
+
+    sizes = jax.tree.leaves(W.shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+    n = sum(math.prod(shape) for shape, f in zip(sizes, jax.tree.leaves(W.float_mask(cfg))) if f)
+    need = n * (4 + cfg.dtype_bytes)  # the float32 copy beside the stored tensors while restoring
+    avail = _available_memory()
+    if avail is not None and need > avail / 2:
+        log.info("%s: computed in %s on the CPU, ~3x slower than in float32 (XLA converts each matrix on every "
+                 "call): its float32 copy (%.1f GB while restoring) does not fit in half of the %.1f GB available",
+                 path, cfg.dtype, need / 1e9, avail / 1e9)
+        return None
+    log.info("%s: held in float32 on the CPU (stored as %s; XLA's CPU converts 16-bit matrices on every call); "
+             "dtype=%r keeps it", path, cfg.dtype, cfg.dtype)
+    return "float32"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux's MemAvailable; elsewhere half the physical memory), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _default_model(max_seq_len, allow_long_context, prefill_buckets, cache_dir, precompile,

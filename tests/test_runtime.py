@@ -270,6 +270,47 @@ def test_cpu_prefill_does_not_hold_every_layers_weights_at_once(tiny):
         e.close()
 
 
+def test_cpu_holds_a_16bit_checkpoint_in_float32(tiny, tmp_path, monkeypatch):
+    """XLA's CPU dots take no 16-bit operands: computed in bfloat16, every decode step converted each matrix and the
+    LM head to float32 (a temp buffer the LM head's size; SmolLM2 decoded 3x slower). On the CPU load() holds a
+    bfloat16 checkpoint in float32: the step's temp buffer a fraction of that, and the greedy ids HF's on the same
+    bfloat16 weights. dtype="bfloat16" keeps the stored dtype, and so does a float32 copy that would not fit."""
+    import copy
+
+    import jax
+    import jax.numpy as jnp
+
+    from hybrid_jax import checkpoint, engine as E, weights as W
+    m, cfg, p = tiny
+    bf = jax.tree.map(lambda a: np.asarray(a.astype(jnp.bfloat16)), W.to_dict(p))
+    ckpt = checkpoint.save(tmp_path / "bf16", cfg.replace(dtype="bfloat16"), bf)
+    m16 = copy.deepcopy(m)
+    with torch.no_grad():
+        for t in m16.parameters():
+            t.copy_(t.bfloat16().float())
+    head = cfg.vocab_size * cfg.dim * 4
+
+    def decode_temp(e):
+        return e.runtime.executable(e.runtime.decode_spec(1, False)).memory_analysis().temp_size_in_bytes
+
+    ids = prompt(20, seed=5)
+    e = E.load(ckpt, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False)
+    try:
+        assert e.cfg.dtype == "float32" and e.runtime.params.embed.dtype == jnp.float32
+        assert decode_temp(e) < head / 2, (decode_temp(e), head)
+        assert generate(e, ids, max_new_tokens=NEW, ignore_eos=True).token_ids == hf_greedy(m16, ids, NEW)
+    finally:
+        e.close()
+    e = E.load(ckpt, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False, dtype="bfloat16")
+    try:
+        assert e.cfg.dtype == "bfloat16" and e.runtime.params.embed.dtype == jnp.bfloat16
+        assert decode_temp(e) >= head, (decode_temp(e), head)  # the conversion this avoids
+    finally:
+        e.close()
+    monkeypatch.setattr(E, "_available_memory", lambda: 2 * sum(a.nbytes for a in jax.tree.leaves(bf)))
+    assert E.cpu_dtype(checkpoint.load_config(ckpt), ckpt) is None
+
+
 def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf(tiny, tmp_path):
     """prefill_matmuls="cublas": the prefill executables (only) are compiled with PREFILL_MATMULS' options,
     keyed apart on disk, and the greedy ids still equal HF's (the options are GPU flags the CPU ignores)."""
