@@ -2,12 +2,12 @@
 
     python -m bench.probes.cpu_steps --models DIR[,DIR...] --out $OUT [--dtypes auto,bfloat16] [--reps 6] [--steps 32]
 
-For each model and each of --dtypes (load's dtype; auto: None, the load's own choice), in its own process (a fresh heap; no disk cache, so this tree's compile options count): the
-decode step's time (Engine.step_seconds: a 100-token prompt, --steps steps enqueued back to back, median of
---reps, after every background compile has ended), TTFT of prompts of 10 and 100 ids through generate() (median of
-5, their buckets compiled first), and the temp buffer XLA allocates for each call of the 16-row prefill and of the
-decode step (memory_analysis), with the minor page faults of a decode step and a 10-id request. Writes
-cpu_steps.json and prints a table.
+For each model and each of --dtypes (load's dtype; auto: None, the load's own choice), in its own process (a
+fresh heap; no disk cache, so this tree's compile options count): the decode step's time (Engine.step_seconds: a
+100-token prompt, --steps steps enqueued back to back, median of --reps, after every background compile has
+ended), TTFT of prompts of 10 and 100 ids through generate() (median of 5, their buckets compiled first), and the
+temp buffer XLA allocates for each call of the 16-row prefill and of the decode step (memory_analysis), with the
+minor page faults of a decode step and a 10-id request. Writes cpu_steps.json and prints a table.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ for n in (10, 100):
     if n == 10:
         request_faults = (faults() - f0) / 5
 temp = {str(s): rt.executable(s).memory_analysis().temp_size_in_bytes for s in (("prefill", 16, 16), spec)}
-print(json.dumps({"model": path, "quant": eng.cfg.quant, "dtype_arg": dtype, "dtype": eng.cfg.dtype, "decode_ms": statistics.median(step) * 1e3,
+print(json.dumps({"model": path, "quant": eng.cfg.quant, "dtype_arg": dtype, "dtype": eng.cfg.dtype,
+                  "decode_ms": statistics.median(step) * 1e3,
                   "decode_ms_all": [t * 1e3 for t in step], "ttft10_ms": ttft[10] * 1e3, "ttft100_ms": ttft[100] * 1e3,
                   "temp_bytes": temp, "minflt_per_step": step_faults, "minflt_per_request10": request_faults,
                   **run_record()}))
