@@ -55,26 +55,25 @@ def partition_rows(cache_len: int, kv_heads: int, bs: int, target_programs: int 
     return max(bs, -(-rows // bs) * bs)
 
 
-def _new_token(qkv_ref, cos_ref, sin_ref, kh, row, *, groups: int, splits: int, scale: float, dtype):
+def _new_token(qkv_ref, cos_ref, sin_ref, kh, *, groups: int, splits: int, scale: float, dtype):
     """The new token's scaled queries and its key (rotary embedding applied) and value for KV head kh, each as
     (first half, second half) in float32 holding `dtype`'s values: the QKV projection's partial sums added and
-    rounded to `dtype`. `row`: the token's index in refs that hold several tokens (None: one token)."""
+    rounded to `dtype`."""
     half = cos_ref.shape[-1] // 2
     f32 = jnp.float32
     lo, hi = pl.ds(0, half), pl.ds(half, half)
-    lead = () if row is None else (row,)
 
     def rnd(x):  # round to the model's dtype, as the projection's output is
         return x.astype(dtype).astype(f32)
 
     def head(j):  # head slot j of this KV head's [G+2] (queries, key, value): the partial sums added
         def add(s, acc):
-            return acc[0] + qkv_ref[lead + (s, kh, j, lo)], acc[1] + qkv_ref[lead + (s, kh, j, hi)]
+            return acc[0] + qkv_ref[s, kh, j, lo], acc[1] + qkv_ref[s, kh, j, hi]
         zero = jnp.zeros((half,), f32)
         a, b = jax.lax.fori_loop(0, splits, add, (zero, zero))
         return rnd(a), rnd(b)
 
-    c1, c2, s1, s2 = cos_ref[lead + (lo,)], cos_ref[lead + (hi,)], sin_ref[lead + (lo,)], sin_ref[lead + (hi,)]
+    c1, c2, s1, s2 = cos_ref[lo], cos_ref[hi], sin_ref[lo], sin_ref[hi]
 
     def rope(x):  # rotate-half, as model.apply_rope: x * cos + (-x2, x1) * sin
         return rnd(x[0] * c1 - x[1] * s1), rnd(x[1] * c2 + x[0] * s2)
@@ -93,32 +92,22 @@ def _store(k_out, v_out, layer: int, pos, kh, k_new, v_new) -> None:
     v_out[layer, pos, kh, hi] = v_new[1].astype(v_out.dtype)
 
 
-def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *outs, layer: int,
-            groups: int, splits: int, bs: int, rows: int, scale: float, dtype, batched: bool = False):
-    """Program (KV head kh, row partition part); with `batched`, program (token r, kh, part) of several
-    consecutive tokens, token r at position pos + r, whose keys and values `_write_kernel` has already written
-    (the same arithmetic per token: only the refs' indexing differs). k_out/v_out (`outs`, one token only) are
-    k_ref/v_ref's buffers (aliased)."""
-    if batched:
-        r, kh, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        pos = pos_ref[0] + r
-        lead = (r,)
-    else:
-        r, kh, part = None, pl.program_id(0), pl.program_id(1)
-        pos = pos_ref[0]  # the new token's position: rows 0..pos-1 are in the cache, row pos is written here
-        lead = ()
+def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, k_out, v_out, *, layer: int,
+            groups: int, splits: int, bs: int, rows: int, scale: float, dtype):
+    """Program (KV head kh, row partition part). k_out/v_out are k_ref/v_ref's buffers (aliased)."""
+    kh, part = pl.program_id(0), pl.program_id(1)
+    pos = pos_ref[0]  # the new token's position: rows 0..pos-1 are in the cache, row pos is written here
     half = cos_ref.shape[-1] // 2
     f32 = jnp.float32
     lo, hi = pl.ds(0, half), pl.ds(half, half)
     start = part * rows
 
     def work():
-        qs, k_new, v_new = _new_token(qkv_ref, cos_ref, sin_ref, kh, r, groups=groups, splits=splits, scale=scale,
+        qs, k_new, v_new = _new_token(qkv_ref, cos_ref, sin_ref, kh, groups=groups, splits=splits, scale=scale,
                                       dtype=dtype)
         owner = pos // rows == part  # this program's partition holds row pos
 
-        if outs:
-            pl.when(owner)(lambda: _store(*outs, layer, pos, kh, k_new, v_new))
+        pl.when(owner)(lambda: _store(k_out, v_out, layer, pos, kh, k_new, v_new))
 
         stop = jnp.minimum(pos, start + rows)  # cached rows of this partition: start..stop-1
         steps = jnp.maximum(stop - start + bs - 1, 0) // bs  # 0 for a partition past the filled rows
@@ -154,10 +143,10 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
             m_new = jnp.maximum(m, s)
             alpha = jnp.exp(m - m_new)
             p = jnp.where(owner, jnp.exp(s - m_new), 0.0)
-            m_ref[lead + (kh, part, g)] = m_new
-            l_ref[lead + (kh, part, g)] = l * alpha + p
-            acc_ref[lead + (kh, part, g, lo)] = a1 * alpha + p * v_new[0]
-            acc_ref[lead + (kh, part, g, hi)] = a2 * alpha + p * v_new[1]
+            m_ref[kh, part, g] = m_new
+            l_ref[kh, part, g] = l * alpha + p
+            acc_ref[kh, part, g, lo] = a1 * alpha + p * v_new[0]
+            acc_ref[kh, part, g, hi] = a2 * alpha + p * v_new[1]
 
     # Programs whose rows lie past the new token only write an empty result (no QKV sum, rope or reads):
     # faster than running the prologue everywhere (see docs/performance.md, 'Defaults and why').
@@ -167,19 +156,21 @@ def _kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, m_ref, l_ref, acc_
     def _empty():  # a partition past the new row: nothing to add, rope or read
         zero = (pos * 0).astype(f32)  # traced: the Triton lowering cannot store a bare constant scalar
         for g in range(groups):
-            m_ref[lead + (kh, part, g)] = zero + _NEG
-            l_ref[lead + (kh, part, g)] = zero
-            acc_ref[lead + (kh, part, g, slice(None))] = jnp.zeros((2 * half,), f32) + zero
+            m_ref[kh, part, g] = zero + _NEG
+            l_ref[kh, part, g] = zero
+            acc_ref[kh, part, g, :] = jnp.zeros((2 * half,), f32) + zero
 
 
 def _check_new_tokens(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array) -> None:
-    """`attend`'s and `attend_rows`' arguments: qkv [..., splits, K, G+2, Dh], cos and sin [..., Dh] (the same
-    leading dims), a cache [L, S, K, Dh] the kernel takes."""
+    """`attend`'s arguments: qkv [splits, K, G+2, Dh], cos and sin [Dh], a cache [L, S, K, Dh] the kernel
+    takes."""
+    if qkv.ndim != 4:
+        raise ValueError(f"qkv must be [splits, K, G+2, Dh], got shape {qkv.shape}")
     K, G2, Dh = qkv.shape[-3:]
     L, S, Kc, Dc = k_cache.shape
     if G2 < 3 or (Kc, Dc) != (K, Dh) or v_cache.shape != k_cache.shape:
         raise ValueError(f"qkv {qkv.shape} does not match the cache {k_cache.shape} / {v_cache.shape}")
-    want = qkv.shape[:-4] + (Dh,)
+    want = (Dh,)
     if cos.shape != want or sin.shape != want:
         raise ValueError(f"cos/sin must have shape {want}, got {cos.shape} / {sin.shape}")
     if not supported(S, Dh):
@@ -236,55 +227,6 @@ def attend(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v
         **params,
     )(pos.reshape(1).astype(jnp.int32), qkv.astype(f32), cos.astype(f32), sin.astype(f32), k_cache, v_cache)
     return _combine(m, l, acc).astype(dtype), k_cache, v_cache
-
-
-# ---- several consecutive tokens, each as the one-token kernel computes it ------------------------------------------
-# A verify step's K + 1 rows (speculative decoding) through this path get the decode step's arithmetic row by row:
-# `_write_kernel` first writes every token's key and value (the same code as the kernel's), then `attend`'s kernel
-# runs once per token (a grid axis), token r at position pos + r reading rows up to pos + r - 1 from the cache as a
-# decode step at that position would.
-
-def _write_kernel(pos_ref, qkv_ref, cos_ref, sin_ref, k_ref, v_ref, k_out, v_out, *, layer: int, groups: int,
-                  splits: int, scale: float, dtype):
-    """Program (token r, KV head kh): token r's key and value into rows pos + r of the cache (aliased)."""
-    del k_ref, v_ref
-    r, kh = pl.program_id(0), pl.program_id(1)
-    _, k_new, v_new = _new_token(qkv_ref, cos_ref, sin_ref, kh, r, groups=groups, splits=splits, scale=scale,
-                                 dtype=dtype)
-    _store(k_out, v_out, layer, pos_ref[0] + r, kh, k_new, v_new)
-
-
-def attend_rows(qkv: jax.Array, cos: jax.Array, sin: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
-                pos: jax.Array, *, dtype=None, interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`attend` for R consecutive tokens at positions pos .. pos + R - 1, each with the one-token arithmetic (its
-    result bit for bit what `attend` gives at its position after the tokens before it). qkv: float32
-    [R, splits, K, G+2, Dh]; cos, sin: [R, Dh]. Returns (out [R, K, G, Dh] in `dtype`, k_cache, v_cache) with rows
-    pos .. pos + R - 1 written; pos + R <= S."""
-    _check_new_tokens(qkv, cos, sin, k_cache, v_cache)
-    R, splits, K, G2, Dh = qkv.shape
-    G, S = G2 - 2, k_cache.shape[1]
-    dtype = jnp.dtype(dtype or k_cache.dtype)
-    bs = block_rows(S)
-    rows = partition_rows(S, K, bs)
-    parts = -(-S // rows)
-    scale = 1.0 / float(Dh) ** 0.5
-    f32 = jnp.float32
-    params = _compiler_params(interpret)
-    args = (pos.reshape(1).astype(jnp.int32), qkv.astype(f32), cos.astype(f32), sin.astype(f32))
-    k_cache, v_cache = pl.pallas_call(
-        functools.partial(_write_kernel, layer=layer, groups=G, splits=splits, scale=scale, dtype=dtype),
-        grid=(R, K), interpret=interpret, name=f"decode_attention_write_l{layer}",
-        out_shape=(jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype)),
-        input_output_aliases={4: 0, 5: 1}, **params)(*args, k_cache, v_cache)
-    kernel = functools.partial(_kernel, layer=layer, groups=G, splits=splits, bs=bs, rows=rows, scale=scale,
-                               dtype=dtype, batched=True)
-    m, l, acc = pl.pallas_call(
-        kernel, grid=(R, K, parts), interpret=interpret, name=f"decode_attention_rows_l{layer}",
-        out_shape=(jax.ShapeDtypeStruct((R, K, parts, G), f32), jax.ShapeDtypeStruct((R, K, parts, G), f32),
-                   jax.ShapeDtypeStruct((R, K, parts, G, Dh), f32)),
-        **params)(*args, k_cache, v_cache)
-    return jax.vmap(_combine)(m, l, acc).astype(dtype), k_cache, v_cache
 
 
 # ---- a chunk of rows over the cache ----------------------------------------------------------------------------

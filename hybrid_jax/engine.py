@@ -372,7 +372,7 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
         precompiled = 0
     cfg = checkpoint.load_config(path)
     max_seq_len = check_max_seq_len(max_seq_len, cfg, allow_long_context)
-    dtype = dtype or cpu_dtype(cfg, path)
+    target_dtype = dtype or cpu_dtype(cfg, path)  # the draft decides from the caller's `dtype`, for itself
     fn = None
     if tensor_parallel != 1:
         sharding.check(cfg, tensor_parallel)
@@ -382,7 +382,7 @@ def load(path: str | Path | None = None, max_seq_len: int | None = None,
         draft_cfg = checkpoint.load_config(draft)
         check_draft(cfg, draft_cfg, path, draft)
         draft_model = checkpoint.restore(draft, dtype=dtype or cpu_dtype(draft_cfg, draft), verify=verify)
-    cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=dtype, verify=verify)
+    cfg, params = checkpoint.restore(path, sharding_fn=fn, dtype=target_dtype, verify=verify)
     tok = Tokenizer(path, checkpoint.tokenizer_record(path)) if checkpoint.has_tokenizer(path) else None
     engine = Engine(cfg, params, tok, max_seq_len=max_seq_len, path=str(path), prefill_buckets=prefill_buckets,
                     cache_dir=cache_dir, tensor_parallel=tensor_parallel, allow_long_context=allow_long_context,

@@ -125,19 +125,18 @@ def _tile(refs, norm: bool, cfg: GemvConfig, rows: int):
     return x_ref, nw_ref, w_ref, o_ref, s, pl.multiple_of(j * cfg.bn, cfg.bn), s * rows
 
 
-def _mean_square_scale(x_ref, nb: int, eps: float, row: int | None = None) -> jax.Array:
-    """rsqrt(mean(x^2) + eps) over x's last axis (one per row; of row `row` alone where given), x read in
-    slices of nb: every program reads all of x (a few KB, from L2)."""
+def _mean_square_scale(x_ref, nb: int, eps: float) -> jax.Array:
+    """rsqrt(mean(x^2) + eps) over x's last axis (one per row), x read in slices of nb: every program reads
+    all of x (a few KB, from L2)."""
     f32 = jnp.float32
     kd = x_ref.shape[-1]
-    rows = (row,) if row is not None else (slice(None),) * (x_ref.ndim - 1)
+    rows = (slice(None),) * (x_ref.ndim - 1)
 
     def sq(i, a):
         xs = x_ref[rows + (pl.ds(pl.multiple_of(i * nb, nb), nb),)].astype(f32)
         return a + jnp.sum(xs * xs, axis=-1)
 
-    shape = () if row is not None else x_ref.shape[:-1]
-    return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros(shape, f32)) / kd + eps)
+    return jax.lax.rsqrt(jax.lax.fori_loop(0, kd // nb, sq, jnp.zeros(x_ref.shape[:-1], f32)) / kd + eps)
 
 
 def finish(y: jax.Array, dtype, residual: jax.Array | None = None, up: jax.Array | None = None) -> jax.Array:
@@ -155,16 +154,10 @@ def finish(y: jax.Array, dtype, residual: jax.Array | None = None, up: jax.Array
 
 
 def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, norm_layer, eps: float,
-            residual: bool = False, gate_rows: int | None = None, dtype=None, nrows: int | None = None,
-            row_block: int = 1):
+            residual: bool = False, gate_rows: int | None = None, dtype=None):
     """Program (column block j, split s). With an epilogue (splits == 1, transposed): `residual` adds the
     residual ref's slice, `gate_rows` (the up rows' offset) computes silu(gate) x up; the output is then
-    [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N].
-
-    With `nrows` (`gemv_rows`), x is [R, Kd] (the residual [R, N]) and the output has a row axis ([R, N'] or
-    [splits, R, N]): each row goes through the one-row program's operations on its own values, in the same
-    order, so its result is that program's bit for bit. Each weight tile read serves `row_block` rows (their
-    accumulators held together); the rows past a block walk the tiles again (from L2)."""
+    [N] (or [gate_rows]) in `dtype`, else the float32 partial sums [splits, N]."""
     if residual:
         *refs, r_ref, o_ref = refs
         refs = (*refs, o_ref)
@@ -173,53 +166,37 @@ def _kernel(*refs, layer, rows, cfg: GemvConfig, transposed: bool, norm: bool, n
     lead = () if layer is None else (layer,)
     nlead = () if norm_layer is None else (norm_layer,)
     f32 = jnp.float32
-    # row r's index into x, the residual and the output (Triton's loads take one indexer: no ref views)
-    out_at = [()] if nrows is None else [(r,) for r in range(nrows)]
-    nb = _pow2_divisor(x_ref.shape[-1], 4096)
     # RMSNorm as a prologue: x is scaled and rounded to its dtype before the product, as `model.rms_norm`
     # does (scaling the product instead measured slower: see docs/performance.md).
-    scale = [_mean_square_scale(x_ref, nb, eps, *at) if norm else None for at in out_at]
+    scale = _mean_square_scale(x_ref, _pow2_divisor(x_ref.shape[-1], 4096), eps) if norm else None
     gated = gate_rows is not None
 
-    def body(group, i, accs):
+    def body(i, acc):
         k = pl.multiple_of(k_start + i * bk, bk)
-        xss = []
-        for r in group:  # (one row: the loads in the order the tuned one-row kernel was measured with)
-            xs = x_ref[out_at[r] + (pl.ds(k, bk),)]
-            if norm:
-                xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * scale[r]).astype(xs.dtype)
-            xss.append(xs.astype(f32))
+        # the loads in the order the tilings were tuned with: x, the norm weight, then the weight tile
+        xs = x_ref[pl.ds(k, bk)]
+        if norm:
+            xs = nw_ref[nlead + (pl.ds(k, bk),)] * (xs.astype(f32) * scale).astype(xs.dtype)
+        xs = xs.astype(f32)
         if transposed:
             w = w_ref[lead + (pl.ds(n0, bn), pl.ds(k, bk))].astype(f32)  # [bn, bk]
             if gated:  # the up rows that pair with these gate rows
                 u = w_ref[lead + (pl.ds(gate_rows + n0, bn), pl.ds(k, bk))].astype(f32)
-        else:
-            w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(f32)  # [bk, bn]
-        out = []
-        for xs, acc in zip(xss, accs):
-            if not transposed:
-                out.append(acc + w * xs[:, None])
-            elif gated:
-                out.append((acc[0] + w * xs[None, :], acc[1] + u * xs[None, :]))
-            else:
-                out.append(acc + w * xs[None, :])
-        return tuple(out)
+                return acc[0] + w * xs[None, :], acc[1] + u * xs[None, :]
+            return acc + w * xs[None, :]
+        w = w_ref[lead + (pl.ds(k, bk), pl.ds(n0, bn))].astype(f32)  # [bk, bn]
+        return acc + w * xs[:, None]
 
     zero = jnp.zeros((bn, bk) if transposed else (bk, bn), f32)
-    for g in range(0, len(out_at), row_block):
-        group = tuple(range(g, min(g + row_block, len(out_at))))
-        accs = jax.lax.fori_loop(0, rows // bk, functools.partial(body, group),
-                                 tuple((zero, zero) if gated else zero for _ in group))
-        for r, acc in zip(group, accs):
-            at = out_at[r]
-            if gated:
-                o_ref[at + (pl.ds(n0, bn),)] = finish(jnp.sum(acc[0], axis=1), dtype, up=jnp.sum(acc[1], axis=1))
-                continue
-            out = jnp.sum(acc, axis=1 if transposed else 0)
-            if residual:
-                o_ref[at + (pl.ds(n0, bn),)] = finish(out, dtype, residual=r_ref[at + (pl.ds(n0, bn),)])
-            else:
-                o_ref[(s,) + at + (pl.ds(n0, bn),)] = out
+    acc = jax.lax.fori_loop(0, rows // bk, body, (zero, zero) if gated else zero)
+    if gated:
+        o_ref[pl.ds(n0, bn)] = finish(jnp.sum(acc[0], axis=1), dtype, up=jnp.sum(acc[1], axis=1))
+        return
+    out = jnp.sum(acc, axis=1 if transposed else 0)
+    if residual:
+        o_ref[pl.ds(n0, bn)] = finish(out, dtype, residual=r_ref[pl.ds(n0, bn)])
+        return
+    o_ref[s, pl.ds(n0, bn)] = out
 
 
 def _matrix_shape(w: jax.Array, layer: int | None) -> tuple[int, int]:
@@ -270,35 +247,6 @@ def gemv(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bo
     return out if p.fused else p.after(out, x.dtype, residual)
 
 
-# Float32 accumulator registers a thread of `gemv_rows` holds for the rows one weight tile serves (a block of
-# rows); more rows walk the weight again. Not measured: the verify step's exact rows (model.forward_rows).
-ROWS_ACC_REGS = 64
-
-
-def gemv_rows(x: jax.Array, w: jax.Array, layer: int | None = None, *, transposed: bool = False,
-              norm: jax.Array | None = None, eps: float = 1e-6, reduce: bool = True,
-              residual: jax.Array | None = None, gated: bool = False, interpret: bool = False) -> jax.Array:
-    """`gemv` of R independent rows x [R, Kd] (the residual [R, N]) in one kernel: row r's result is
-    `gemv(x[r], ..., residual=residual[r])` bit for bit (the one-row program's operations on each row, its
-    tiling, and XLA's finishing operations on each row's own [splits, N] sums), stacked [R, ...]; the weight is
-    read once for every `row_block` rows (ROWS_ACC_REGS)."""
-    p = _plan(w, layer, transposed, None, norm, reduce, residual, gated)
-    if x.ndim != 2 or x.shape[1] != p.kd:
-        raise ValueError(f"x has shape {x.shape}, the weight {w.shape} needs (R, {p.kd})")
-    r = x.shape[0]
-    if residual is not None and residual.shape != (r, p.n):
-        raise ValueError(f"residual has shape {residual.shape}, the product has ({r}, {p.n})")
-    per_row = p.cfg.bn * p.cfg.bk * (2 if gated else 1) // (32 * p.cfg.warps)
-    block = max(1, min(r, ROWS_ACC_REGS // max(per_row, 1)))
-    out_shape = (r,) + p.out_shape
-    out = _launch(p.kernel(eps, x.dtype, nrows=r, row_block=block), p.args(x, w, norm, residual), p.cfg, p.kd, p.n,
-                  out_shape, p.name + f"_rows{r}", interpret, finished=x.dtype if p.fused else None)
-    if p.fused:
-        return out
-    # each row's own XLA operations, of the one-row shapes (a batched reduction may sum in another order)
-    return jnp.stack([p.after(out[:, i], x.dtype, None if residual is None else residual[i]) for i in range(r)])
-
-
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """A product's kernel: its tiling, and whether the consumer runs in the kernel's epilogue (`fused`)."""
@@ -319,15 +267,15 @@ class _Plan:
     def out_shape(self) -> tuple:
         return (self.n // 2 if self.gated else self.n,) if self.fused else (self.n,)
 
-    def kernel(self, eps: float, dtype, **rows):
+    def kernel(self, eps: float, dtype):
         if self.fused:
             return functools.partial(_kernel, layer=self.layer, rows=self.kd, cfg=self.cfg, transposed=True,
                                      norm=self.has_norm, norm_layer=self.norm_layer, eps=float(eps),
                                      residual=self.residual, gate_rows=self.out_shape[0] if self.gated else None,
-                                     dtype=dtype, **rows)
+                                     dtype=dtype)
         return functools.partial(_kernel, layer=self.layer, rows=self.kd // self.cfg.splits, cfg=self.cfg,
                                  transposed=self.transposed, norm=self.has_norm, norm_layer=self.norm_layer,
-                                 eps=float(eps), **rows)
+                                 eps=float(eps))
 
     def args(self, x, w, norm, residual) -> tuple:
         return ((x, w) if norm is None else (x, norm, w)) + ((residual,) if self.fused and self.residual else ())
@@ -346,7 +294,7 @@ class _Plan:
 
 def _plan(w: jax.Array, layer: int | None, transposed: bool, cfg: GemvConfig | None,
           norm: jax.Array | None, reduce: bool, residual: jax.Array | None, gated: bool) -> _Plan:
-    """The checks and tiling shared by `gemv` and `gemv_rows`."""
+    """The checks and tiling of a `gemv` call."""
     mat_shape = _matrix_shape(w, layer)
     n, kd = mat_shape if transposed else mat_shape[::-1]
     if (residual is not None or gated) and not reduce:
@@ -372,7 +320,7 @@ def _launch(kernel, args: tuple, cfg: GemvConfig, kd: int, n: int, out_shape: tu
             interpret: bool, finished=None) -> jax.Array:
     """Run a projection kernel over its (N / bn, splits) grid: float32 partial sums [splits, *out_shape]; or,
     with `finished` (a dtype), a kernel that finishes its own rows (unsplit, the consumer in its epilogue):
-    out_shape [N'] (or [R, N']: `gemv_rows`) in that dtype, one program per bn of its N' outputs."""
+    out_shape [N'] in that dtype, one program per bn of its N' outputs."""
     if n % cfg.bn or kd % (cfg.splits * cfg.bk):
         raise ValueError(f"{cfg} does not tile a {kd} x {n} matrix")
     params = {}

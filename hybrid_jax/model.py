@@ -111,7 +111,7 @@ def _head_gemv(cfg: LlamaConfig, params: Weights, opts: KernelOptions) -> tuple[
 
 def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l: int, out_shape: tuple,
              norm: jax.Array | None = None, eps: float = 0.0, partials: bool = False,
-             residual: jax.Array | None = None, gated: bool = False, rows: bool = False) -> jax.Array:
+             residual: jax.Array | None = None, gated: bool = False) -> jax.Array:
     """x @ layer l of a stacked output-major weight [L, (out dims), (in dims)], x first RMS-normed by layer l of the
     stacked `norm` weight if given: `jnp.einsum(spec, rms_norm(x, norm[l]), stacked[l])`, computed as `opts` says:
     one token (the decode step) where `opts.gemv` runs kernels: an XLA row reduction in float32 for the
@@ -121,30 +121,10 @@ def _project(opts: KernelOptions, spec: str, x: jax.Array, stacked: jax.Array, l
     consumer that adds them (XLA's einsum gives one, in x's dtype's values). The product's consumer, computed as
     model.py always has (gemv.finish), in the kernel's epilogue where the kernel runs one token: `residual`
     [T, *out_shape] returns residual + the product; `gated` (out_shape (2, F): gate and up) returns
-    silu(gate) * up [T, F].
-
-    With `rows`, x's T rows are independent tokens (a verify step's, `forward_rows`), each computed as the
-    one-token step computes it: [T, *out_shape] (with `partials`, [T, splits, *out_shape]), through
-    gemv.gemv_rows (one read of the weight for all rows) where the one-token step runs that kernel, else
-    `_rows`."""
+    silu(gate) * up [T, F]."""
     n = math.prod(out_shape)
     t = x.shape[0]
     dt = x.dtype
-    if rows:
-        kd = math.prod(x.shape[1:])
-        if not isinstance(stacked, dict) and _gemv_runs(opts, PROJECTIONS[spec], kd, n):
-            w = stacked.reshape(stacked.shape[0], n, kd)
-            y = gemv_lib.gemv_rows(x.reshape(t, kd), w, l, transposed=True, norm=norm, eps=eps, reduce=not partials,
-                                   residual=None if residual is None else residual.reshape(t, n), gated=gated,
-                                   interpret=opts.gemv == "interpret")
-            if partials:
-                return y.reshape((t, -1) + tuple(out_shape))
-            return y.astype(dt).reshape((t,) + (tuple(out_shape[1:]) if gated else tuple(out_shape)))
-
-        def one(h, *r):
-            y = _project(opts, spec, h, stacked, l, out_shape, norm, eps, partials, r[0] if r else None, gated)
-            return y if partials else y[0]
-        return _rows(one, x, *(() if residual is None else (residual,)))
     if isinstance(stacked, dict):  # quantized (quant.py): XLA's products over the matrix dequantized in the fusion
         return _project_quantized(opts, PROJECTIONS[spec], x, stacked, l, tuple(out_shape), norm, eps, partials,
                                   residual, gated)
@@ -371,18 +351,13 @@ def hidden(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array,
 
 
 def logits_from_hidden(cfg: LlamaConfig, params: Weights, h: jax.Array, opts: KernelOptions | None = None,
-                       normed: bool = True, rows: bool = False) -> jax.Array:
+                       normed: bool = True) -> jax.Array:
     """[..., D] -> [..., V] float32 logits (fp32 accumulation). With `normed=False`, h is the residual
     stream and the final RMSNorm is applied first (inside the kernel where the kernel runs: one row, where
-    `opts.gemv` runs kernels). With `rows`, h [R, D] holds independent rows, each computed as one row is
-    (`_project`'s `rows`)."""
+    `opts.gemv` runs kernels)."""
     opts = _options(opts)
     head = _head_gemv(cfg, params, opts)
     kw = dict(norm=None if normed else params.final_norm, eps=cfg.norm_eps, interpret=opts.gemv == "interpret")
-    if rows:
-        if head is not None:
-            return gemv_lib.gemv_rows(h, head[0], transposed=head[1], **kw)
-        return _rows(lambda r: logits_from_hidden(cfg, params, r, opts, normed)[0], h)
     if head is not None and h.size == cfg.dim:
         y = gemv_lib.gemv(h.reshape(cfg.dim), head[0], transposed=head[1], **kw)
         return y.reshape(h.shape[:-1] + (cfg.vocab_size,))
@@ -399,49 +374,3 @@ def forward(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array
     opts = _options(opts)
     x, cache = trunk(cfg, params, cache, tokens, positions, kv_len, opts)
     return logits_from_hidden(cfg, params, x, opts, normed=False), cache
-
-
-def rows_exact(cfg: LlamaConfig, cache_len: int, opts: KernelOptions | None) -> bool:
-    """Whether `forward_rows` runs here: the decode step's kernels (one token's attention through
-    decode_attention.py), one device."""
-    o = _options(opts)
-    return (o.gemv != "xla" and o.decode_attention != "xla" and decode_attention.supported(cache_len, cfg.hd)
-            and jax.sharding.get_abstract_mesh().empty)
-
-
-def _rows(fn, *xs):
-    """fn of one token's [1, ...] arrays, for each of R rows (xs: [R, ...]) with the one-token arithmetic: a
-    Pallas kernel once, with a grid axis over the rows (jax.vmap: each program runs the one-token program's code);
-    XLA's own reductions once per row, as separate ops of the one-token shape (vmapped, XLA reduces [R, N, Kd]
-    in another order than [N, Kd]: measured on an H100, bench/results/2026-12-07_NVIDIA-H100_exact-verify)."""
-    def one(*a):
-        return fn(*(v[None] for v in a))
-    if any(e.primitive.name == "pallas_call" for e in jax.make_jaxpr(one)(*(v[0] for v in xs)).eqns):
-        return jax.vmap(one)(*xs)
-    return jnp.stack([one(*(v[r] for v in xs)) for r in range(xs[0].shape[0])])
-
-
-def forward_rows(cfg: LlamaConfig, params: Weights, cache: KVCache, tokens: jax.Array, positions: jax.Array,
-                 opts: KernelOptions | None = None) -> tuple[jax.Array, KVCache]:
-    """`forward` of R consecutive tokens (positions[r] = positions[0] + r) with each row's arithmetic the one-token
-    step's: row r's logits and cache row are meant to be bit for bit what `forward` of that token alone gives after
-    the rows before it (`_rows`; the attention through decode_attention.attend_rows). A verify step (speculative
-    decoding) computed so emits the tokens plain decode would. Needs `rows_exact`."""
-    opts = _options(opts)
-    if not rows_exact(cfg, cache.max_seq_len, opts):
-        raise ValueError("forward_rows needs the decode step's kernels (gemv and decode_attention) on one device")
-    lw = params.layers
-    G, D = cfg.q_per_kv, cfg.dim
-    x = params.embed[tokens]  # [R, D]
-    cos, sin = rope_cos_sin(cfg, positions)
-    for l in range(cfg.n_layers):
-        parts = _project(opts, "td,kghd->tkgh", x, lw.wqkv, l, (cfg.n_kv_heads, G + 2, cfg.hd), norm=lw.attn_norm,
-                         eps=cfg.norm_eps, partials=True, rows=True)
-        o, kc, vc = decode_attention.attend_rows(parts, cos, sin, cache.k, cache.v, l, positions[:1], dtype=x.dtype,
-                                                 interpret=opts.decode_attention == "interpret")
-        cache = KVCache(k=kc, v=vc)
-        x = _project(opts, "tkgh,dkgh->td", o, lw.wo, l, (D,), residual=x, rows=True)
-        a = _project(opts, "td,cfd->tcf", x, lw.w13, l, (2, cfg.ffn_dim), norm=lw.mlp_norm, eps=cfg.norm_eps,
-                     gated=True, rows=True)
-        x = _project(opts, "tf,df->td", a, lw.w2, l, (D,), residual=x, rows=True)
-    return logits_from_hidden(cfg, params, x, opts, normed=False, rows=True), cache

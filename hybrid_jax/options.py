@@ -29,7 +29,6 @@ TOKEN_MEMORY = ("device", "pinned_host")
 # term dequantized as read: faster on an H100) or "grouped" (sums per group on the codes, scaled once a group:
 # ~2x faster on XLA's CPU backend). docs/performance.md has the runs.
 QUANT_MATVEC = ("rowsum", "grouped")
-VERIFY_ROWS = ("exact", "chunk")
 # The layer projections of the decode step by name (model.PROJECTIONS), and those written as XLA row
 # reductions where the Pallas GEMVs run.
 PROJECTION_NAMES = ("wqkv", "wo", "w13", "w2")
@@ -74,12 +73,6 @@ class KernelOptions:
                        dequantizes first). auto: as `gemv` on one device, "xla" with a mesh.
     token_memory       where the steps write the next token: TOKEN_MEMORY (None means "device"). auto:
                        "pinned_host" on one device that has it, "device" elsewhere.
-    verify_rows        a verify step's K + 1 rows (speculative decoding): VERIFY_ROWS. "exact": each row through
-                       the decode step's kernels (model.forward_rows), so that its tokens are plain decode's bit for
-                       bit (measured on an H100 with every projection through the gemv kernels, row_reduce empty);
-                       needs `gemv` and `decode_attention` kernels on one device. "chunk": as a prefill chunk
-                       (XLA's matmuls, `chunk_attention`), which rounds differently in 16 bits. auto: "chunk" (the
-                       exact rows' cost and their exactness with XLA's row reductions are not yet measured).
     """
     gemv: str = AUTO
     decode_attention: str = AUTO
@@ -93,7 +86,6 @@ class KernelOptions:
     token_memory: Any = AUTO
     quant_matvec: str = AUTO
     quant_prefill: str = AUTO
-    verify_rows: str = AUTO
 
     def __post_init__(self):
         def setf(name, v):
@@ -112,7 +104,6 @@ class KernelOptions:
             setf("token_memory", "device")
         _check("token_memory", self.token_memory, TOKEN_MEMORY)
         _check("quant_matvec", self.quant_matvec, QUANT_MATVEC)
-        _check("verify_rows", self.verify_rows, VERIFY_ROWS)
         rr = self.row_reduce
         if rr != AUTO:
             if isinstance(rr, str):
@@ -149,7 +140,7 @@ class KernelOptions:
         return cls(gemv="xla", decode_attention="xla", chunk_attention="xla", row_reduce=frozenset(),
                    matmul_2d=matmul_2d, prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
                    prefill_matmuls="autotune", token_memory="device",
-                   quant_matvec="grouped" if matmul_2d else "rowsum", quant_prefill="xla", verify_rows="chunk")
+                   quant_matvec="grouped" if matmul_2d else "rowsum", quant_prefill="xla")
 
     @classmethod
     def from_env(cls, environ=None) -> "KernelOptions":
@@ -201,12 +192,12 @@ class KernelOptions:
         v = get("HYBRID_JAX_QUANT_PREFILL", ("auto",) + KERNEL_MODES)
         if v not in ("", AUTO):
             kw["quant_prefill"] = v
-        v = get("HYBRID_JAX_VERIFY_ROWS", ("auto",) + VERIFY_ROWS)
-        if v not in ("", AUTO):
-            kw["verify_rows"] = v
         if env.get("HYBRID_JAX_PREFILL_GEMM", "").strip().lower() not in ("", "auto", "xla"):
             raise ValueError("HYBRID_JAX_PREFILL_GEMM was removed (the Pallas kernel for every prefill projection "
                              "lost its A/B; see docs/performance.md); unset it")
+        if env.get("HYBRID_JAX_VERIFY_ROWS", "").strip():
+            raise ValueError("HYBRID_JAX_VERIFY_ROWS was removed (the exact verify step lost its A/B: "
+                             "see docs/performance.md); unset it")
         return cls(**kw)
 
 
@@ -272,11 +263,6 @@ def resolve(options: KernelOptions | None, cfg, devices, mesh) -> KernelOptions:
             if v != "xla":
                 raise ValueError(f"{name}={v!r} with tensor_parallel > 1 runs inside shard_map with gemv's kernels: "
                                  f"name gemv too (gemv='pallas'), or use the XLA path")
-    vrows = "chunk" if o.verify_rows == AUTO else o.verify_rows
-    if vrows == "exact" and (gemv == "xla" or attn == "xla" or mesh is not None):
-        raise ValueError("verify_rows='exact' runs the decode step's kernels: it needs gemv and decode_attention "
-                         "kernels on one device")
     return KernelOptions(gemv=gemv, decode_attention=attn, chunk_attention=chunk, row_reduce=rr, matmul_2d=m2d,
                          prefill_wo=wo, prefill_attention=fused, prefill_attention_min_rows=min_rows,
-                         prefill_matmuls=matmuls, token_memory=token, quant_matvec=qmv, quant_prefill=qpre,
-                         verify_rows=vrows)
+                         prefill_matmuls=matmuls, token_memory=token, quant_matvec=qmv, quant_prefill=qpre)

@@ -100,11 +100,7 @@ def _verify(cfg: LlamaConfig, kv_len: int, do_sample: bool, params: W.Weights, s
     k = proposals.shape[0]
     tokens = jnp.concatenate([state.token[None], proposals])
     positions = state.pos + jnp.arange(k + 1, dtype=jnp.int32)
-    if opts is not None and opts.verify_rows == "exact" and model.rows_exact(cfg, state.cache.max_seq_len, opts):
-        # each row as the decode step computes it: the tokens plain decode would emit
-        logits, cache = model.forward_rows(cfg, params, state.cache, tokens, positions, opts)
-    else:
-        logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
+    logits, cache = model.forward(cfg, params, state.cache, tokens, positions, kv_len, opts)
     key, sub = jax.random.split(state.key)
     if not do_sample:
         out, n = speculative.accept_greedy(logits, proposals)
@@ -337,12 +333,10 @@ class Runtime:
             return o.replace(prefill_attention=o.prefill_attention if T >= o.prefill_attention_min_rows else "off",
                              prefill_attention_min_rows=0,
                              prefill_matmuls=prefill_matmuls_for(o.prefill_matmuls, T, self.cfg.n_params, self.mesh),
-                             quant_prefill=o.quant_prefill if T <= qgemv.GEMM_ROWS_MAX else "xla",
-                             verify_rows="chunk" if spec[0] == "prefill" else o.verify_rows)
+                             quant_prefill=o.quant_prefill if T <= qgemv.GEMM_ROWS_MAX else "xla")
         if spec[0] == "decode":
             return o.replace(prefill_wo="xla", prefill_attention="off", prefill_attention_min_rows=0,
-                             prefill_matmuls="autotune", quant_prefill="xla", chunk_attention="xla",
-                             verify_rows="chunk")
+                             prefill_matmuls="autotune", quant_prefill="xla", chunk_attention="xla")
         return KernelOptions.xla(matmul_2d=o.matmul_2d)
 
     def cache_key(self, spec: tuple) -> dict:

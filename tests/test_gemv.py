@@ -142,38 +142,6 @@ def test_epilogues_compute_the_consumer(case, dtype):
         G.gemv(x, w, layer, transposed=transposed, gated=True, reduce=False, interpret=True)
 
 
-@pytest.mark.parametrize("case", EPILOGUE_CASES + [(3, 1376, 192, True, G.GemvConfig(bn=4, bk=32, splits=1)),
-                                  (3, 256, 384, False, G.GemvConfig(bn=128, bk=32, splits=4))],
-                         ids=lambda c: f"{c[1]}x{c[2]}{'t' if c[3] else ''}")
-def test_gemv_rows_bit_for_bit_one_row_each(case, monkeypatch):
-    """gemv_rows: each of R rows (bf16) is bit for bit gemv of that row alone, with each consumer and reduce
-    mode, its weight read for all rows at once or in blocks of rows (ROWS_ACC_REGS small)."""
-    layers, kd, n, transposed, cfg = case
-    rng = np.random.default_rng(kd + n)
-    shape = (n, kd) if transposed else (kd, n)
-    w = jnp.asarray(rng.standard_normal(((layers,) if layers else ()) + shape) / np.sqrt(kd), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((5, kd)), jnp.bfloat16)
-    res = jnp.asarray(rng.standard_normal((5, n)), jnp.bfloat16)
-    nw = jnp.asarray(1 + 0.1 * rng.standard_normal(kd), jnp.bfloat16)
-    layer = None if layers is None else layers - 1
-    if cfg is not None:  # gemv_rows takes the default tiling: make this case's the default
-        monkeypatch.setattr(G, "default_config", lambda *a, **k: cfg)
-    every = (dict(), dict(norm=nw), dict(residual=res), dict(norm=nw, gated=True), dict(reduce=False))
-    for regs, kws in ((1 << 20, every), (1, every[3:])):  # every row on one read of the weight; one row a block
-        monkeypatch.setattr(G, "ROWS_ACC_REGS", regs)
-        for kw in kws:
-            kw = dict(transposed=transposed, eps=1e-5, interpret=True, **kw)
-            rows = G.gemv_rows(x, w, layer, **kw)
-            one = jnp.stack([G.gemv(x[r], w, layer, **dict(kw, **({"residual": res[r]} if "residual" in kw else {})))
-                             for r in range(5)])
-            assert rows.shape == one.shape and rows.dtype == one.dtype
-            assert np.array_equal(np.asarray(rows, np.float32), np.asarray(one, np.float32)), kw
-    with pytest.raises(ValueError, match=r"needs \(R, "):
-        G.gemv_rows(x[0], w, layer, transposed=transposed, interpret=True)
-    with pytest.raises(ValueError, match="residual has shape"):
-        G.gemv_rows(x, w, layer, transposed=transposed, residual=res[:2], interpret=True)
-
-
 def test_epilogue_runs_in_the_kernel():
     """An unsplit tiling of a transposed W computes the consumer in the kernel: one pallas_call, whose output
     is the consumer's (in x's dtype), and nothing after it."""
@@ -580,52 +548,3 @@ def test_attention_kernel_errors():
     with pytest.raises(ValueError, match="no kernel"):
         A.attend(jnp.ones((1, 2, 3, 32)), cs, cs, jnp.ones((1, 33, 2, 32)), jnp.ones((1, 33, 2, 32)), 0, one,
                  interpret=True)
-
-
-@pytest.mark.parametrize("row_reduce", [frozenset(), ROW_REDUCE_AUTO])
-def test_rows_bit_for_bit_the_one_token_steps(row_reduce):
-    """model.forward_rows (a verify step's rows, each through the decode step's kernels): in bf16 every row's logits
-    and cache row are bit for bit those of one-token steps run one after the other."""
-    cfg = LlamaConfig(vocab_size=64, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, dtype="bfloat16")
-    params = weights.init_random(cfg, jax.random.PRNGKey(3), scale=0.5)
-    opts = XLA.replace(gemv="interpret", decode_attention="interpret", row_reduce=row_reduce)
-    ids = [int(t) for t in np.random.default_rng(1).integers(1, 64, 14)]
-    _, cache0 = model.forward(cfg, params, kv_cache.zeros(cfg, 64), jnp.asarray(ids[:9], jnp.int32),
-                              jnp.arange(9, dtype=jnp.int32))
-    step = jax.jit(lambda c, t, pos: model.forward(cfg, params, c, t, pos, opts=opts))
-    cache, one = cache0, []
-    for t in range(9, 14):
-        lg, cache = step(cache, jnp.asarray(ids[t:t + 1], jnp.int32), jnp.asarray([t], jnp.int32))
-        one.append(np.asarray(lg[0]))
-    rows = jax.jit(lambda c, t, pos: model.forward_rows(cfg, params, c, t, pos, opts=opts))
-    lg, cache_r = rows(cache0, jnp.asarray(ids[9:14], jnp.int32), jnp.arange(9, 14, dtype=jnp.int32))
-    assert np.array_equal(np.asarray(lg), np.stack(one))
-    for a, b in ((cache_r.k, cache.k), (cache_r.v, cache.v)):
-        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
-    # what the equality rules out: the same rows as one chunk (XLA's matmuls) part from the one-token steps in bf16
-    lg_chunk, _ = model.forward(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32),
-                                jnp.arange(9, 14, dtype=jnp.int32), opts=opts)
-    assert not np.array_equal(np.asarray(lg_chunk), np.stack(one))
-    with pytest.raises(ValueError, match="forward_rows needs the decode step's kernels"):
-        model.forward_rows(cfg, params, cache0, jnp.asarray(ids[9:14], jnp.int32), jnp.arange(9, 14, dtype=jnp.int32),
-                           opts=XLA)
-
-
-def test_exact_verify_steps_in_the_engine_equal_plain_decode():
-    """Prompt lookup with verify_rows="exact" (interpreted kernels, bf16): the greedy tokens of plain decode with
-    the same kernels, with proposals accepted and rejected."""
-    cfg = CHUNK_CFG.replace(dtype="bfloat16")
-    params = weights.init_random(cfg, jax.random.PRNGKey(1), scale=0.1)  # answers that repeat: accepted
-    prompt = [int(t) for t in np.random.default_rng(0).integers(1, 64, 12)] * 4
-    kern = dict(gemv="interpret", decode_attention="interpret", row_reduce=ROW_REDUCE_AUTO)
-    outs = []
-    for kw in (dict(options=KernelOptions(**kern)),
-               dict(speculative="ngram", num_speculative_tokens=4, options=KernelOptions(**kern, verify_rows="exact"))):
-        eng = Engine(cfg, params, max_seq_len=128, prefill_buckets=(16, 32), compile_sampling=False, **kw)
-        eng.spec_break_even = 0  # speculate throughout
-        try:
-            r = generate(eng, prompt, max_new_tokens=24, ignore_eos=True)
-            outs.append((r.token_ids, r.timings.verify_steps, r.timings.accepted, r.timings.proposed))
-        finally:
-            eng.close()
-    assert outs[1][0] == outs[0][0] and outs[1][1] > 0 and 0 < outs[1][2] < outs[1][3]

@@ -62,20 +62,6 @@ def test_resolve_on_one_gpu_takes_the_kernels():
     assert resolve(KernelOptions(prefill_attention=None, token_memory=None), BF16, gpu(), None).token_memory == "device"
 
 
-def test_verify_rows():
-    """auto: the chunk path everywhere (until the GPU measures the exact rows); "exact" where the decode step's
-    kernels run on one device, refused where they do not (the CPU's XLA path, a mesh)."""
-    assert resolve(None, BF16, CPU, None).verify_rows == "chunk" and resolve(None, BF16, gpu(), None).verify_rows == "chunk"
-    assert resolve(KernelOptions(verify_rows="exact"), BF16, gpu(), None).verify_rows == "exact"
-    assert resolve(KernelOptions(gemv="interpret", decode_attention="interpret", verify_rows="exact"), BF16, CPU,
-                   None).verify_rows == "exact"
-    for opts, devs, m in ((KernelOptions(verify_rows="exact"), CPU, None),
-                          (KernelOptions(gemv="pallas", decode_attention="xla", verify_rows="exact"), gpu(), None),
-                          (KernelOptions(gemv="pallas", verify_rows="exact"), list(mesh2().devices.flat), mesh2())):
-        with pytest.raises(ValueError, match="verify_rows='exact'"):
-            resolve(opts, BF16, devs, m)
-
-
 def test_resolve_with_a_mesh():
     m = mesh2()
     devs = list(m.devices.flat)
@@ -100,7 +86,7 @@ def test_resolve_with_a_mesh():
                                           ("prefill_attention", "flash"), ("prefill_matmuls", "fast"),
                                           ("token_memory", "host"), ("row_reduce", "w13"), ("row_reduce", {"mlp"}),
                                           ("matmul_2d", "yes"), ("prefill_attention_min_rows", -1),
-                                          ("prefill_attention_min_rows", 1.5), ("verify_rows", "rows")])
+                                          ("prefill_attention_min_rows", 1.5)])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         KernelOptions(**{field: value})
@@ -123,7 +109,6 @@ VARS = {  # variable, value -> the options it gives
     ("HYBRID_JAX_PREFILL_MATMULS", "cublas"): KernelOptions(prefill_matmuls="cublas"),
     ("HYBRID_JAX_PREFILL_MATMULS", "autotune"): KernelOptions(prefill_matmuls="autotune"),
     ("HYBRID_JAX_TOKEN_MEMORY", "device"): KernelOptions(token_memory="device"),
-    ("HYBRID_JAX_VERIFY_ROWS", "exact"): KernelOptions(verify_rows="exact"),
 }
 
 
@@ -138,7 +123,7 @@ def test_from_env_maps_each_variable(var, value, monkeypatch):
                                         ("HYBRID_JAX_ROW_REDUCE", "w13,mlp"), ("HYBRID_JAX_PREFILL_WO", "cublas"),
                                         ("HYBRID_JAX_PREFILL_ATTN", "fast"), ("HYBRID_JAX_PREFILL_MATMULS", "fast"),
                                         ("HYBRID_JAX_TOKEN_MEMORY", "gpu"), ("HYBRID_JAX_PREFILL_GEMM", "pallas"),
-                                        ("HYBRID_JAX_VERIFY_ROWS", "rows")])
+                                        ("HYBRID_JAX_VERIFY_ROWS", "exact")])
 def test_from_env_rejects_bad_values_naming_the_variable(var, value):
     with pytest.raises(ValueError, match=var):
         KernelOptions.from_env({var: value})
