@@ -309,6 +309,15 @@ def test_cpu_holds_a_16bit_checkpoint_in_float32(tiny, tmp_path, monkeypatch):
         e.close()
     monkeypatch.setattr(E, "_available_memory", lambda: 2 * sum(a.nbytes for a in jax.tree.leaves(bf)))
     assert E.cpu_dtype(checkpoint.load_config(ckpt), ckpt) is None
+    # a draft decides for itself, not from the target's choice: here the target's float32 copy fits, the draft's not
+    draft = checkpoint.save(tmp_path / "draft", cfg.replace(dtype="bfloat16"), bf)
+    real = E.cpu_dtype
+    monkeypatch.setattr(E, "cpu_dtype", lambda c, path: "float32" if Path(path) == Path(ckpt) else real(c, path))
+    e = E.load(ckpt, max_seq_len=MAX, use_disk_cache=False, compile_sampling=False, speculative="draft", draft=draft)
+    try:
+        assert e.runtime.params.embed.dtype == jnp.float32 and e.runtime.draft.params.embed.dtype == jnp.bfloat16
+    finally:
+        e.close()
 
 
 def test_prefill_matmuls_cublas_compiles_prefills_with_its_options_and_equals_hf(tiny, tmp_path):
