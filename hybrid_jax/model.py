@@ -82,6 +82,40 @@ def attention(cfg: LlamaConfig, q: jax.Array, k: jax.Array, v: jax.Array, q_pos:
     return jnp.einsum("kgts,skh->tkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+# Cache rows a block of `attend_filled` reads.
+FILLED_BLOCK = 128
+
+
+def attend_filled(cfg: LlamaConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, layer: int,
+                  pos: jax.Array, kv_len: int) -> jax.Array:
+    """One token's attention (q [1, K, G, h], at position `pos`, its key and value already in the cache) over
+    the cache rows 0..pos of `layer` only: a loop over blocks of FILLED_BLOCK rows up to pos's block, with an
+    online softmax (float32), instead of scores over all `kv_len` rows. Returns [1, K, G, h] in q's dtype."""
+    f32 = jnp.float32
+    _, _, K, h = k_cache.shape
+    B = min(FILLED_BLOCK, kv_len)
+    neg = jnp.finfo(f32).min
+    qs = q[0].astype(f32) * (1.0 / math.sqrt(cfg.hd))  # [K, G, h]
+
+    def body(i, carry):
+        m, l, acc = carry  # [K, G], [K, G], [K, G, h]
+        start = jnp.minimum(i * B, kv_len - B)  # the last block ends at kv_len; rows before i * B are masked
+        kb = jax.lax.dynamic_slice(k_cache, (layer, start, 0, 0), (1, B, K, h))[0].astype(f32)
+        vb = jax.lax.dynamic_slice(v_cache, (layer, start, 0, 0), (1, B, K, h))[0].astype(f32)
+        rows = start + jnp.arange(B, dtype=jnp.int32)
+        s = jnp.einsum("kgh,bkh->kgb", qs, kb)
+        s = jnp.where((rows >= i * B) & (rows <= pos), s, neg)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(m - m_new)
+        return m_new, l * alpha + jnp.sum(p, axis=-1), acc * alpha[..., None] + jnp.einsum("kgb,bkh->kgh", p, vb)
+
+    G = q.shape[2]
+    init = (jnp.full((K, G), neg, f32), jnp.zeros((K, G), f32), jnp.zeros((K, G, h), f32))
+    _, l, acc = jax.lax.fori_loop(0, pos // B + 1, body, init)
+    return (acc / l[..., None])[None].astype(q.dtype)
+
+
 # The decode step's layer projections by einsum spec -> name (options.KernelOptions.row_reduce names them).
 PROJECTIONS = {"td,kghd->tkgh": "wqkv", "tkgh,dkgh->td": "wo", "td,cfd->tcf": "w13", "tf,df->td": "w2"}
 
@@ -267,6 +301,9 @@ def attention_block(cfg: LlamaConfig, params: Weights, cache: KVCache, l: int, x
             # One kernel over the rows each token sees (no scores over unfilled rows, no separate mask/softmax).
             o = decode_attention.attend_chunk(q, cache.k, cache.v, l, positions[:1],
                                               interpret=opts.chunk_attention == "interpret")
+        elif t == 1 and opts.matmul_2d:
+            # XLA's CPU path: the filled rows only (scores over the whole cache doubled SmolLM2's decode step)
+            o = attend_filled(cfg, q, cache.k, cache.v, l, positions[0], n)
         else:
             o = attention(cfg, q, cache.k[l, :n], cache.v[l, :n], positions)
     return _project(opts, "tkgh,dkgh->td", o, lw.wo, l, (cfg.dim,), residual=residual), cache

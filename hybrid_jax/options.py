@@ -55,8 +55,10 @@ class KernelOptions:
     row_reduce         names (PROJECTION_NAMES) of the one token's projections computed as float32 XLA row
                        reductions instead of the GEMV kernel, where `gemv` is not "xla". auto: ROW_REDUCE_AUTO
                        in mode "pallas" (none for a quantized model: qgemv.py's kernels), none in "interpret".
-    matmul_2d          XLA's projections as one 2-D matmul [T, Kd] x [N, Kd]^T (True) or the einsum over the
-                       weight's dims (False). auto: True on the CPU only (its matmul library takes the 2-D form).
+    matmul_2d          XLA's CPU forms (True): the projections as one 2-D matmul [T, Kd] x [N, Kd]^T instead of
+                       the einsum over the weight's dims, and the decode step's XLA attention over the filled cache
+                       rows only (model.attend_filled, a loop) instead of scores over every row. auto: True on the
+                       CPU only (its matmul library takes the 2-D form; measured there only).
     prefill_wo         the prefill's output projection (chunks up to gemv.ROWS_MAX rows) through `gemv.gemm`:
                        KERNEL_MODES. auto: as `gemv`.
     prefill_attention  the attention of a prompt's own bucket: PREFILL_ATTENTION (None means "off"). auto:

@@ -129,6 +129,26 @@ def test_kv_len_window_equals_full_cache():
     assert rel_err(win, full) < 1e-6
 
 
+@pytest.mark.parametrize("pos", [0, 1, 127, 128, 129, 200, 255, 256, 271])
+def test_attend_filled_equals_attention_over_the_filled_rows(pos):
+    """The CPU decode step's attention (blocks of FILLED_BLOCK rows up to the token's own, an online softmax) is
+    the attention over rows 0..pos, whatever the later rows hold: 272 rows, so the last block is cut short and
+    starts inside the one before it (its rows before 256 masked)."""
+    _, cfg, _ = setup("gqa")
+    rng = np.random.default_rng(pos)
+    K, G, h, S = cfg.n_kv_heads, cfg.q_per_kv, cfg.hd, 272
+    kc = jnp.asarray(rng.standard_normal((2, S, K, h)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((2, S, K, h)), jnp.float32)
+    q = jnp.asarray(rng.standard_normal((1, K, G, h)), jnp.float32)
+    p = jnp.asarray(pos, jnp.int32)
+    got = model.attend_filled(cfg, q, kc, vc, 1, p, S)
+    ref = model.attention(cfg, q, kc[1, :pos + 1], vc[1, :pos + 1], p[None])
+    assert got.shape == ref.shape == (1, K, G, h)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    noise = kc.at[1, pos + 1:].set(1e3), vc.at[1, pos + 1:].set(1e3)  # rows past pos are never read
+    np.testing.assert_allclose(np.asarray(model.attend_filled(cfg, q, *noise, 1, p, S)), np.asarray(got))
+
+
 def test_fused_attention_equals_model_attention():
     """model.fused_attention (jax.nn.dot_product_attention, here through XLA; cuDNN's kernel on the GPU)
     computes what model.attention computes over a cache holding exactly the chunk's keys (GQA, causal)."""
